@@ -1,0 +1,175 @@
+//! The vhost-user front: a [`VhostUserBackend`] for one disk and one frontend connection.
+//!
+//! vhost-user-backend runs one worker thread per entry of `queues_per_thread`; we give each
+//! queue its own thread, and each thread its own [`QueueWorker`] behind a mutex that only
+//! that thread takes on the I/O path (the frontend-message thread takes it only to stop or
+//! drain a queue). The engine's completion eventfd is registered in the same epoll as the
+//! queue's kick, under the event id [`COMPLETION_EVENT`].
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::disk::Disk;
+use crate::engine::uring::UringError;
+use crate::virtio_blk::{self, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
+use crate::worker::{QueueWorker, Vring, GM};
+
+/// Epoll event id of a worker's completion eventfd: queue events use ids `0..num_queues` and
+/// the library reserves `num_queues` itself.
+pub fn completion_event(num_queues: usize) -> u64 {
+    num_queues as u64 + 1
+}
+
+/// How long stopping a queue waits for in-flight requests before giving up.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    workers: Vec<Mutex<QueueWorker>>,
+    in_flight: Vec<Arc<AtomicUsize>>,
+}
+
+impl BlkBackend {
+    /// Creates the workers (and their rings) for one frontend connection.
+    pub fn new(disk: Arc<Disk>, mem: GM) -> Result<Self, UringError> {
+        let n = usize::from(disk.config.queues);
+        let in_flight: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let workers = (0..n)
+            .map(|q| QueueWorker::new(Arc::clone(&disk), q, mem.clone(), Arc::clone(&in_flight[q])).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(BlkBackend {
+            disk,
+            workers,
+            in_flight,
+        })
+    }
+
+    fn worker(&self, q: usize) -> MutexGuard<'_, QueueWorker> {
+        // A poisoned lock means a worker panicked; its state is still consistent enough to
+        // drain, so keep going rather than take the daemon down.
+        self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The completion eventfd of each worker thread (`None` for the null engine).
+    pub fn completion_fds(&self) -> Vec<Option<i32>> {
+        (0..self.workers.len()).map(|q| self.worker(q).completion_fd()).collect()
+    }
+
+    pub fn num_queues_usize(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Requests in flight on all queues.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().map(|c| c.load(Ordering::Acquire)).sum()
+    }
+
+    /// Waits (bounded) until no request is in flight. Worker threads keep reaping meanwhile.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.disk.config.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.disk.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        virtio_blk::features(self.disk.config.readonly, self.disk.config.queues)
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library sets EVENT_IDX on each queue; `needs_notification` honours it.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.disk.config_space().to_bytes();
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        let mut out = bytes[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let start = offset as usize;
+        if start <= CONFIG_WRITEBACK_OFFSET && CONFIG_WRITEBACK_OFFSET < start + buf.len() {
+            let on = buf[CONFIG_WRITEBACK_OFFSET - start] != 0;
+            tracing::info!(disk = %self.disk.config.socket.display(), "guest set the write cache to {}", if on { "writeback" } else { "writethrough" });
+            self.disk.set_writeback(on);
+            return Ok(());
+        }
+        Err(io::Error::new(io::ErrorKind::InvalidInput, "only the writeback field of the config space is writable"))
+    }
+
+    fn update_memory(&self, _mem: GM) -> io::Result<()> {
+        // Workers hold a clone of the same `GuestMemoryAtomic`, which the library updates in
+        // place; each batch takes a fresh snapshot of it.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(count) = self.in_flight.get(queue_index as usize) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such queue"));
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while count.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "in-flight requests did not complete"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let mut worker = self.worker(thread_id);
+        if device_event == 0 {
+            worker.process_queue(vring);
+        } else if u64::from(device_event) == completion_event(self.workers.len()) {
+            worker.process_completions(vring);
+        }
+        // Never return an error for what a guest did: an error ends the worker thread.
+        Ok(())
+    }
+}

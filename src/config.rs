@@ -1,0 +1,254 @@
+//! Disk configuration: the `--disk key=value,...` syntax of `ferrodisk serve`.
+//!
+//! Parsing is strict: an unknown key, a repeated key or a malformed value is an error that
+//! names the key, so a typo never silently changes how a disk is served.
+
+use std::path::PathBuf;
+
+/// Default number of virtqueues per disk.
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Default virtqueue size (descriptors per queue).
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The largest virtqueue we accept; also bounds every per-queue table.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// The most queues a disk may have (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+/// Errors in a `--disk` specification.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback)")]
+    UnknownKey(String),
+    #[error("key `{0}` is given twice")]
+    DuplicateKey(String),
+    #[error("`{0}` is not of the form key=value")]
+    NotKeyValue(String),
+    #[error("bad value `{value}` for `{key}`: {why}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("missing `{0}`")]
+    Missing(&'static str),
+    #[error("`path` and `engine=null` exclude each other")]
+    PathWithNull,
+    #[error("`size` is only for `engine=null`; a file or device has its own size")]
+    SizeWithoutNull,
+}
+
+/// Which engine serves a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// A regular file or a block device, through io_uring.
+    Path(PathBuf),
+    /// No I/O at all: reads return zeros, writes are dropped. Measures the path itself.
+    Null { size: u64 },
+}
+
+/// One disk, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub backing: Backing,
+    pub socket: PathBuf,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub readonly: bool,
+    /// `None`: O_DIRECT for block devices, page cache for files.
+    pub direct: Option<bool>,
+    pub serial: Option<String>,
+    /// Initial state of the guest-visible write cache (virtio-blk `writeback`).
+    pub writeback: bool,
+}
+
+impl DiskConfig {
+    /// Parses `key=value[,key=value...]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut path = None;
+        let mut null = false;
+        let mut size = None;
+        let mut socket = None;
+        let mut cfg = DiskConfig {
+            backing: Backing::Null { size: 0 },
+            socket: PathBuf::new(),
+            queues: DEFAULT_QUEUES,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            readonly: false,
+            direct: None,
+            serial: None,
+            writeback: true,
+        };
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
+            if seen.contains(&key) {
+                return Err(ConfigError::DuplicateKey(key.to_string()));
+            }
+            seen.push(key);
+            match key {
+                "path" => path = Some(PathBuf::from(value)),
+                "engine" => match value {
+                    "null" => null = true,
+                    "uring" | "io_uring" => null = false,
+                    _ => return Err(bad("engine", value, "expected `null` or `uring`")),
+                },
+                "size" => size = Some(parse_size("size", value)?),
+                "socket" => socket = Some(PathBuf::from(value)),
+                "queues" => {
+                    cfg.queues = parse_in_range("queues", value, 1, u64::from(MAX_QUEUES))? as u16
+                }
+                "queue-size" => {
+                    let n = parse_in_range("queue-size", value, 2, u64::from(MAX_QUEUE_SIZE))?;
+                    if !n.is_power_of_two() {
+                        return Err(bad("queue-size", value, "must be a power of two"));
+                    }
+                    cfg.queue_size = n as u16;
+                }
+                "readonly" => cfg.readonly = parse_bool("readonly", value)?,
+                "direct" => cfg.direct = Some(parse_bool("direct", value)?),
+                "writeback" => cfg.writeback = parse_bool("writeback", value)?,
+                "serial" => {
+                    if value.len() > 20 || !value.is_ascii() {
+                        return Err(bad("serial", value, "at most 20 ASCII characters"));
+                    }
+                    cfg.serial = Some(value.to_string());
+                }
+                _ => return Err(ConfigError::UnknownKey(key.to_string())),
+            }
+        }
+        cfg.socket = socket.ok_or(ConfigError::Missing("socket"))?;
+        cfg.backing = match (path, null, size) {
+            (Some(_), true, _) => return Err(ConfigError::PathWithNull),
+            (Some(_), false, Some(_)) => return Err(ConfigError::SizeWithoutNull),
+            (Some(p), false, None) => Backing::Path(p),
+            (None, true, Some(size)) => Backing::Null { size },
+            (None, true, None) => return Err(ConfigError::Missing("size (for engine=null)")),
+            (None, false, _) => return Err(ConfigError::Missing("path (or engine=null)")),
+        };
+        Ok(cfg)
+    }
+
+    /// The serial number reported by VIRTIO_BLK_T_GET_ID.
+    pub fn serial_or_default(&self) -> String {
+        if let Some(s) = &self.serial {
+            return s.clone();
+        }
+        let name = match &self.backing {
+            Backing::Path(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            Backing::Null { .. } => "null".to_string(),
+        };
+        let mut s: String = format!("fd-{name}")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .collect();
+        s.truncate(20);
+        s
+    }
+}
+
+fn bad(key: &'static str, value: &str, why: &'static str) -> ConfigError {
+    ConfigError::BadValue {
+        key,
+        value: value.to_string(),
+        why,
+    }
+}
+
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(bad(key, value, "expected on or off")),
+    }
+}
+
+fn parse_in_range(key: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n: u64 = value
+        .parse()
+        .map_err(|_| bad(key, value, "not a number"))?;
+    if n < min || n > max {
+        return Err(bad(key, value, "out of range"));
+    }
+    Ok(n)
+}
+
+/// Parses a byte size with an optional binary suffix (K, M, G, T). Must be a multiple of 512.
+pub fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let (digits, mult) = match value.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad(key, value, "unknown suffix (use K, M, G or T)")),
+            };
+            (&value[..i], m)
+        }
+        _ => (value, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| bad(key, value, "not a number"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| bad(key, value, "too large"))?;
+    if bytes == 0 || bytes % 512 != 0 {
+        return Err(bad(key, value, "must be a non-zero multiple of 512"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_file_disk() {
+        let c = DiskConfig::parse("path=/tmp/a.img,socket=/tmp/a.sock,queues=2,queue-size=128,readonly=on,direct=off,serial=abc").unwrap();
+        assert_eq!(c.backing, Backing::Path("/tmp/a.img".into()));
+        assert_eq!(c.queues, 2);
+        assert_eq!(c.queue_size, 128);
+        assert!(c.readonly);
+        assert_eq!(c.direct, Some(false));
+        assert_eq!(c.serial.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn parses_a_null_disk() {
+        let c = DiskConfig::parse("engine=null,size=1G,socket=/s").unwrap();
+        assert_eq!(c.backing, Backing::Null { size: 1 << 30 });
+        assert_eq!(c.serial_or_default(), "fd-null");
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        use ConfigError::*;
+        let err = |s| DiskConfig::parse(s).unwrap_err();
+        assert_eq!(err("path=/a,socket=/s,bogus=1"), UnknownKey("bogus".into()));
+        assert_eq!(err("path=/a,path=/b,socket=/s"), DuplicateKey("path".into()));
+        assert_eq!(err("path=/a"), Missing("socket"));
+        assert_eq!(err("socket=/s"), Missing("path (or engine=null)"));
+        assert_eq!(err("engine=null,socket=/s"), Missing("size (for engine=null)"));
+        assert_eq!(err("path=/a,engine=null,size=1M,socket=/s"), PathWithNull);
+        assert!(matches!(err("engine=null,size=1000,socket=/s"), BadValue { key: "size", .. }));
+        assert!(matches!(err("path=/a,socket=/s,queues=0"), BadValue { key: "queues", .. }));
+        assert!(matches!(err("path=/a,socket=/s,queue-size=100"), BadValue { .. }));
+        assert!(matches!(err("path=/a,socket=/s,readonly=maybe"), BadValue { .. }));
+        assert!(matches!(err("path=/a,socket=/s,x"), NotKeyValue(_)));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("size", "512").unwrap(), 512);
+        assert_eq!(parse_size("size", "4k").unwrap(), 4096);
+        assert_eq!(parse_size("size", "2T").unwrap(), 2 << 40);
+        assert!(parse_size("size", "0").is_err());
+        assert!(parse_size("size", "1X").is_err());
+    }
+}

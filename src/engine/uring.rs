@@ -1,0 +1,424 @@
+//! The io_uring engine: one ring per queue worker.
+//!
+//! Ownership: every accepted request lives in a [`Slot`] of a fixed table allocated when the
+//! queue starts (one slot per virtqueue descriptor, so the table can never be outrun by a
+//! well-behaved guest). The slot index is the SQE's `user_data`. A slot owns its `iovec`
+//! array and an `Arc` of the guest memory snapshot its buffers point into, from the moment
+//! the SQE is pushed until its CQE is reaped; only then is the slot freed. Dropping the queue
+//! first waits for every in-flight SQE, so the kernel never writes into memory we released.
+//!
+//! The ring is created disabled, gets the disk's files and the completion eventfd
+//! registered, and is then restricted to the opcodes we use, with registered files required.
+//! Submissions are batched: `push` only fills the SQ, `submit` makes one `io_uring_enter` call.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::Completion;
+use crate::disk::Files;
+use crate::request::{GuestMem, Op, Request, MAX_IOVECS};
+use crate::virtio_blk::{S_IOERR, S_OK};
+
+/// Fixed-file index of the main (possibly O_DIRECT) file.
+const FILE_MAIN: u32 = 0;
+/// Fixed-file index of the page-cache file used for misaligned buffers under O_DIRECT.
+const FILE_BUFFERED: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    #[error("cannot create an io_uring with {entries} entries")]
+    Create {
+        entries: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot register {what} with the io_uring")]
+    Register {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create the completion eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// One request in flight.
+struct Slot {
+    head: u16,
+    status: GuestAddress,
+    op: Op,
+    /// Which registered file the request goes to.
+    file: u32,
+    rw_flags: i32,
+    /// Fallocate mode (discard and write-zeroes).
+    mode: i32,
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet fully transferred (after a short read or write).
+    iov_start: usize,
+    done: u64,
+    total: u64,
+    used_len: u32,
+    /// Keeps the guest memory the iovecs point into mapped until the CQE is reaped.
+    mem: Option<Arc<GuestMem>>,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory kept alive by `mem`; a slot is
+// only touched by the worker thread that owns the queue (or by whoever holds that worker's
+// lock), never concurrently.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            head: 0,
+            status: GuestAddress(0),
+            op: Op::Flush,
+            file: FILE_MAIN,
+            rw_flags: 0,
+            mode: 0,
+            iov: Vec::with_capacity(MAX_IOVECS.min(256)),
+            iov_start: 0,
+            done: 0,
+            total: 0,
+            used_len: 0,
+            mem: None,
+        }
+    }
+
+    /// Drops `n` transferred bytes from the front of the remaining iovecs.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.iov_start < self.iov.len() {
+            let v = &mut self.iov[self.iov_start];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                self.iov_start += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the new base stays inside the same guest buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// What a completed (or failed) CQE means for its slot.
+enum Outcome {
+    Done(u8),
+    Resubmit,
+}
+
+/// Events the worker counts.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct EngineEvents {
+    pub short_transfers: u64,
+    pub retries: u64,
+    pub errors: u64,
+}
+
+pub struct UringQueue {
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    in_flight: Arc<AtomicUsize>,
+    /// CQEs copied out of the CQ, reused across reaps.
+    cqes: Vec<(u64, i32)>,
+    dio_align: u64,
+    has_buffered: bool,
+    pub events: EngineEvents,
+}
+
+impl UringQueue {
+    /// Creates a ring for one queue of `queue_size` descriptors over `files`.
+    pub fn new(files: &Files, queue_size: u16, in_flight: Arc<AtomicUsize>) -> Result<Self, UringError> {
+        let entries = u32::from(queue_size).next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(|source| UringError::Create { entries, source })?;
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
+        let mut fds: Vec<RawFd> = vec![files.main.as_raw_fd()];
+        if let Some(b) = &files.buffered {
+            fds.push(b.as_raw_fd());
+        }
+        let sub = ring.submitter();
+        let reg = |what, r: io::Result<()>| r.map_err(|source| UringError::Register { what, source });
+        reg("files", sub.register_files(&fds))?;
+        reg("the eventfd", sub.register_eventfd(eventfd.as_raw_fd()))?;
+        let mut restrictions = [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_op(opcode::Fallocate::CODE),
+            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+        ];
+        reg("restrictions", sub.register_restrictions(&mut restrictions))?;
+        reg("enable", sub.register_enable_rings())?;
+        let n = usize::from(queue_size);
+        Ok(UringQueue {
+            ring,
+            eventfd,
+            slots: (0..n).map(|_| Slot::new()).collect(),
+            free: (0..n as u16).rev().collect(),
+            in_flight,
+            cqes: Vec::with_capacity(2 * n),
+            dio_align: u64::from(files.dio_align),
+            has_buffered: files.buffered.is_some(),
+            events: EngineEvents::default(),
+        })
+    }
+
+    /// The eventfd the kernel signals when CQEs are posted.
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Accepts `req`, taking its iovecs (the caller gets an empty vector back in `iov`).
+    /// Returns whether the request went to the page-cache file because O_DIRECT could not
+    /// take its buffers. The caller must have checked [`has_room`](Self::has_room).
+    pub fn push(
+        &mut self,
+        req: &Request,
+        iov: &mut Vec<libc::iovec>,
+        mem: &Arc<GuestMem>,
+        write_through: bool,
+    ) -> bool {
+        let Some(idx) = self.free.pop() else {
+            // Callers check `has_room`; keep the invariant visible in debug builds.
+            debug_assert!(false, "push without room");
+            return false;
+        };
+        let misaligned = self.has_buffered && !self.aligned(req, iov);
+        let slot = &mut self.slots[usize::from(idx)];
+        std::mem::swap(&mut slot.iov, iov);
+        iov.clear();
+        slot.head = req.head;
+        slot.status = req.status;
+        slot.op = req.op;
+        slot.iov_start = 0;
+        slot.done = 0;
+        slot.total = u64::from(req.data_len);
+        slot.used_len = match req.op {
+            Op::Read { .. } => req.data_len + 1,
+            _ => 1,
+        };
+        slot.file = if misaligned { FILE_BUFFERED } else { FILE_MAIN };
+        slot.rw_flags = match req.op {
+            Op::Write { .. } if write_through => libc::RWF_DSYNC,
+            _ => 0,
+        };
+        slot.mode = match req.op {
+            Op::Discard { .. } | Op::WriteZeroes { unmap: true, .. } => {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            }
+            _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        slot.mem = Some(Arc::clone(mem));
+        self.in_flight.fetch_add(1, Ordering::Release);
+        self.push_sqe(idx);
+        misaligned
+    }
+
+    /// Whether O_DIRECT can take this request's buffers as they are.
+    fn aligned(&self, req: &Request, iov: &[libc::iovec]) -> bool {
+        let a = self.dio_align;
+        let offset = match req.op {
+            Op::Read { offset } | Op::Write { offset } => offset,
+            _ => return true,
+        };
+        offset % a == 0
+            && iov
+                .iter()
+                .all(|v| (v.iov_base as u64) % a == 0 && (v.iov_len as u64) % a == 0)
+    }
+
+    /// Builds the SQE for slot `idx` from its current state.
+    fn sqe(&self, idx: u16) -> squeue::Entry {
+        let s = &self.slots[usize::from(idx)];
+        let fd = types::Fixed(s.file);
+        let rest = &s.iov[s.iov_start..];
+        let entry = match s.op {
+            Op::Read { offset } => opcode::Readv::new(fd, rest.as_ptr(), rest.len() as u32)
+                .offset(offset + s.done)
+                .build(),
+            Op::Write { offset } => opcode::Writev::new(fd, rest.as_ptr(), rest.len() as u32)
+                .offset(offset + s.done)
+                .rw_flags(s.rw_flags)
+                .build(),
+            Op::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+                opcode::Fallocate::new(fd, len).offset(offset).mode(s.mode).build()
+            }
+            // GET_ID never reaches the engine; a flush is harmless if it ever did.
+            Op::GetId => opcode::Fsync::new(fd).build(),
+        };
+        entry.user_data(u64::from(idx))
+    }
+
+    fn push_sqe(&mut self, idx: u16) {
+        let entry = self.sqe(idx);
+        loop {
+            // SAFETY: the SQE points at `slots[idx].iov`, whose heap buffer is owned by the
+            // slot and neither moved nor freed until this SQE's CQE is reaped (the slot table
+            // is never resized, and a slot is reused only after it is freed in `reap`). The
+            // buffers the iovecs name are guest memory kept mapped by `slots[idx].mem`.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            // Cannot happen: the SQ has at least as many entries as there are slots, and each
+            // slot has at most one SQE queued. Should it ever, hand the queued SQEs to the
+            // kernel and try again rather than drop the request.
+            if let Err(e) = self.submit() {
+                tracing::warn!("io_uring submit failed while the SQ was full: {e}");
+            }
+        }
+    }
+
+    /// Hands every queued SQE to the kernel in one system call.
+    pub fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Clears the eventfd and moves every finished request into `done`.
+    pub fn reap(&mut self, done: &mut Vec<Completion>) {
+        let _ = self.eventfd.read();
+        loop {
+            self.cqes.clear();
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if self.cqes.is_empty() {
+                return;
+            }
+            let mut resubmit = false;
+            for i in 0..self.cqes.len() {
+                let (user_data, res) = self.cqes[i];
+                resubmit |= self.complete_one(user_data, res, done);
+            }
+            if resubmit {
+                if let Err(e) = self.submit() {
+                    tracing::warn!("io_uring resubmit failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Handles one CQE; returns whether it queued a resubmission.
+    fn complete_one(&mut self, user_data: u64, res: i32, done: &mut Vec<Completion>) -> bool {
+        let Some(idx) = u16::try_from(user_data).ok().filter(|&i| usize::from(i) < self.slots.len()) else {
+            tracing::error!("io_uring returned unknown user_data {user_data}");
+            return false;
+        };
+        match self.outcome(idx, res) {
+            Outcome::Resubmit => {
+                self.events.retries += 1;
+                self.push_sqe(idx);
+                true
+            }
+            Outcome::Done(status) => {
+                if status != S_OK {
+                    self.events.errors += 1;
+                }
+                let s = &mut self.slots[usize::from(idx)];
+                s.mem = None;
+                s.iov.clear();
+                done.push(Completion {
+                    head: s.head,
+                    status_addr: Some(s.status),
+                    status,
+                    used_len: if status == S_OK { s.used_len } else { 1 },
+                });
+                self.free.push(idx);
+                self.in_flight.fetch_sub(1, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    fn outcome(&mut self, idx: u16, res: i32) -> Outcome {
+        let s = &mut self.slots[usize::from(idx)];
+        if res < 0 {
+            let errno = -res;
+            return match (errno, s.op) {
+                (libc::EAGAIN | libc::EINTR, _) => Outcome::Resubmit,
+                // Discard is advisory: a backing that cannot discard keeps the data.
+                (libc::EOPNOTSUPP, Op::Discard { .. }) => Outcome::Done(S_OK),
+                // A device without unmapping write-zeroes still zeroes the slow way.
+                (libc::EOPNOTSUPP, Op::WriteZeroes { .. })
+                    if s.mode & libc::FALLOC_FL_PUNCH_HOLE != 0 =>
+                {
+                    s.mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                    Outcome::Resubmit
+                }
+                (e, op) => {
+                    tracing::debug!("request {:?} failed: {}", op, io::Error::from_raw_os_error(e));
+                    Outcome::Done(S_IOERR)
+                }
+            };
+        }
+        match s.op {
+            Op::Read { .. } | Op::Write { .. } => {
+                let n = res as u64;
+                if n == 0 && s.done < s.total {
+                    // End of file under a read, or a write that makes no progress.
+                    return Outcome::Done(S_IOERR);
+                }
+                s.done += n;
+                if s.done < s.total {
+                    self.events.short_transfers += 1;
+                    s.advance(n as usize);
+                    return Outcome::Resubmit;
+                }
+                Outcome::Done(S_OK)
+            }
+            _ => Outcome::Done(S_OK),
+        }
+    }
+
+    /// Waits until nothing is in flight, moving completions into `done`.
+    pub fn drain(&mut self, done: &mut Vec<Completion>) {
+        while self.in_flight() > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!("io_uring wait failed while draining: {e}");
+                    return;
+                }
+            }
+            self.reap(done);
+        }
+    }
+}
+
+impl Drop for UringQueue {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory for in-flight SQEs: wait for them
+        // before the slots (and the memory they keep mapped) go away.
+        let mut sink = Vec::new();
+        self.drain(&mut sink);
+    }
+}
+

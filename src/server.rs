@@ -1,0 +1,177 @@
+//! Serving disks: one listening socket and one accept loop per disk.
+//!
+//! Each frontend connection gets a fresh [`BlkBackend`] (fresh workers and rings) inside a
+//! fresh `VhostUserDaemon`; the listening socket outlives connections, so a frontend that
+//! disconnects can come back. When a connection ends, requests still in flight are drained
+//! into the used ring before the workers stop.
+//!
+//! Shutdown (SIGTERM/SIGINT): every connected frontend's connection is closed, its in-flight
+//! requests drain, every disk is flushed, and the process exits 0.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{completion_event, BlkBackend};
+use crate::disk::Disk;
+
+/// How long a connection's in-flight requests may take to drain after it ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("socket {0} is in use by a live process")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot remove the stale socket {path}")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Default)]
+enum Conn {
+    #[default]
+    Idle,
+    Connected(ShutdownHandle),
+    Stopped,
+}
+
+#[derive(Default)]
+struct Control {
+    shutting_down: bool,
+    conn: Conn,
+}
+
+/// A disk being served, and the handle to stop it.
+pub struct DiskServer {
+    pub disk: Arc<Disk>,
+    control: Arc<(Mutex<Control>, Condvar)>,
+}
+
+/// Binds the disk's socket, refusing a path another live process listens on.
+pub fn bind(path: &Path) -> Result<Listener, ServeError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServeError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|source| ServeError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Listener::new(path, false).map_err(|source| ServeError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl DiskServer {
+    /// Starts the accept loop of `disk` on `listener` in a thread of its own.
+    pub fn start(disk: Arc<Disk>, listener: Listener) -> io::Result<DiskServer> {
+        let control = Arc::new((Mutex::new(Control::default()), Condvar::new()));
+        let (d, c) = (Arc::clone(&disk), Arc::clone(&control));
+        let name = format!("disk-{}", disk.config.socket.display());
+        thread::Builder::new()
+            .name(name)
+            .spawn(move || accept_loop(d, listener, c))?;
+        Ok(DiskServer { disk, control })
+    }
+
+    /// Closes the current connection (if any) and waits for its requests to drain.
+    pub fn stop(&self) {
+        let (lock, cvar) = &*self.control;
+        let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
+        ctl.shutting_down = true;
+        if let Conn::Connected(h) = &ctl.conn {
+            h.shutdown();
+        }
+        let (ctl, _) = cvar
+            .wait_timeout_while(ctl, DRAIN_TIMEOUT, |c| matches!(c.conn, Conn::Connected(_)))
+            .unwrap_or_else(|p| p.into_inner());
+        drop(ctl);
+    }
+}
+
+fn accept_loop(disk: Arc<Disk>, mut listener: Listener, control: Arc<(Mutex<Control>, Condvar)>) {
+    let socket = disk.config.socket.display().to_string();
+    loop {
+        match serve_one(&disk, &mut listener, &control) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::error!(disk = %socket, "connection failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let (lock, cvar) = &*control;
+        let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if ctl.shutting_down {
+            ctl.conn = Conn::Stopped;
+            cvar.notify_all();
+            return;
+        }
+        ctl.conn = Conn::Idle;
+        cvar.notify_all();
+    }
+}
+
+/// Serves one frontend connection from accept to disconnect. Returns whether to go on.
+fn serve_one(
+    disk: &Arc<Disk>,
+    listener: &mut Listener,
+    control: &Arc<(Mutex<Control>, Condvar)>,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let socket = disk.config.socket.display().to_string();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(BlkBackend::new(Arc::clone(disk), mem.clone())?);
+    let mut daemon = VhostUserDaemon::new(socket.clone(), Arc::clone(&backend), mem)
+        .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+    let event = completion_event(backend.num_queues_usize());
+    for (handler, fd) in daemon.get_epoll_handlers().iter().zip(backend.completion_fds()) {
+        if let Some(fd) = fd {
+            handler.register_listener(fd, EventSet::IN, event)?;
+        }
+    }
+    daemon.start(listener).map_err(|e| format!("accept failed: {e}"))?;
+    {
+        let (lock, _) = &**control;
+        let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
+        match daemon.shutdown_handle() {
+            Some(h) if ctl.shutting_down => h.shutdown(),
+            Some(h) => ctl.conn = Conn::Connected(h),
+            None => {}
+        }
+    }
+    tracing::info!(disk = %socket, "frontend connected");
+    match daemon.wait() {
+        Ok(()) => tracing::info!(disk = %socket, "frontend disconnected"),
+        Err(e) => tracing::warn!(disk = %socket, "frontend connection ended: {e}"),
+    }
+    if !backend.wait_idle(DRAIN_TIMEOUT) {
+        tracing::error!(disk = %socket, in_flight = backend.in_flight(), "requests still in flight after the connection ended");
+    }
+    drop(daemon);
+    Ok(true)
+}

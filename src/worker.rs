@@ -1,0 +1,285 @@
+//! The queue worker: one per virtqueue, on its own thread.
+//!
+//! A kick pops every available chain, parses each into a request, hands reads, writes,
+//! flushes, discards and write-zeroes to the queue's engine (filling the SQ), and then makes
+//! one submission for the whole batch. Completions (from the ring's eventfd, or at once for
+//! the null engine, GET_ID and refused chains) are written to the used ring as a batch, and
+//! the guest is signalled at most once per batch, as EVENT_IDX allows.
+//!
+//! When the in-flight table is full, the worker stops popping: the remaining chains stay in
+//! the virtqueue (back-pressure) and are picked up when completions free slots.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost_user_backend::{VringMutex, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::disk::Disk;
+use crate::engine::uring::{UringError, UringQueue};
+use crate::engine::{Completion, QueueEngine};
+use crate::request::{self, GuestMem, Op, Request, Scratch};
+use crate::stats::{add, QueueStats, RateLimit};
+use crate::sys;
+use crate::virtio_blk::{ID_BYTES, S_OK, S_UNSUPP};
+
+pub type GM = GuestMemoryAtomic<GuestMem>;
+pub type Vring = VringMutex<GM>;
+
+pub struct QueueWorker {
+    disk: Arc<Disk>,
+    queue: usize,
+    mem: GM,
+    engine: QueueEngine,
+    scratch: Scratch,
+    iov: Vec<libc::iovec>,
+    done: Vec<Completion>,
+    log_limit: RateLimit,
+    /// Set when the in-flight table filled up with chains still waiting in the virtqueue.
+    backpressured: bool,
+    /// Set when the guest broke the available ring; the queue waits for a reset.
+    broken: bool,
+}
+
+// SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
+// worker's own thread; the worker is moved between threads only before it starts.
+unsafe impl Send for QueueWorker {}
+
+impl QueueWorker {
+    pub fn new(disk: Arc<Disk>, queue: usize, mem: GM, in_flight: Arc<AtomicUsize>) -> Result<Self, UringError> {
+        let size = disk.config.queue_size;
+        let engine = match &disk.files {
+            Some(files) => QueueEngine::Uring(UringQueue::new(files, size, in_flight)?),
+            None => QueueEngine::Null,
+        };
+        Ok(QueueWorker {
+            queue,
+            mem,
+            engine,
+            scratch: Scratch::default(),
+            iov: Vec::with_capacity(256),
+            done: Vec::with_capacity(2 * usize::from(size)),
+            log_limit: RateLimit::new(10, Duration::from_secs(1)),
+            backpressured: false,
+            broken: false,
+            disk,
+        })
+    }
+
+    /// The eventfd to watch for engine completions, if the engine has one.
+    pub fn completion_fd(&self) -> Option<i32> {
+        match &self.engine {
+            QueueEngine::Uring(u) => Some(u.eventfd()),
+            QueueEngine::Null => None,
+        }
+    }
+
+    fn stats(&self) -> &QueueStats {
+        &self.disk.stats.queues[self.queue]
+    }
+
+    /// Handles a kick: drains the available ring into the engine.
+    pub fn process_queue(&mut self, vring: &Vring) {
+        if self.broken {
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        self.backpressured = false;
+        loop {
+            let queue = state.get_queue_mut();
+            let _ = queue.disable_notification(&*mem);
+            self.pop_batch(queue, &mem);
+            if let QueueEngine::Uring(u) = &mut self.engine {
+                if let Err(e) = u.submit() {
+                    self.log(format_args!("io_uring submit failed: {e}"));
+                }
+            }
+            if self.backpressured || self.broken {
+                break;
+            }
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.log(format_args!("cannot re-enable notifications: {e}"));
+                    break;
+                }
+            }
+        }
+        self.publish(&mut state, &mem);
+    }
+
+    /// Handles the engine's eventfd: completes finished requests.
+    pub fn process_completions(&mut self, vring: &Vring) {
+        if let QueueEngine::Uring(u) = &mut self.engine {
+            u.reap(&mut self.done);
+            let ev = std::mem::take(&mut u.events);
+            let st = &self.disk.stats.queues[self.queue];
+            add(&st.short_transfers, ev.short_transfers);
+            add(&st.retries, ev.retries);
+            add(&st.errors_ioerr, ev.errors);
+        }
+        if !self.done.is_empty() {
+            let mem = self.mem.memory().into_inner();
+            let mut state = vring.get_mut();
+            self.publish(&mut state, &mem);
+        }
+        if self.backpressured {
+            self.process_queue(vring);
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        match &self.engine {
+            QueueEngine::Uring(u) => u.has_room(),
+            QueueEngine::Null => true,
+        }
+    }
+
+    fn pop_batch(&mut self, queue: &mut virtio_queue::Queue, mem: &Arc<GuestMem>) {
+        let geo = self.disk.geometry();
+        let mut iter = match queue.iter(&**mem) {
+            Ok(iter) => iter,
+            Err(e) => {
+                self.broken = true;
+                self.log(format_args!("the available ring is invalid, queue stopped until reset: {e}"));
+                return;
+            }
+        };
+        loop {
+            if !self.has_room() {
+                self.backpressured = true;
+                return;
+            }
+            let Some(chain) = iter.next() else { return };
+            add(&self.stats().requests, 1);
+            match request::parse(chain, mem, geo, &mut self.scratch, &mut self.iov) {
+                Ok(req) => self.dispatch(&req, mem),
+                Err(rej) => {
+                    let status = rej.error.status();
+                    let st = self.stats();
+                    add(if status == Some(S_UNSUPP) { &st.errors_unsupp } else { &st.errors_ioerr }, 1);
+                    self.log(format_args!("refused request (head {}): {}", rej.head, rej.error));
+                    self.done.push(Completion {
+                        head: rej.head,
+                        status_addr: rej.status,
+                        status: status.unwrap_or(0),
+                        used_len: u32::from(rej.status.is_some()),
+                    });
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
+        self.count(req);
+        let write_through = !self.disk.writeback();
+        let complete_now = |used_len| Completion {
+            head: req.head,
+            status_addr: Some(req.status),
+            status: S_OK,
+            used_len,
+        };
+        match (&mut self.engine, req.op) {
+            (_, Op::GetId) => {
+                let mut id = [0u8; ID_BYTES];
+                let serial = self.disk.serial.as_bytes();
+                id[..serial.len()].copy_from_slice(serial);
+                // SAFETY: `iov` was built from `mem`, which this frame holds alive.
+                let n = unsafe { sys::copy_to_guest_buffers(&self.iov, &id) };
+                self.done.push(complete_now(n as u32 + 1));
+            }
+            (QueueEngine::Null, op) => {
+                let used = if let Op::Read { .. } = op {
+                    // SAFETY: `iov` was built from `mem`, which this frame holds alive.
+                    unsafe { sys::zero_guest_buffers(&self.iov) };
+                    req.data_len + 1
+                } else {
+                    1
+                };
+                self.done.push(complete_now(used));
+            }
+            (QueueEngine::Uring(u), _) => {
+                if u.push(req, &mut self.iov, mem, write_through) {
+                    add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1);
+                }
+            }
+        }
+    }
+
+    fn count(&self, req: &Request) {
+        let st = self.stats();
+        match req.op {
+            Op::Read { .. } => {
+                add(&st.reads, 1);
+                add(&st.read_bytes, u64::from(req.data_len));
+            }
+            Op::Write { .. } => {
+                add(&st.writes, 1);
+                add(&st.write_bytes, u64::from(req.data_len));
+            }
+            Op::Flush => add(&st.flushes, 1),
+            Op::GetId => add(&st.get_ids, 1),
+            Op::Discard { .. } => add(&st.discards, 1),
+            Op::WriteZeroes { .. } => add(&st.write_zeroes, 1),
+        }
+    }
+
+    /// Writes status bytes and used entries for every completion, then signals once.
+    fn publish(&mut self, state: &mut vhost_user_backend::VringState<GM>, mem: &GuestMem) {
+        if self.done.is_empty() {
+            return;
+        }
+        add(&self.stats().batches, 1);
+        for i in 0..self.done.len() {
+            let c = self.done[i];
+            if let Some(addr) = c.status_addr {
+                if let Err(e) = mem.write_obj(c.status, addr) {
+                    self.log(format_args!("cannot write the status byte at {:#x}: {e}", addr.0));
+                }
+            }
+            if let Err(e) = state.get_queue_mut().add_used(mem, c.head, c.used_len) {
+                self.log(format_args!("cannot add head {} to the used ring: {e}", c.head));
+            }
+        }
+        self.done.clear();
+        match state.get_queue_mut().needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                add(&self.stats().notifications, 1);
+                if let Err(e) = state.signal_used_queue() {
+                    self.log(format_args!("cannot signal the guest: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Drains the engine: waits for every in-flight request and completes it.
+    pub fn drain(&mut self, vring: Option<&Vring>) {
+        if let QueueEngine::Uring(u) = &mut self.engine {
+            u.drain(&mut self.done);
+        }
+        match vring {
+            Some(v) => {
+                let mem = self.mem.memory().into_inner();
+                let mut state = v.get_mut();
+                self.publish(&mut state, &mem);
+            }
+            None => self.done.clear(),
+        }
+    }
+
+    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log_limit.allow() {
+            let socket = self.disk.config.socket.display();
+            if suppressed > 0 {
+                tracing::warn!(disk = %socket, queue = self.queue, suppressed, "{args}");
+            } else {
+                tracing::warn!(disk = %socket, queue = self.queue, "{args}");
+            }
+        }
+    }
+}
