@@ -422,3 +422,142 @@ impl Drop for UringQueue {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+
+    use super::*;
+
+    const MEM: usize = 4 << 20;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        mem: Arc<GuestMem>,
+        q: UringQueue,
+    }
+
+    fn fixture(direct: bool, size: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let open = |flags| OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path).unwrap();
+        let files = if direct {
+            Files { main: open(libc::O_DIRECT), buffered: Some(open(0)), is_block_device: false, dio_align: 512 }
+        } else {
+            Files { main: open(0), buffered: None, is_block_device: false, dio_align: 1 }
+        };
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
+        let q = UringQueue::new(&files, 8, Arc::new(AtomicUsize::new(0))).unwrap();
+        Fixture { _dir: dir, path, mem, q }
+    }
+
+    fn iov(mem: &GuestMem, addr: u64, len: usize) -> libc::iovec {
+        let p = mem.get_host_address(GuestAddress(addr)).unwrap();
+        libc::iovec { iov_base: p.cast(), iov_len: len }
+    }
+
+    fn run(f: &mut Fixture, op: Op, bufs: &[(u64, usize)]) -> (Completion, bool) {
+        let mut v: Vec<libc::iovec> = bufs.iter().map(|&(a, l)| iov(&f.mem, a, l)).collect();
+        let data_len = bufs.iter().map(|b| b.1 as u32).sum();
+        let req = Request { head: 3, op, status: GuestAddress(0x3f_0000), data_len };
+        let fallback = f.q.push(&req, &mut v, &f.mem, false);
+        assert!(v.is_empty(), "push takes the iovecs");
+        f.q.submit().unwrap();
+        let mut done = Vec::new();
+        f.q.drain(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(f.q.in_flight(), 0);
+        (done[0], fallback)
+    }
+
+    #[test]
+    fn write_then_read_through_the_ring() {
+        for direct in [false, true] {
+            let mut f = fixture(direct, 1 << 20);
+            let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+            f.mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+            let (c, fb) = run(&mut f, Op::Write { offset: 4096 }, &[(0x1000, 4096), (0x2000, 4096)]);
+            assert_eq!((c.status, c.used_len, c.head, fb), (S_OK, 1, 3, false));
+            let (c, _) = run(&mut f, Op::Read { offset: 4096 }, &[(0x10_0000, 8192)]);
+            assert_eq!((c.status, c.used_len), (S_OK, 8193));
+            let mut got = vec![0u8; 8192];
+            f.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+            assert_eq!(got, pattern, "direct={direct}");
+            let mut on_disk = vec![0u8; 8192];
+            let mut file = std::fs::File::open(&f.path).unwrap();
+            file.seek(SeekFrom::Start(4096)).unwrap();
+            file.read_exact(&mut on_disk).unwrap();
+            assert_eq!(on_disk, pattern);
+        }
+    }
+
+    #[test]
+    fn misaligned_buffers_take_the_page_cache_path_under_o_direct() {
+        let mut f = fixture(true, 1 << 20);
+        f.mem.write_slice(&[0x42u8; 1000], GuestAddress(0x1003)).unwrap();
+        f.mem.write_slice(&[0x43u8; 24], GuestAddress(0x5001)).unwrap();
+        let (c, fallback) = run(&mut f, Op::Write { offset: 0 }, &[(0x1003, 1000), (0x5001, 24)]);
+        assert_eq!(c.status, S_OK);
+        assert!(fallback, "misaligned buffers must not go to the O_DIRECT file");
+        let (c, fallback) = run(&mut f, Op::Read { offset: 0 }, &[(0x20_0000, 1024)]);
+        assert!(!fallback);
+        assert_eq!(c.status, S_OK);
+        let mut got = vec![0u8; 1024];
+        f.mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+        assert!(got[..1000].iter().all(|&b| b == 0x42) && got[1000..].iter().all(|&b| b == 0x43));
+    }
+
+    #[test]
+    fn flush_discard_and_write_zeroes() {
+        let mut f = fixture(false, 4 << 20);
+        std::fs::OpenOptions::new().write(true).open(&f.path).unwrap().write_all(&vec![1u8; 4 << 20]).unwrap();
+        assert_eq!(run(&mut f, Op::Flush, &[]).0.status, S_OK);
+        let before = std::fs::metadata(&f.path).unwrap().blocks();
+        assert_eq!(run(&mut f, Op::Discard { offset: 1 << 20, len: 1 << 20 }, &[]).0.status, S_OK);
+        assert!(std::fs::metadata(&f.path).unwrap().blocks() < before, "hole punched");
+        assert_eq!(run(&mut f, Op::WriteZeroes { offset: 0, len: 8192, unmap: false }, &[]).0.status, S_OK);
+        let mut data = vec![9u8; 3 << 20];
+        std::fs::File::open(&f.path).unwrap().read_exact(&mut data).unwrap();
+        assert!(data[..8192].iter().all(|&b| b == 0));
+        assert!(data[8192..1 << 20].iter().all(|&b| b == 1));
+        assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 0));
+        assert_eq!(std::fs::metadata(&f.path).unwrap().len(), 4 << 20, "size kept");
+    }
+
+    #[test]
+    fn reading_past_a_truncated_end_fails_cleanly() {
+        let mut f = fixture(false, 1 << 20);
+        // Someone shrinks the file under us: the read hits EOF and must fail, not hang.
+        std::fs::OpenOptions::new().write(true).open(&f.path).unwrap().set_len(4096).unwrap();
+        let (c, _) = run(&mut f, Op::Read { offset: 0 }, &[(0x1000, 8192)]);
+        assert_eq!((c.status, c.used_len), (S_IOERR, 1));
+        assert_eq!(f.q.events.short_transfers, 1, "the first 4 KiB arrive, then EOF");
+    }
+
+    #[test]
+    fn the_table_bounds_what_is_in_flight() {
+        let mut f = fixture(false, 1 << 20);
+        let mut pushed = 0;
+        while f.q.has_room() {
+            let mut v = vec![iov(&f.mem, 0x1000, 512)];
+            let req = Request { head: pushed, op: Op::Read { offset: 0 }, status: GuestAddress(0x3f_0000), data_len: 512 };
+            f.q.push(&req, &mut v, &f.mem, false);
+            pushed += 1;
+        }
+        assert_eq!(pushed, 8);
+        assert_eq!(f.q.in_flight(), 8);
+        f.q.submit().unwrap();
+        let mut done = Vec::new();
+        f.q.drain(&mut done);
+        let mut heads: Vec<u16> = done.iter().map(|c| c.head).collect();
+        heads.sort();
+        assert_eq!(heads, (0..8).collect::<Vec<_>>());
+        assert!(f.q.has_room());
+    }
+}
