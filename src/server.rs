@@ -166,7 +166,10 @@ fn serve_one(
     }
     tracing::info!(disk = %socket, "frontend connected");
     match daemon.wait() {
-        Ok(()) => tracing::info!(disk = %socket, "frontend disconnected"),
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => tracing::info!(disk = %socket, "frontend disconnected"),
         Err(e) => tracing::warn!(disk = %socket, "frontend connection ended: {e}"),
     }
     if !backend.wait_idle(DRAIN_TIMEOUT) {
