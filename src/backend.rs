@@ -4,7 +4,7 @@
 //! queue its own thread, and each thread its own [`QueueWorker`] behind a mutex that only
 //! that thread takes on the I/O path (the frontend-message thread takes it only to stop or
 //! drain a queue). The engine's completion eventfd is registered in the same epoll as the
-//! queue's kick, under the event id [`COMPLETION_EVENT`].
+//! queue's kick, under the event id [`completion_event`].
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::disk::Disk;
 use crate::engine::uring::UringError;
@@ -42,7 +44,10 @@ impl BlkBackend {
         let n = usize::from(disk.config.queues);
         let in_flight: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let workers = (0..n)
-            .map(|q| QueueWorker::new(Arc::clone(&disk), q, mem.clone(), Arc::clone(&in_flight[q])).map(Mutex::new))
+            .map(|q| {
+                QueueWorker::new(Arc::clone(&disk), q, mem.clone(), Arc::clone(&in_flight[q]))
+                    .map(Mutex::new)
+            })
             .collect::<Result<_, _>>()?;
         Ok(BlkBackend {
             disk,
@@ -59,7 +64,9 @@ impl BlkBackend {
 
     /// The completion eventfd of each worker thread (`None` for the null engine).
     pub fn completion_fds(&self) -> Vec<Option<i32>> {
-        (0..self.workers.len()).map(|q| self.worker(q).completion_fd()).collect()
+        (0..self.workers.len())
+            .map(|q| self.worker(q).completion_fd())
+            .collect()
     }
 
     pub fn num_queues_usize(&self) -> usize {
@@ -68,7 +75,10 @@ impl BlkBackend {
 
     /// Requests in flight on all queues.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.iter().map(|c| c.load(Ordering::Acquire)).sum()
+        self.in_flight
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .sum()
     }
 
     /// Waits (bounded) until no request is in flight. Worker threads keep reaping meanwhile.
@@ -114,7 +124,9 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let bytes = self.disk.config_space().to_bytes();
         let start = (offset as usize).min(CONFIG_LEN);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
         let mut out = bytes[start..end].to_vec();
         out.resize(size as usize, 0);
         out
@@ -128,7 +140,10 @@ impl VhostUserBackend for BlkBackend {
             self.disk.set_writeback(on);
             return Ok(());
         }
-        Err(io::Error::new(io::ErrorKind::InvalidInput, "only the writeback field of the config space is writable"))
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "only the writeback field of the config space is writable",
+        ))
     }
 
     fn update_memory(&self, _mem: GM) -> io::Result<()> {
@@ -152,14 +167,23 @@ impl VhostUserBackend for BlkBackend {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while count.load(Ordering::Acquire) > 0 {
             if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "in-flight requests did not complete"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "in-flight requests did not complete",
+                ));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
     }
 
-    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };

@@ -168,9 +168,7 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
 }
 
 fn parse_in_range(key: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let n: u64 = value
-        .parse()
-        .map_err(|_| bad(key, value, "not a number"))?;
+    let n: u64 = value.parse().map_err(|_| bad(key, value, "not a number"))?;
     if n < min || n > max {
         return Err(bad(key, value, "out of range"));
     }
@@ -231,15 +229,33 @@ mod tests {
         use ConfigError::*;
         let err = |s| DiskConfig::parse(s).unwrap_err();
         assert_eq!(err("path=/a,socket=/s,bogus=1"), UnknownKey("bogus".into()));
-        assert_eq!(err("path=/a,path=/b,socket=/s"), DuplicateKey("path".into()));
+        assert_eq!(
+            err("path=/a,path=/b,socket=/s"),
+            DuplicateKey("path".into())
+        );
         assert_eq!(err("path=/a"), Missing("socket"));
         assert_eq!(err("socket=/s"), Missing("path (or engine=null)"));
-        assert_eq!(err("engine=null,socket=/s"), Missing("size (for engine=null)"));
+        assert_eq!(
+            err("engine=null,socket=/s"),
+            Missing("size (for engine=null)")
+        );
         assert_eq!(err("path=/a,engine=null,size=1M,socket=/s"), PathWithNull);
-        assert!(matches!(err("engine=null,size=1000,socket=/s"), BadValue { key: "size", .. }));
-        assert!(matches!(err("path=/a,socket=/s,queues=0"), BadValue { key: "queues", .. }));
-        assert!(matches!(err("path=/a,socket=/s,queue-size=100"), BadValue { .. }));
-        assert!(matches!(err("path=/a,socket=/s,readonly=maybe"), BadValue { .. }));
+        assert!(matches!(
+            err("engine=null,size=1000,socket=/s"),
+            BadValue { key: "size", .. }
+        ));
+        assert!(matches!(
+            err("path=/a,socket=/s,queues=0"),
+            BadValue { key: "queues", .. }
+        ));
+        assert!(matches!(
+            err("path=/a,socket=/s,queue-size=100"),
+            BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,socket=/s,readonly=maybe"),
+            BadValue { .. }
+        ));
         assert!(matches!(err("path=/a,socket=/s,x"), NotKeyValue(_)));
     }
 

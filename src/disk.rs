@@ -118,7 +118,10 @@ impl Disk {
     }
 }
 
-fn open_path(path: &PathBuf, config: &DiskConfig) -> Result<(Option<Files>, u64, u32, u32), DiskError> {
+fn open_path(
+    path: &PathBuf,
+    config: &DiskConfig,
+) -> Result<(Option<Files>, u64, u32, u32), DiskError> {
     let open = |direct: bool| {
         let mut o = OpenOptions::new();
         o.read(true).write(!config.readonly);

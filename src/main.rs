@@ -11,7 +11,11 @@ use ferrodisk::server::{self, DiskServer};
 use ferrodisk::sys;
 
 #[derive(Parser)]
-#[command(name = "ferrodisk", version, about = "A vhost-user-blk backend with an io_uring engine")]
+#[command(
+    name = "ferrodisk",
+    version,
+    about = "A vhost-user-blk backend with an io_uring engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,7 +69,10 @@ fn serve(specs: &[String]) -> ExitCode {
     for spec in specs {
         match DiskConfig::parse(spec) {
             Ok(c) if !sockets.insert(c.socket.clone()) => {
-                return fail(format!("--disk {spec}: socket {} is used twice", c.socket.display()), 2)
+                return fail(
+                    format!("--disk {spec}: socket {} is used twice", c.socket.display()),
+                    2,
+                )
             }
             Ok(c) => configs.push(c),
             Err(e) => return fail(format!("--disk {spec}: {e}"), 2),

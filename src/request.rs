@@ -72,7 +72,9 @@ pub enum ParseError {
     UnknownType(u32),
     #[error("the request needs more than {MAX_IOVECS} buffers")]
     TooManyBuffers,
-    #[error("a discard or write-zeroes request carries {0} payload bytes, expected one 16-byte segment")]
+    #[error(
+        "a discard or write-zeroes request carries {0} payload bytes, expected one 16-byte segment"
+    )]
     BadSegmentCount(u32),
     #[error("a discard or write-zeroes segment has unsupported flags {0:#x}")]
     BadSegmentFlags(u32),
@@ -189,10 +191,14 @@ where
             }
             if write {
                 build_iovecs(mem, rd, u64::from(HEADER_BYTES), len, iov).map_err(reject)?;
-                Op::Write { offset: sector << SECTOR_SHIFT }
+                Op::Write {
+                    offset: sector << SECTOR_SHIFT,
+                }
             } else {
                 build_iovecs(mem, wr, 0, len, iov).map_err(reject)?;
-                Op::Read { offset: sector << SECTOR_SHIFT }
+                Op::Read {
+                    offset: sector << SECTOR_SHIFT,
+                }
             }
         }
         T_FLUSH => Op::Flush,
@@ -226,7 +232,10 @@ where
 }
 
 /// Walks the chain into `descs` and returns the address of the status byte.
-fn collect<M>(chain: DescriptorChain<M>, descs: &mut Vec<Descriptor>) -> Result<GuestAddress, ParseError>
+fn collect<M>(
+    chain: DescriptorChain<M>,
+    descs: &mut Vec<Descriptor>,
+) -> Result<GuestAddress, ParseError>
 where
     M: Deref<Target = GuestMem>,
 {
@@ -273,7 +282,11 @@ fn check_range(geo: Geometry, sector: u64, len: u64) -> Result<(), ParseError> {
     }
 }
 
-fn segment_op(req_type: u32, seg: &[u8; DISCARD_SEGMENT_BYTES], geo: Geometry) -> Result<Op, ParseError> {
+fn segment_op(
+    req_type: u32,
+    seg: &[u8; DISCARD_SEGMENT_BYTES],
+    geo: Geometry,
+) -> Result<Op, ParseError> {
     let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
     let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
     let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
@@ -281,7 +294,11 @@ fn segment_op(req_type: u32, seg: &[u8; DISCARD_SEGMENT_BYTES], geo: Geometry) -
         return Err(ParseError::ReadOnly);
     }
     // Discard takes no flags; write-zeroes takes only UNMAP.
-    let allowed = if req_type == T_DISCARD { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+    let allowed = if req_type == T_DISCARD {
+        0
+    } else {
+        WRITE_ZEROES_FLAG_UNMAP
+    };
     if flags & !allowed != 0 {
         return Err(ParseError::BadSegmentFlags(flags));
     }
@@ -334,7 +351,12 @@ fn for_each_range(
     Ok(())
 }
 
-fn read_bytes(mem: &GuestMem, descs: &[Descriptor], skip: u64, out: &mut [u8]) -> Result<(), ParseError> {
+fn read_bytes(
+    mem: &GuestMem,
+    descs: &[Descriptor],
+    skip: u64,
+    out: &mut [u8],
+) -> Result<(), ParseError> {
     let mut pos = 0usize;
     for_each_range(descs, skip, out.len() as u64, |addr, len| {
         let end = pos + len as usize;

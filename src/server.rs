@@ -149,12 +149,18 @@ fn serve_one(
     let mut daemon = VhostUserDaemon::new(socket.clone(), Arc::clone(&backend), mem)
         .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
     let event = completion_event(backend.num_queues_usize());
-    for (handler, fd) in daemon.get_epoll_handlers().iter().zip(backend.completion_fds()) {
+    for (handler, fd) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(backend.completion_fds())
+    {
         if let Some(fd) = fd {
             handler.register_listener(fd, EventSet::IN, event)?;
         }
     }
-    daemon.start(listener).map_err(|e| format!("accept failed: {e}"))?;
+    daemon
+        .start(listener)
+        .map_err(|e| format!("accept failed: {e}"))?;
     {
         let (lock, _) = &**control;
         let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());

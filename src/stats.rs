@@ -75,7 +75,13 @@ impl DiskStats {
         let mut s = String::from("{\"totals\":{");
         let names: Vec<&str> = self.queues[0].snapshot().iter().map(|(n, _)| *n).collect();
         for (i, name) in names.iter().enumerate() {
-            let _ = write!(s, "{}\"{}\":{}", if i > 0 { "," } else { "" }, name, self.total(name));
+            let _ = write!(
+                s,
+                "{}\"{}\":{}",
+                if i > 0 { "," } else { "" },
+                name,
+                self.total(name)
+            );
         }
         s.push_str("},\"queues\":[");
         for (qi, q) in self.queues.iter().enumerate() {

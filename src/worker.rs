@@ -48,10 +48,15 @@ pub struct QueueWorker {
 unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
-    pub fn new(disk: Arc<Disk>, queue: usize, mem: GM, in_flight: Arc<AtomicUsize>) -> Result<Self, UringError> {
+    pub fn new(
+        disk: Arc<Disk>,
+        queue: usize,
+        mem: GM,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Result<Self, UringError> {
         let size = disk.config.queue_size;
         let engine = match &disk.files {
-            Some(files) => QueueEngine::Uring(UringQueue::new(files, size, in_flight)?),
+            Some(files) => QueueEngine::Uring(Box::new(UringQueue::new(files, size, in_flight)?)),
             None => QueueEngine::Null,
         };
         Ok(QueueWorker {
@@ -145,7 +150,9 @@ impl QueueWorker {
             Ok(iter) => iter,
             Err(e) => {
                 self.broken = true;
-                self.log(format_args!("the available ring is invalid, queue stopped until reset: {e}"));
+                self.log(format_args!(
+                    "the available ring is invalid, queue stopped until reset: {e}"
+                ));
                 return;
             }
         };
@@ -161,8 +168,18 @@ impl QueueWorker {
                 Err(rej) => {
                     let status = rej.error.status();
                     let st = self.stats();
-                    add(if status == Some(S_UNSUPP) { &st.errors_unsupp } else { &st.errors_ioerr }, 1);
-                    self.log(format_args!("refused request (head {}): {}", rej.head, rej.error));
+                    add(
+                        if status == Some(S_UNSUPP) {
+                            &st.errors_unsupp
+                        } else {
+                            &st.errors_ioerr
+                        },
+                        1,
+                    );
+                    self.log(format_args!(
+                        "refused request (head {}): {}",
+                        rej.head, rej.error
+                    ));
                     self.done.push(Completion {
                         head: rej.head,
                         status_addr: rej.status,
@@ -238,11 +255,17 @@ impl QueueWorker {
             let c = self.done[i];
             if let Some(addr) = c.status_addr {
                 if let Err(e) = mem.write_obj(c.status, addr) {
-                    self.log(format_args!("cannot write the status byte at {:#x}: {e}", addr.0));
+                    self.log(format_args!(
+                        "cannot write the status byte at {:#x}: {e}",
+                        addr.0
+                    ));
                 }
             }
             if let Err(e) = state.get_queue_mut().add_used(mem, c.head, c.used_len) {
-                self.log(format_args!("cannot add head {} to the used ring: {e}", c.head));
+                self.log(format_args!(
+                    "cannot add head {} to the used ring: {e}",
+                    c.head
+                ));
             }
         }
         self.done.clear();

@@ -9,7 +9,11 @@ use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
 
-fn file_disk(dir: &TempDir, size: u64, extra: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
+fn file_disk(
+    dir: &TempDir,
+    size: u64,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
     let img = dir.path().join("disk.img");
     let sock = dir.path().join("disk.sock");
     make_image(&img, size);
@@ -38,16 +42,26 @@ fn random_patterns(extra: &str) {
     for (i, (off, len)) in writes.iter().enumerate() {
         let mut data = vec![0u8; *len];
         rng.fill(&mut data);
-        assert_eq!(c.write(i % 2, *off, &data, ReqFlags::empty()), 0, "write {len}@{off}");
+        assert_eq!(
+            c.write(i % 2, *off, &data, ReqFlags::empty()),
+            0,
+            "write {len}@{off}"
+        );
         model[*off as usize..*off as usize + len].copy_from_slice(&data);
     }
     for (i, (off, len)) in writes.iter().enumerate() {
         let got = c.read((i + 1) % 2, *off, *len).expect("read back");
-        assert!(got == model[*off as usize..*off as usize + len], "mismatch at {len}@{off}");
+        assert!(
+            got == model[*off as usize..*off as usize + len],
+            "mismatch at {len}@{off}"
+        );
     }
     for (i, chunk) in (0..size).step_by(BUF_LEN).enumerate() {
         let got = c.read(i % 2, chunk, BUF_LEN).expect("full read");
-        assert!(got == model[chunk as usize..chunk as usize + BUF_LEN], "disk differs from model in chunk {i}");
+        assert!(
+            got == model[chunk as usize..chunk as usize + BUF_LEN],
+            "disk differs from model in chunk {i}"
+        );
     }
     assert_eq!(c.flush(0), 0);
 }
@@ -74,24 +88,44 @@ fn scatter_gather_and_fua() {
         let mut data = vec![0u8; 8192];
         Rng(7).fill(&mut data);
         // Stage the data in three pieces at scattered, partly misaligned buffer offsets.
-        let pieces = [(100usize, 0usize, 1000usize), (300_000, 1000, 3096), (1_000_000, 4096, 4096)];
+        let pieces = [
+            (100usize, 0usize, 1000usize),
+            (300_000, 1000, 3096),
+            (1_000_000, 4096, 4096),
+        ];
         for (boff, doff, len) in pieces {
             c.buf()[boff..boff + len].copy_from_slice(&data[doff..doff + len]);
         }
         let iov: Vec<libc::iovec> = pieces
             .iter()
-            .map(|(boff, _, len)| libc::iovec { iov_base: unsafe { c.buf.add(*boff) }.cast(), iov_len: *len })
+            .map(|(boff, _, len)| libc::iovec {
+                iov_base: c.buf.wrapping_add(*boff).cast(),
+                iov_len: *len,
+            })
             .collect();
         c.queues[0].writev(1 << 20, iov.as_ptr(), iov.len() as u32, 0, ReqFlags::FUA);
         assert_eq!(c.wait(0), 0, "writev with FUA ({extra})");
-        assert_eq!(c.read(0, 1 << 20, 8192).unwrap(), data, "contiguous read ({extra})");
+        assert_eq!(
+            c.read(0, 1 << 20, 8192).unwrap(),
+            data,
+            "contiguous read ({extra})"
+        );
         // Read back scattered into other misaligned places.
         let rpieces = [(2_000_001usize, 512usize), (3_000_003, 7680)];
         let riov: Vec<libc::iovec> = rpieces
             .iter()
-            .map(|(boff, len)| libc::iovec { iov_base: unsafe { c.buf.add(*boff) }.cast(), iov_len: *len })
+            .map(|(boff, len)| libc::iovec {
+                iov_base: c.buf.wrapping_add(*boff).cast(),
+                iov_len: *len,
+            })
             .collect();
-        c.queues[0].readv(1 << 20, riov.as_ptr(), riov.len() as u32, 0, ReqFlags::empty());
+        c.queues[0].readv(
+            1 << 20,
+            riov.as_ptr(),
+            riov.len() as u32,
+            0,
+            ReqFlags::empty(),
+        );
         assert_eq!(c.wait(0), 0, "readv ({extra})");
         let mut got = c.buf()[2_000_001..2_000_001 + 512].to_vec();
         got.extend_from_slice(&c.buf()[3_000_003..3_000_003 + 7680]);
@@ -114,7 +148,10 @@ fn discard_and_write_zeroes() {
     // Discard punches a hole: the file's allocation drops and the range reads as zeros.
     c.queues[0].discard(0, 4 << 20, 0, ReqFlags::empty());
     assert_eq!(c.wait(0), 0, "discard");
-    assert!(allocated_bytes(&img) <= before - (4 << 20), "discard freed nothing");
+    assert!(
+        allocated_bytes(&img) <= before - (4 << 20),
+        "discard freed nothing"
+    );
     assert!(c.read(0, 0, 4 << 20).unwrap().iter().all(|&b| b == 0));
     // Write-zeroes without unmap, then with (NO_UNMAP clear means unmap is allowed).
     c.queues[0].write_zeroes((8 << 20) + 4096, 65536, 0, ReqFlags::NO_UNMAP);
@@ -124,7 +161,11 @@ fn discard_and_write_zeroes() {
     let got = c.read(0, 8 << 20, 4 << 20).unwrap();
     for (i, b) in got.iter().enumerate() {
         let zero = (4096..4096 + 65536).contains(&i) || ((1 << 20)..(2 << 20)).contains(&i);
-        assert_eq!(*b, if zero { 0 } else { 0xab }, "byte {i} after write-zeroes");
+        assert_eq!(
+            *b,
+            if zero { 0 } else { 0xab },
+            "byte {i} after write-zeroes"
+        );
     }
 }
 
@@ -137,7 +178,11 @@ fn out_of_range_requests_fail() {
     let cap = c.capacity;
     assert!(c.read(0, cap - 512, 1024).is_err(), "read across the end");
     assert!(c.read(0, cap, 512).is_err(), "read past the end");
-    assert_ne!(c.write(0, cap - 512, &[1u8; 4096], ReqFlags::empty()), 0, "write across the end");
+    assert_ne!(
+        c.write(0, cap - 512, &[1u8; 4096], ReqFlags::empty()),
+        0,
+        "write across the end"
+    );
     c.queues[0].discard(cap - 512, 4096, 0, ReqFlags::empty());
     assert_ne!(c.wait(0), 0, "discard across the end");
     // The disk keeps working.
@@ -152,7 +197,9 @@ fn read_only_disk_refuses_a_writer() {
     std::fs::write(&img, vec![0x5au8; 4 << 20]).unwrap();
     let _d = Daemon::start(&[spec], &sock);
     // The device says RO: a read-write frontend is refused at start.
-    let err = Client::connect(&sock, 1, false).err().expect("read-write start must fail");
+    let err = Client::connect(&sock, 1, false)
+        .err()
+        .expect("read-write start must fail");
     assert!(err.message().contains("read-only"), "{}", err.message());
     let mut c = Client::connect(&sock, 1, true).unwrap();
     assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0x5au8; 4096]);
@@ -171,8 +218,13 @@ fn reconnect_sees_the_same_data() {
         assert_eq!(c.write(1, 4096, &data, ReqFlags::empty()), 0);
     }
     for round in 0..3 {
-        let mut c = Client::connect(&sock, 2, false).unwrap_or_else(|e| panic!("reconnect {round}: {}", e.message()));
-        assert_eq!(c.read(round % 2, 4096, 65536).unwrap(), data, "round {round}");
+        let mut c = Client::connect(&sock, 2, false)
+            .unwrap_or_else(|e| panic!("reconnect {round}: {}", e.message()));
+        assert_eq!(
+            c.read(round % 2, 4096, 65536).unwrap(),
+            data,
+            "round {round}"
+        );
     }
 }
 
@@ -180,7 +232,7 @@ fn reconnect_sees_the_same_data() {
 fn data_survives_sigterm_and_restart() {
     let dir = TempDir::new().unwrap();
     let (_img, sock, spec) = file_disk(&dir, 8 * MIB, ",direct=on");
-    let d = Daemon::start(&[spec.clone()], &sock);
+    let d = Daemon::start(std::slice::from_ref(&spec), &sock);
     let mut data = vec![0u8; 1 << 20];
     Rng(3).fill(&mut data);
     {
@@ -199,7 +251,13 @@ fn data_survives_sigterm_and_restart() {
 fn null_engine_reads_zeros() {
     let dir = TempDir::new().unwrap();
     let sock = dir.path().join("null.sock");
-    let _d = Daemon::start(&[format!("engine=null,size=1G,socket={},queues=2", sock.display())], &sock);
+    let _d = Daemon::start(
+        &[format!(
+            "engine=null,size=1G,socket={},queues=2",
+            sock.display()
+        )],
+        &sock,
+    );
     let mut c = Client::connect(&sock, 2, false).unwrap();
     assert_eq!(c.capacity, 1 << 30);
     c.buf()[..4096].fill(0xff);
@@ -215,7 +273,11 @@ fn several_disks_in_one_process() {
     for i in 0..3 {
         let img = dir.path().join(format!("d{i}.img"));
         make_image(&img, (i + 1) * MIB);
-        specs.push(format!("path={},socket={}", img.display(), dir.path().join(format!("d{i}.sock")).display()));
+        specs.push(format!(
+            "path={},socket={}",
+            img.display(),
+            dir.path().join(format!("d{i}.sock")).display()
+        ));
     }
     let last = dir.path().join("d2.sock");
     let _d = Daemon::start(&specs, &last);

@@ -14,7 +14,10 @@ fn serve(args: &[&str]) -> (i32, String) {
         cmd.arg("--disk").arg(a);
     }
     let out = cmd.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -26,12 +29,27 @@ fn bad_configurations_fail_with_a_message() {
     let ok = dir.path().join("ok.img");
     make_image(&ok, 1 << 20);
     let cases = [
-        (format!("path={d}/missing.img,socket={d}/a.sock"), "cannot open"),
-        (format!("path={},socket={d}/a.sock", odd.display()), "not a multiple of 512"),
-        (format!("path={},socket={d}/a.sock,colour=blue", ok.display()), "unknown key `colour`"),
-        (format!("path={},socket={d}/a.sock,queues=999", ok.display()), "bad value `999` for `queues`"),
+        (
+            format!("path={d}/missing.img,socket={d}/a.sock"),
+            "cannot open",
+        ),
+        (
+            format!("path={},socket={d}/a.sock", odd.display()),
+            "not a multiple of 512",
+        ),
+        (
+            format!("path={},socket={d}/a.sock,colour=blue", ok.display()),
+            "unknown key `colour`",
+        ),
+        (
+            format!("path={},socket={d}/a.sock,queues=999", ok.display()),
+            "bad value `999` for `queues`",
+        ),
         (format!("engine=null,socket={d}/a.sock"), "missing `size"),
-        (format!("path={},socket={d}", ok.display()), "exists and is not a socket"),
+        (
+            format!("path={},socket={d}", ok.display()),
+            "exists and is not a socket",
+        ),
     ];
     for (spec, want) in cases {
         let (code, err) = serve(&[&spec]);
@@ -48,7 +66,7 @@ fn a_socket_in_use_by_a_live_daemon_is_refused() {
     make_image(&img, 1 << 20);
     let sock = dir.path().join("a.sock");
     let spec = format!("path={},socket={}", img.display(), sock.display());
-    let _live = Daemon::start(&[spec.clone()], &sock);
+    let _live = Daemon::start(std::slice::from_ref(&spec), &sock);
     let (code, err) = serve(&[&spec]);
     assert_ne!(code, 0);
     assert!(err.contains("in use by a live process"), "{err}");
@@ -65,13 +83,18 @@ fn a_stale_socket_is_replaced() {
     let sock = dir.path().join("a.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let d = Daemon::start(&[format!("path={},socket={}", img.display(), sock.display())], &sock);
+    let d = Daemon::start(
+        &[format!("path={},socket={}", img.display(), sock.display())],
+        &sock,
+    );
     // The stale file exists from the start, so wait for the daemon to listen on its own.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let c = loop {
         match Client::connect(&sock, 1, false) {
             Ok(c) => break c,
-            Err(e) if std::time::Instant::now() > deadline => panic!("connect after replacing a stale socket: {}", e.message()),
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("connect after replacing a stale socket: {}", e.message())
+            }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }
     };

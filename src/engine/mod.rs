@@ -23,6 +23,6 @@ pub struct Completion {
 
 /// The engine of one queue.
 pub enum QueueEngine {
-    Uring(uring::UringQueue),
+    Uring(Box<uring::UringQueue>),
     Null,
 }

@@ -1,6 +1,6 @@
 //! The io_uring engine: one ring per queue worker.
 //!
-//! Ownership: every accepted request lives in a [`Slot`] of a fixed table allocated when the
+//! Ownership: every accepted request lives in a `Slot` of a fixed table allocated when the
 //! queue starts (one slot per virtqueue descriptor, so the table can never be outrun by a
 //! well-behaved guest). The slot index is the SQE's `user_data`. A slot owns its `iovec`
 //! array and an `Arc` of the guest memory snapshot its buffers point into, from the moment
@@ -137,7 +137,11 @@ pub struct UringQueue {
 
 impl UringQueue {
     /// Creates a ring for one queue of `queue_size` descriptors over `files`.
-    pub fn new(files: &Files, queue_size: u16, in_flight: Arc<AtomicUsize>) -> Result<Self, UringError> {
+    pub fn new(
+        files: &Files,
+        queue_size: u16,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Result<Self, UringError> {
         let entries = u32::from(queue_size).next_power_of_two();
         let ring = IoUring::builder()
             .setup_r_disabled()
@@ -150,7 +154,8 @@ impl UringQueue {
             fds.push(b.as_raw_fd());
         }
         let sub = ring.submitter();
-        let reg = |what, r: io::Result<()>| r.map_err(|source| UringError::Register { what, source });
+        let reg =
+            |what, r: io::Result<()>| r.map_err(|source| UringError::Register { what, source });
         reg("files", sub.register_files(&fds))?;
         reg("the eventfd", sub.register_eventfd(eventfd.as_raw_fd()))?;
         let mut restrictions = [
@@ -261,9 +266,14 @@ impl UringQueue {
                 .offset(offset + s.done)
                 .rw_flags(s.rw_flags)
                 .build(),
-            Op::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
-                opcode::Fallocate::new(fd, len).offset(offset).mode(s.mode).build()
+                opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(s.mode)
+                    .build()
             }
             // GET_ID never reaches the engine; a flush is harmless if it ever did.
             Op::GetId => opcode::Fsync::new(fd).build(),
@@ -327,7 +337,10 @@ impl UringQueue {
 
     /// Handles one CQE; returns whether it queued a resubmission.
     fn complete_one(&mut self, user_data: u64, res: i32, done: &mut Vec<Completion>) -> bool {
-        let Some(idx) = u16::try_from(user_data).ok().filter(|&i| usize::from(i) < self.slots.len()) else {
+        let Some(idx) = u16::try_from(user_data)
+            .ok()
+            .filter(|&i| usize::from(i) < self.slots.len())
+        else {
             tracing::error!("io_uring returned unknown user_data {user_data}");
             return false;
         };
@@ -373,7 +386,11 @@ impl UringQueue {
                     Outcome::Resubmit
                 }
                 (e, op) => {
-                    tracing::debug!("request {:?} failed: {}", op, io::Error::from_raw_os_error(e));
+                    tracing::debug!(
+                        "request {:?} failed: {}",
+                        op,
+                        io::Error::from_raw_os_error(e)
+                    );
                     Outcome::Done(S_IOERR)
                 }
             };
@@ -422,7 +439,6 @@ impl Drop for UringQueue {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::fs::OpenOptions;
@@ -446,26 +462,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-        let open = |flags| OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path).unwrap();
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(&path)
+                .unwrap()
+        };
         let files = if direct {
-            Files { main: open(libc::O_DIRECT), buffered: Some(open(0)), is_block_device: false, dio_align: 512 }
+            Files {
+                main: open(libc::O_DIRECT),
+                buffered: Some(open(0)),
+                is_block_device: false,
+                dio_align: 512,
+            }
         } else {
-            Files { main: open(0), buffered: None, is_block_device: false, dio_align: 1 }
+            Files {
+                main: open(0),
+                buffered: None,
+                is_block_device: false,
+                dio_align: 1,
+            }
         };
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
         let q = UringQueue::new(&files, 8, Arc::new(AtomicUsize::new(0))).unwrap();
-        Fixture { _dir: dir, path, mem, q }
+        Fixture {
+            _dir: dir,
+            path,
+            mem,
+            q,
+        }
     }
 
     fn iov(mem: &GuestMem, addr: u64, len: usize) -> libc::iovec {
         let p = mem.get_host_address(GuestAddress(addr)).unwrap();
-        libc::iovec { iov_base: p.cast(), iov_len: len }
+        libc::iovec {
+            iov_base: p.cast(),
+            iov_len: len,
+        }
     }
 
     fn run(f: &mut Fixture, op: Op, bufs: &[(u64, usize)]) -> (Completion, bool) {
         let mut v: Vec<libc::iovec> = bufs.iter().map(|&(a, l)| iov(&f.mem, a, l)).collect();
         let data_len = bufs.iter().map(|b| b.1 as u32).sum();
-        let req = Request { head: 3, op, status: GuestAddress(0x3f_0000), data_len };
+        let req = Request {
+            head: 3,
+            op,
+            status: GuestAddress(0x3f_0000),
+            data_len,
+        };
         let fallback = f.q.push(&req, &mut v, &f.mem, false);
         assert!(v.is_empty(), "push takes the iovecs");
         f.q.submit().unwrap();
@@ -482,7 +528,11 @@ mod tests {
             let mut f = fixture(direct, 1 << 20);
             let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
             f.mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
-            let (c, fb) = run(&mut f, Op::Write { offset: 4096 }, &[(0x1000, 4096), (0x2000, 4096)]);
+            let (c, fb) = run(
+                &mut f,
+                Op::Write { offset: 4096 },
+                &[(0x1000, 4096), (0x2000, 4096)],
+            );
             assert_eq!((c.status, c.used_len, c.head, fb), (S_OK, 1, 3, false));
             let (c, _) = run(&mut f, Op::Read { offset: 4096 }, &[(0x10_0000, 8192)]);
             assert_eq!((c.status, c.used_len), (S_OK, 8193));
@@ -500,11 +550,22 @@ mod tests {
     #[test]
     fn misaligned_buffers_take_the_page_cache_path_under_o_direct() {
         let mut f = fixture(true, 1 << 20);
-        f.mem.write_slice(&[0x42u8; 1000], GuestAddress(0x1003)).unwrap();
-        f.mem.write_slice(&[0x43u8; 24], GuestAddress(0x5001)).unwrap();
-        let (c, fallback) = run(&mut f, Op::Write { offset: 0 }, &[(0x1003, 1000), (0x5001, 24)]);
+        f.mem
+            .write_slice(&[0x42u8; 1000], GuestAddress(0x1003))
+            .unwrap();
+        f.mem
+            .write_slice(&[0x43u8; 24], GuestAddress(0x5001))
+            .unwrap();
+        let (c, fallback) = run(
+            &mut f,
+            Op::Write { offset: 0 },
+            &[(0x1003, 1000), (0x5001, 24)],
+        );
         assert_eq!(c.status, S_OK);
-        assert!(fallback, "misaligned buffers must not go to the O_DIRECT file");
+        assert!(
+            fallback,
+            "misaligned buffers must not go to the O_DIRECT file"
+        );
         let (c, fallback) = run(&mut f, Op::Read { offset: 0 }, &[(0x20_0000, 1024)]);
         assert!(!fallback);
         assert_eq!(c.status, S_OK);
@@ -516,28 +577,76 @@ mod tests {
     #[test]
     fn flush_discard_and_write_zeroes() {
         let mut f = fixture(false, 4 << 20);
-        std::fs::OpenOptions::new().write(true).open(&f.path).unwrap().write_all(&vec![1u8; 4 << 20]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.path)
+            .unwrap()
+            .write_all(&vec![1u8; 4 << 20])
+            .unwrap();
         assert_eq!(run(&mut f, Op::Flush, &[]).0.status, S_OK);
         let before = std::fs::metadata(&f.path).unwrap().blocks();
-        assert_eq!(run(&mut f, Op::Discard { offset: 1 << 20, len: 1 << 20 }, &[]).0.status, S_OK);
-        assert!(std::fs::metadata(&f.path).unwrap().blocks() < before, "hole punched");
-        assert_eq!(run(&mut f, Op::WriteZeroes { offset: 0, len: 8192, unmap: false }, &[]).0.status, S_OK);
+        assert_eq!(
+            run(
+                &mut f,
+                Op::Discard {
+                    offset: 1 << 20,
+                    len: 1 << 20
+                },
+                &[]
+            )
+            .0
+            .status,
+            S_OK
+        );
+        assert!(
+            std::fs::metadata(&f.path).unwrap().blocks() < before,
+            "hole punched"
+        );
+        assert_eq!(
+            run(
+                &mut f,
+                Op::WriteZeroes {
+                    offset: 0,
+                    len: 8192,
+                    unmap: false
+                },
+                &[]
+            )
+            .0
+            .status,
+            S_OK
+        );
         let mut data = vec![9u8; 3 << 20];
-        std::fs::File::open(&f.path).unwrap().read_exact(&mut data).unwrap();
+        std::fs::File::open(&f.path)
+            .unwrap()
+            .read_exact(&mut data)
+            .unwrap();
         assert!(data[..8192].iter().all(|&b| b == 0));
         assert!(data[8192..1 << 20].iter().all(|&b| b == 1));
         assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 0));
-        assert_eq!(std::fs::metadata(&f.path).unwrap().len(), 4 << 20, "size kept");
+        assert_eq!(
+            std::fs::metadata(&f.path).unwrap().len(),
+            4 << 20,
+            "size kept"
+        );
     }
 
     #[test]
     fn reading_past_a_truncated_end_fails_cleanly() {
         let mut f = fixture(false, 1 << 20);
         // Someone shrinks the file under us: the read hits EOF and must fail, not hang.
-        std::fs::OpenOptions::new().write(true).open(&f.path).unwrap().set_len(4096).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
         let (c, _) = run(&mut f, Op::Read { offset: 0 }, &[(0x1000, 8192)]);
         assert_eq!((c.status, c.used_len), (S_IOERR, 1));
-        assert_eq!(f.q.events.short_transfers, 1, "the first 4 KiB arrive, then EOF");
+        assert_eq!(
+            f.q.events.short_transfers, 1,
+            "the first 4 KiB arrive, then EOF"
+        );
     }
 
     #[test]
@@ -546,7 +655,12 @@ mod tests {
         let mut pushed = 0;
         while f.q.has_room() {
             let mut v = vec![iov(&f.mem, 0x1000, 512)];
-            let req = Request { head: pushed, op: Op::Read { offset: 0 }, status: GuestAddress(0x3f_0000), data_len: 512 };
+            let req = Request {
+                head: pushed,
+                op: Op::Read { offset: 0 },
+                status: GuestAddress(0x3f_0000),
+                data_len: 512,
+            };
             f.q.push(&req, &mut v, &f.mem, false);
             pushed += 1;
         }

@@ -31,7 +31,11 @@ const GEO: Geometry = Geometry {
     readonly: false,
 };
 
-fn run(mem: &GuestMem, descs: &[RawDescriptor], geo: Geometry) -> (Result<Request, Rejected>, Vec<libc::iovec>) {
+fn run(
+    mem: &GuestMem,
+    descs: &[RawDescriptor],
+    geo: Geometry,
+) -> (Result<Request, Rejected>, Vec<libc::iovec>) {
     let q = MockSplitQueue::new(mem, 16);
     let chain = q.build_desc_chain(descs).unwrap();
     let mut iov = Vec::new();
@@ -47,23 +51,42 @@ fn err(r: Result<Request, Rejected>) -> ParseError {
 fn read_with_separate_descriptors() {
     let m = mem();
     header(&m, HDR, T_IN, 8);
-    let (r, iov) = run(&m, &[desc(HDR, 16, 0), desc(DATA, 4096, W), desc(STATUS, 1, W)], GEO);
+    let (r, iov) = run(
+        &m,
+        &[desc(HDR, 16, 0), desc(DATA, 4096, W), desc(STATUS, 1, W)],
+        GEO,
+    );
     let r = r.unwrap();
     assert_eq!(r.op, Op::Read { offset: 4096 });
     assert_eq!(r.data_len, 4096);
     assert_eq!(r.status, GuestAddress(STATUS));
     assert_eq!(iov.len(), 1);
     assert_eq!(iov[0].iov_len, 4096);
-    assert_eq!(iov[0].iov_base as u64, m.get_host_address(GuestAddress(DATA)).unwrap() as u64);
+    assert_eq!(
+        iov[0].iov_base as u64,
+        m.get_host_address(GuestAddress(DATA)).unwrap() as u64
+    );
 }
 
 #[test]
 fn write_with_two_segments() {
     let m = mem();
     header(&m, HDR, T_OUT, 0);
-    let (r, iov) = run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(DATA + 8192, 1024, 0), desc(STATUS, 1, W)], GEO);
+    let (r, iov) = run(
+        &m,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, 0),
+            desc(DATA + 8192, 1024, 0),
+            desc(STATUS, 1, W),
+        ],
+        GEO,
+    );
     assert_eq!(r.unwrap().op, Op::Write { offset: 0 });
-    assert_eq!(iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(), vec![512, 1024]);
+    assert_eq!(
+        iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+        vec![512, 1024]
+    );
 }
 
 #[test]
@@ -84,40 +107,122 @@ fn any_layout_header_with_data_and_data_with_status() {
 fn malformed_chains() {
     let m = mem();
     header(&m, HDR, T_IN, 0);
-    assert_eq!(err(run(&m, &[desc(HDR, 8, 0), desc(STATUS, 1, W)], GEO).0), ParseError::HeaderTooShort(8));
-    let (r, _) = run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, 0)], GEO);
-    assert_eq!(r.unwrap_err(), Rejected { head: 0, status: None, error: ParseError::NoStatus });
-    assert_eq!(err(run(&m, &[desc(HDR, 16, 0), desc(STATUS, 0, W)], GEO).0), ParseError::NoStatus);
     assert_eq!(
-        err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(DATA, 512, 0), desc(STATUS, 1, W)], GEO).0),
+        err(run(&m, &[desc(HDR, 8, 0), desc(STATUS, 1, W)], GEO).0),
+        ParseError::HeaderTooShort(8)
+    );
+    let (r, _) = run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, 0)], GEO);
+    assert_eq!(
+        r.unwrap_err(),
+        Rejected {
+            head: 0,
+            status: None,
+            error: ParseError::NoStatus
+        }
+    );
+    assert_eq!(
+        err(run(&m, &[desc(HDR, 16, 0), desc(STATUS, 0, W)], GEO).0),
+        ParseError::NoStatus
+    );
+    assert_eq!(
+        err(run(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, W)
+            ],
+            GEO
+        )
+        .0),
         ParseError::ReadableAfterWritable
     );
     // A read with device-readable data, and a write with device-writable data.
-    assert_eq!(err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)], GEO).0), ParseError::WrongDirection(T_IN));
+    assert_eq!(
+        err(run(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+            GEO
+        )
+        .0),
+        ParseError::WrongDirection(T_IN)
+    );
     header(&m, HDR, T_OUT, 0);
-    assert_eq!(err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)], GEO).0), ParseError::WrongDirection(T_OUT));
+    assert_eq!(
+        err(run(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+            GEO
+        )
+        .0),
+        ParseError::WrongDirection(T_OUT)
+    );
 }
 
 #[test]
 fn range_alignment_and_read_only() {
     let m = mem();
     header(&m, HDR, T_IN, 2047);
-    assert!(run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)], GEO).0.is_ok());
-    assert!(matches!(err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)], GEO).0), ParseError::OutOfRange { .. }));
+    assert!(run(
+        &m,
+        &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        GEO
+    )
+    .0
+    .is_ok());
+    assert!(matches!(
+        err(run(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)],
+            GEO
+        )
+        .0),
+        ParseError::OutOfRange { .. }
+    ));
     header(&m, HDR, T_IN, u64::MAX);
-    assert!(matches!(err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)], GEO).0), ParseError::OutOfRange { .. }));
+    assert!(matches!(
+        err(run(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+            GEO
+        )
+        .0),
+        ParseError::OutOfRange { .. }
+    ));
     header(&m, HDR, T_IN, 0);
-    assert_eq!(err(run(&m, &[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)], GEO).0), ParseError::UnalignedLength(100));
+    assert_eq!(
+        err(run(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)],
+            GEO
+        )
+        .0),
+        ParseError::UnalignedLength(100)
+    );
     header(&m, HDR, T_OUT, 0);
-    let ro = Geometry { readonly: true, ..GEO };
-    let (r, _) = run(&m, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)], ro);
+    let ro = Geometry {
+        readonly: true,
+        ..GEO
+    };
+    let (r, _) = run(
+        &m,
+        &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+        ro,
+    );
     let rej = r.unwrap_err();
     assert_eq!(rej.error, ParseError::ReadOnly);
     assert_eq!(rej.error.status(), Some(S_IOERR));
     assert_eq!(rej.status, Some(GuestAddress(STATUS)));
     // Flush on a read-only disk is fine.
     header(&m, HDR, T_FLUSH, 0);
-    assert_eq!(run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)], ro).0.unwrap().op, Op::Flush);
+    assert_eq!(
+        run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)], ro)
+            .0
+            .unwrap()
+            .op,
+        Op::Flush
+    );
 }
 
 #[test]
@@ -133,10 +238,28 @@ fn unknown_type_is_unsupported() {
 fn address_outside_guest_memory() {
     let m = mem();
     header(&m, HDR, T_IN, 0);
-    let e = err(run(&m, &[desc(HDR, 16, 0), desc(MEM_SIZE + 4096, 512, W), desc(STATUS, 1, W)], GEO).0);
+    let e = err(run(
+        &m,
+        &[
+            desc(HDR, 16, 0),
+            desc(MEM_SIZE + 4096, 512, W),
+            desc(STATUS, 1, W),
+        ],
+        GEO,
+    )
+    .0);
     assert_eq!(e, ParseError::BadAddress(MEM_SIZE + 4096));
     // Straddling the end of memory is just as bad.
-    let e = err(run(&m, &[desc(HDR, 16, 0), desc(MEM_SIZE - 512, 1024, W), desc(STATUS, 1, W)], GEO).0);
+    let e = err(run(
+        &m,
+        &[
+            desc(HDR, 16, 0),
+            desc(MEM_SIZE - 512, 1024, W),
+            desc(STATUS, 1, W),
+        ],
+        GEO,
+    )
+    .0);
     assert!(matches!(e, ParseError::BadAddress(_)), "{e:?}");
     // A header outside memory.
     let e = err(run(&m, &[desc(MEM_SIZE + 16, 16, 0), desc(STATUS, 1, W)], GEO).0);
@@ -155,16 +278,35 @@ fn discard_and_write_zeroes_segments() {
     header(&m, HDR, T_DISCARD, 0);
     segment(&m, DATA, 8, 16, 0);
     let chain = [desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)];
-    assert_eq!(run(&m, &chain, GEO).0.unwrap().op, Op::Discard { offset: 4096, len: 8192 });
+    assert_eq!(
+        run(&m, &chain, GEO).0.unwrap().op,
+        Op::Discard {
+            offset: 4096,
+            len: 8192
+        }
+    );
     segment(&m, DATA, 8, 16, 1);
     assert_eq!(err(run(&m, &chain, GEO).0), ParseError::BadSegmentFlags(1));
     header(&m, HDR, T_WRITE_ZEROES, 0);
-    assert_eq!(run(&m, &chain, GEO).0.unwrap().op, Op::WriteZeroes { offset: 4096, len: 8192, unmap: true });
+    assert_eq!(
+        run(&m, &chain, GEO).0.unwrap().op,
+        Op::WriteZeroes {
+            offset: 4096,
+            len: 8192,
+            unmap: true
+        }
+    );
     segment(&m, DATA, 2040, 16, 0);
-    assert!(matches!(err(run(&m, &chain, GEO).0), ParseError::OutOfRange { .. }));
+    assert!(matches!(
+        err(run(&m, &chain, GEO).0),
+        ParseError::OutOfRange { .. }
+    ));
     let two = [desc(HDR, 16, 0), desc(DATA, 32, 0), desc(STATUS, 1, W)];
     assert_eq!(err(run(&m, &two, GEO).0), ParseError::BadSegmentCount(32));
-    let ro = Geometry { readonly: true, ..GEO };
+    let ro = Geometry {
+        readonly: true,
+        ..GEO
+    };
     segment(&m, DATA, 0, 1, 0);
     assert_eq!(err(run(&m, &chain, ro).0), ParseError::ReadOnly);
 }
@@ -173,10 +315,17 @@ fn discard_and_write_zeroes_segments() {
 fn get_id() {
     let m = mem();
     header(&m, HDR, T_GET_ID, 0);
-    let (r, iov) = run(&m, &[desc(HDR, 16, 0), desc(DATA, 20, W), desc(STATUS, 1, W)], GEO);
+    let (r, iov) = run(
+        &m,
+        &[desc(HDR, 16, 0), desc(DATA, 20, W), desc(STATUS, 1, W)],
+        GEO,
+    );
     assert_eq!(r.unwrap().op, Op::GetId);
     assert_eq!(iov[0].iov_len, 20);
-    assert_eq!(err(run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)], GEO).0), ParseError::NoIdBuffer);
+    assert_eq!(
+        err(run(&m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)], GEO).0),
+        ParseError::NoIdBuffer
+    );
 }
 
 #[test]
@@ -186,11 +335,17 @@ fn indirect_descriptors() {
     let table = 0x40_0000u64;
     let entries = [
         SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1),
-        SplitDescriptor::new(DATA, 2048, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 2),
+        SplitDescriptor::new(
+            DATA,
+            2048,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            2,
+        ),
         SplitDescriptor::new(STATUS, 1, W, 0),
     ];
     for (i, e) in entries.iter().enumerate() {
-        m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64)).unwrap();
+        m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     let (r, iov) = run(&m, &[desc(table, 48, VRING_DESC_F_INDIRECT as u16)], GEO);
     let r = r.unwrap();
@@ -200,7 +355,12 @@ fn indirect_descriptors() {
 
 fn arb_desc() -> impl Strategy<Value = (u64, u32, bool)> {
     (
-        prop_oneof![HDR..HDR + 0x1000, DATA..DATA + 0x1000, (MEM_SIZE - 0x800)..(MEM_SIZE + 0x800), Just(u64::MAX - 4)],
+        prop_oneof![
+            HDR..HDR + 0x1000,
+            DATA..DATA + 0x1000,
+            (MEM_SIZE - 0x800)..(MEM_SIZE + 0x800),
+            Just(u64::MAX - 4)
+        ],
         prop_oneof![0u32..64, Just(512), Just(4096), 0u32..0x2000],
         any::<bool>(),
     )

@@ -44,7 +44,11 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("ferrodisk exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "socket {} never appeared", self.socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "socket {} never appeared",
+                self.socket.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -58,7 +62,12 @@ impl Daemon {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut out = String::new();
                 use std::io::Read;
-                child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+                child
+                    .stdout
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut out)
+                    .unwrap();
                 return (status, out);
             }
             if Instant::now() > deadline {

@@ -21,7 +21,10 @@ pub use serde_json::Value;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `ferrodisk` binary under test: `$FERRODISK_BIN`, else `target/debug/ferrodisk`.
@@ -29,7 +32,11 @@ pub fn ferrodisk_bin() -> PathBuf {
     let p = std::env::var_os("FERRODISK_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/debug/ferrodisk"));
-    assert!(p.exists(), "the ferrodisk binary is missing at {} (run `cargo build` or set FERRODISK_BIN)", p.display());
+    assert!(
+        p.exists(),
+        "the ferrodisk binary is missing at {} (run `cargo build` or set FERRODISK_BIN)",
+        p.display()
+    );
     p
 }
 
@@ -39,7 +46,10 @@ pub fn guest_image() -> &'static (PathBuf, PathBuf) {
     IMAGE.get_or_init(|| {
         let dir = std::env::var_os("FERRODISK_GUEST_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/ferrodisk/guest"));
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                    .join(".cache/ferrodisk/guest")
+            });
         let out = Command::new(repo_root().join("guest-images/build.sh"))
             .arg(&dir)
             .output()
@@ -116,20 +126,40 @@ impl Daemon {
         }
         let child = cmd
             .stdout(File::create(&stdout).unwrap())
-            .stderr(File::options().create(true).append(true).open(dir.join("ferrodisk.log")).unwrap())
+            .stderr(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("ferrodisk.log"))
+                    .unwrap(),
+            )
             .spawn()
             .expect("spawn ferrodisk");
         let sockets: Vec<PathBuf> = specs
             .iter()
-            .filter_map(|s| s.split(',').find_map(|kv| kv.strip_prefix("socket=")).map(PathBuf::from))
+            .filter_map(|s| {
+                s.split(',')
+                    .find_map(|kv| kv.strip_prefix("socket="))
+                    .map(PathBuf::from)
+            })
             .collect();
-        let mut d = Daemon { child: Some(child), stdout, sockets };
+        let mut d = Daemon {
+            child: Some(child),
+            stdout,
+            sockets,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.sockets.iter().all(|s| s.exists()) {
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ferrodisk exited at start ({st}); see {}", dir.join("ferrodisk.log").display());
+                panic!(
+                    "ferrodisk exited at start ({st}); see {}",
+                    dir.join("ferrodisk.log").display()
+                );
             }
-            assert!(Instant::now() < deadline, "ferrodisk sockets did not appear within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "ferrodisk sockets did not appear within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         d
@@ -156,11 +186,19 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert!(status.success(), "ferrodisk exited with {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "ferrodisk exited with {status} after SIGTERM"
+        );
         let out = std::fs::read_to_string(&self.stdout).unwrap();
         out.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| (v["disk"].as_str().unwrap_or_default().to_string(), v["stats"].clone()))
+            .map(|v| {
+                (
+                    v["disk"].as_str().unwrap_or_default().to_string(),
+                    v["stats"].clone(),
+                )
+            })
             .collect()
     }
 }
@@ -203,7 +241,10 @@ pub struct GuestReport {
 impl GuestReport {
     /// Parses the serial console.
     pub fn parse(console: &str) -> GuestReport {
-        let mut r = GuestReport { console: console.to_string(), ..Default::default() };
+        let mut r = GuestReport {
+            console: console.to_string(),
+            ..Default::default()
+        };
         for line in console.lines().map(|l| l.trim_end_matches('\r')) {
             if let Some(rest) = line.strip_prefix("FERRODISK-STEP ") {
                 let mut name = None;
@@ -223,7 +264,11 @@ impl GuestReport {
                     r.kv.insert(k.to_string(), v.to_string());
                 }
             } else if let Some(rest) = line.strip_prefix("FERRODISK-END ") {
-                let get = |k: &str| rest.split(' ').find_map(|f| f.strip_prefix(k)).and_then(|v| v.parse().ok());
+                let get = |k: &str| {
+                    rest.split(' ')
+                        .find_map(|f| f.strip_prefix(k))
+                        .and_then(|v| v.parse().ok())
+                };
                 if let (Some(s), Some(f)) = (get("steps="), get("failed=")) {
                     r.end = Some((s, f));
                 }
@@ -242,21 +287,32 @@ impl GuestReport {
 
     /// Asserts that step `name` ran and exited 0.
     pub fn assert_ok(&self, name: &str) {
-        assert_eq!(self.rc(name), 0, "step `{name}` failed; console:\n{}", self.console);
+        assert_eq!(
+            self.rc(name),
+            0,
+            "step `{name}` failed; console:\n{}",
+            self.console
+        );
     }
 
     /// Asserts that the guest finished and every step passed.
     pub fn assert_all_ok(&self) {
         match self.end {
             Some((n, 0)) if n as usize == self.steps.len() => {}
-            _ => panic!("guest steps failed or did not finish ({:?}); console:\n{}", self.end, self.console),
+            _ => panic!(
+                "guest steps failed or did not finish ({:?}); console:\n{}",
+                self.end, self.console
+            ),
         }
     }
 
     pub fn kv(&self, key: &str) -> &str {
         match self.kv.get(key) {
             Some(v) => v,
-            None => panic!("the guest did not report `{key}`; console:\n{}", self.console),
+            None => panic!(
+                "the guest did not report `{key}`; console:\n{}",
+                self.console
+            ),
         }
     }
 }
@@ -273,7 +329,13 @@ impl Drop for Qemu {
 
 impl Vm<'_> {
     pub fn new<'a>(dir: &'a WorkDir, name: &'a str, disks: Vec<VmDisk>) -> Vm<'a> {
-        Vm { dir, name, disks, smp: 1, timeout: Duration::from_secs(180) }
+        Vm {
+            dir,
+            name,
+            disks,
+            smp: 1,
+            timeout: Duration::from_secs(180),
+        }
     }
 
     /// Boots the guest, runs `script` in it and returns its report once it powers off.
@@ -283,22 +345,36 @@ impl Vm<'_> {
         std::fs::write(&script_path, script).unwrap();
         let console = self.dir.join(&format!("{}.console", self.name));
         let mut cmd = Command::new(qemu());
-        cmd.args(["-machine", "q35,accel=tcg,memory-backend=mem0", "-cpu", "max", "-m", "512"])
-            .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
-            .args(["-smp", &self.smp.to_string()])
-            .args(["-nographic", "-no-reboot", "-nodefaults"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
-            .arg("-fw_cfg")
-            .arg(format!("name=opt/ferrodisk/script,file={}", script_path.display()));
+        cmd.args([
+            "-machine",
+            "q35,accel=tcg,memory-backend=mem0",
+            "-cpu",
+            "max",
+            "-m",
+            "512",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
+        .args(["-smp", &self.smp.to_string()])
+        .args(["-nographic", "-no-reboot", "-nodefaults"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+        .arg("-fw_cfg")
+        .arg(format!(
+            "name=opt/ferrodisk/script,file={}",
+            script_path.display()
+        ));
         for (i, d) in self.disks.iter().enumerate() {
-            cmd.arg("-chardev").arg(format!("socket,id=c{i},path={}", d.socket.display()));
-            cmd.arg("-device").arg(format!("vhost-user-blk-pci,chardev=c{i},num-queues={}", d.queues));
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=c{i},path={}", d.socket.display()));
+            cmd.arg("-device").arg(format!(
+                "vhost-user-blk-pci,chardev=c{i},num-queues={}",
+                d.queues
+            ));
         }
         let log = File::create(self.dir.join(&format!("{}.qemu.log", self.name))).unwrap();
         let child = cmd
@@ -315,13 +391,20 @@ impl Vm<'_> {
             }
             if Instant::now() > deadline {
                 let text = std::fs::read_to_string(&console).unwrap_or_default();
-                panic!("guest `{}` ran past {:?}; console:\n{text}", self.name, self.timeout);
+                panic!(
+                    "guest `{}` ran past {:?}; console:\n{text}",
+                    self.name, self.timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         let text = std::fs::read_to_string(&console).unwrap_or_default();
-        let qlog = std::fs::read_to_string(self.dir.join(&format!("{}.qemu.log", self.name))).unwrap_or_default();
-        assert!(status.success(), "qemu exited with {status}:\n{qlog}\nconsole:\n{text}");
+        let qlog = std::fs::read_to_string(self.dir.join(&format!("{}.qemu.log", self.name)))
+            .unwrap_or_default();
+        assert!(
+            status.success(),
+            "qemu exited with {status}:\n{qlog}\nconsole:\n{text}"
+        );
         GuestReport::parse(&text)
     }
 }
@@ -343,7 +426,9 @@ pub fn total(stats: &HashMap<String, Value>, socket: &Path, name: &str) -> u64 {
 
 /// A per-queue counter: `stats[socket]["queues"][q][name]`.
 pub fn per_queue(stats: &HashMap<String, Value>, socket: &Path, q: usize, name: &str) -> u64 {
-    stats[socket.to_str().unwrap()]["queues"][q][name].as_u64().unwrap()
+    stats[socket.to_str().unwrap()]["queues"][q][name]
+        .as_u64()
+        .unwrap()
 }
 
 #[cfg(test)]
@@ -354,7 +439,10 @@ mod tests {
     fn parses_the_console_protocol() {
         let c = "noise\r\nFERRODISK-BEGIN\nFERRODISK-STEP name=mkfs rc=0\r\n[  1.2] kernel says\nFERRODISK-KV key=sum value=abc def\nFERRODISK-STEP name=fio rc=3\nFERRODISK-END steps=2 failed=1\n";
         let r = GuestReport::parse(c);
-        assert_eq!(r.steps, vec![("mkfs".to_string(), 0), ("fio".to_string(), 3)]);
+        assert_eq!(
+            r.steps,
+            vec![("mkfs".to_string(), 0), ("fio".to_string(), 3)]
+        );
         assert_eq!(r.kv("sum"), "abc def");
         assert_eq!(r.end, Some((2, 1)));
         assert_eq!(r.rc("fio"), 3);

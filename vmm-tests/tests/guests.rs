@@ -15,15 +15,25 @@ fn sha_of(r: &GuestReport, key: &str) -> String {
     v
 }
 
-/// 1. The disk is visible at its exact size, with its serial and its queue count.
+/// Test 1: The disk is visible at its exact size, with its serial and its queue count.
 #[test]
 fn disk_is_visible_with_size_serial_and_queues() {
     let dir = WorkDir::new("visible");
     let bytes = 300 * MIB + 3 * 512; // deliberately not a round size
     let img = dir.image("disk.img", bytes);
     let sock = dir.join("disk.sock");
-    let d = Daemon::start(&dir, &[spec(&img, &sock, ",queues=2,serial=FD-SERIAL-0042")]);
-    let mut vm = Vm::new(&dir, "guest", vec![VmDisk { socket: sock.clone(), queues: 2 }]);
+    let d = Daemon::start(
+        &dir,
+        &[spec(&img, &sock, ",queues=2,serial=FD-SERIAL-0042")],
+    );
+    let mut vm = Vm::new(
+        &dir,
+        "guest",
+        vec![VmDisk {
+            socket: sock.clone(),
+            queues: 2,
+        }],
+    );
     vm.smp = 2;
     let r = vm.run(
         r#"
@@ -40,17 +50,25 @@ step read_last_sector dd if=/dev/vda of=/dev/null bs=512 skip=$(( $(cat /sys/blo
     assert_eq!(r.kv("mq"), "2");
     assert_eq!(r.kv("ro"), "0");
     let stats = d.stop();
-    assert!(total(&stats, &sock, "get_ids") >= 1, "the serial came from GET_ID");
+    assert!(
+        total(&stats, &sock, "get_ids") >= 1,
+        "the serial came from GET_ID"
+    );
 }
 
-/// 2. ext4 written by one guest is intact for a second guest on the same daemon.
+/// Test 2: ext4 written by one guest is intact for a second guest on the same daemon.
 #[test]
 fn ext4_survives_into_a_second_guest() {
     let dir = WorkDir::new("ext4");
     let img = dir.image("disk.img", 256 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, ",direct=on")]);
-    let disks = || vec![VmDisk { socket: sock.clone(), queues: 1 }];
+    let disks = || {
+        vec![VmDisk {
+            socket: sock.clone(),
+            queues: 1,
+        }]
+    };
     let first = Vm::new(&dir, "writer", disks()).run(
         r#"
 step mkfs mkfs.ext4 -q -F /dev/vda
@@ -73,20 +91,33 @@ step umount umount /mnt
 "#,
     );
     second.assert_all_ok();
-    for key in ["sum.f1", "sum.f2", "sum.f3", "sum.f4", "sum.f5", "sum.f6", "sum.g"] {
-        assert_eq!(sha_of(&first, key), sha_of(&second, key), "{key} differs between guests");
+    for key in [
+        "sum.f1", "sum.f2", "sum.f3", "sum.f4", "sum.f5", "sum.f6", "sum.g",
+    ] {
+        assert_eq!(
+            sha_of(&first, key),
+            sha_of(&second, key),
+            "{key} differs between guests"
+        );
     }
     d.stop();
 }
 
-/// 3. fio with crc32c verification, mixed sizes, two jobs on two queues.
+/// Test 3: fio with crc32c verification, mixed sizes, two jobs on two queues.
 #[test]
 fn fio_verify_on_two_queues() {
     let dir = WorkDir::new("fio");
     let img = dir.image("disk.img", 128 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, ",queues=2,direct=on")]);
-    let mut vm = Vm::new(&dir, "guest", vec![VmDisk { socket: sock.clone(), queues: 2 }]);
+    let mut vm = Vm::new(
+        &dir,
+        "guest",
+        vec![VmDisk {
+            socket: sock.clone(),
+            queues: 2,
+        }],
+    );
     vm.smp = 2;
     vm.timeout = std::time::Duration::from_secs(300);
     let r = vm.run(
@@ -100,18 +131,26 @@ step fio fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --rw
     for q in 0..2 {
         let writes = per_queue(&stats, &sock, q, "writes");
         let reads = per_queue(&stats, &sock, q, "reads");
-        assert!(writes > 50 && reads > 50, "queue {q} carried too little I/O: {writes} writes, {reads} reads");
+        assert!(
+            writes > 50 && reads > 50,
+            "queue {q} carried too little I/O: {writes} writes, {reads} reads"
+        );
     }
 }
 
-/// 4. fstrim frees space in the backing file; blkdiscard and blkdiscard -z read back zeros.
+/// Test 4: fstrim frees space in the backing file; blkdiscard and blkdiscard -z read back zeros.
 #[test]
 fn discard_and_write_zeroes_from_the_guest() {
     let dir = WorkDir::new("discard");
     let img = dir.image("disk.img", 192 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, "")]);
-    let disks = || vec![VmDisk { socket: sock.clone(), queues: 1 }];
+    let disks = || {
+        vec![VmDisk {
+            socket: sock.clone(),
+            queues: 1,
+        }]
+    };
     Vm::new(&dir, "fill", disks())
         .run(
             r#"
@@ -124,7 +163,10 @@ step umount umount /mnt
         )
         .assert_all_ok();
     let filled = allocated_bytes(&img);
-    assert!(filled >= 96 * MIB, "the backing file holds only {filled} bytes after the fill");
+    assert!(
+        filled >= 96 * MIB,
+        "the backing file holds only {filled} bytes after the fill"
+    );
     Vm::new(&dir, "trim", disks())
         .run(
             r#"
@@ -135,7 +177,10 @@ step umount umount /mnt
         )
         .assert_all_ok();
     let trimmed = allocated_bytes(&img);
-    assert!(trimmed + 64 * MIB <= filled, "fstrim freed too little: {filled} -> {trimmed} bytes");
+    assert!(
+        trimmed + 64 * MIB <= filled,
+        "fstrim freed too little: {filled} -> {trimmed} bytes"
+    );
     let r = Vm::new(&dir, "raw", disks()).run(
         r#"
 step pattern dd if=/dev/urandom of=/dev/vda bs=1M count=4 conv=fsync
@@ -151,17 +196,35 @@ kv zeros "$(dd if=/dev/zero bs=1M count=1 2>/dev/null | sha256sum | cut -d' ' -f
     );
     r.assert_all_ok();
     let zeros = sha_of(&r, "zeros");
-    assert_eq!(sha_of(&r, "mib0"), zeros, "discarded range does not read as zeros");
-    assert_eq!(sha_of(&r, "mib1"), zeros, "write-zeroes range does not read as zeros");
-    assert_eq!(sha_of(&r, "mib3"), sha_of(&r, "before3"), "untouched range changed");
+    assert_eq!(
+        sha_of(&r, "mib0"),
+        zeros,
+        "discarded range does not read as zeros"
+    );
+    assert_eq!(
+        sha_of(&r, "mib1"),
+        zeros,
+        "write-zeroes range does not read as zeros"
+    );
+    assert_eq!(
+        sha_of(&r, "mib3"),
+        sha_of(&r, "before3"),
+        "untouched range changed"
+    );
     assert_ne!(sha_of(&r, "mib3"), zeros);
     let stats = d.stop();
-    assert!(total(&stats, &sock, "discards") >= 2, "fstrim and blkdiscard send discards");
-    assert!(total(&stats, &sock, "write_zeroes") >= 1, "blkdiscard -z sends write-zeroes");
+    assert!(
+        total(&stats, &sock, "discards") >= 2,
+        "fstrim and blkdiscard send discards"
+    );
+    assert!(
+        total(&stats, &sock, "write_zeroes") >= 1,
+        "blkdiscard -z sends write-zeroes"
+    );
 }
 
-/// 5. A read-only disk: the guest sees ro, writes fail (EPERM on the raw device, EROFS on
-/// a mounted file system), reads keep working and the image is untouched.
+/// Test 5: A read-only disk. The guest sees ro; writes fail (EPERM on the raw device, EROFS
+/// on a mounted file system); reads keep working, and the image is untouched.
 ///
 /// Linux enforces a hardware read-only flag in its block layer (even after
 /// `blockdev --setrw`), so a guest never sends the write; the daemon's own refusal of writes
@@ -180,7 +243,11 @@ fn read_only_disk() {
         .arg("32M")
         .output()
         .expect("mkfs.ext4 is missing on the host: apt-get install e2fsprogs");
-    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let content = std::fs::read(&img).unwrap();
     let sock = dir.join("disk.sock");
     let mut d = Daemon::start(&dir, &[spec(&img, &sock, ",readonly=on")]);
@@ -200,7 +267,11 @@ kv after "$(dd if=/dev/vda bs=1M count=32 2>/dev/null | sha256sum | cut -d' ' -f
     r.assert_all_ok();
     assert_eq!(r.kv("ro"), "1");
     assert_eq!(r.kv("hello"), "hello from the host");
-    assert_eq!(sha_of(&r, "before"), sha_of(&r, "after"), "reads changed after refused writes");
+    assert_eq!(
+        sha_of(&r, "before"),
+        sha_of(&r, "after"),
+        "reads changed after refused writes"
+    );
     assert!(d.alive(), "the daemon died");
     assert_eq!(std::fs::read(&img).unwrap(), content, "the image changed");
     let stats = d.stop();
@@ -208,17 +279,32 @@ kv after "$(dd if=/dev/vda bs=1M count=32 2>/dev/null | sha256sum | cut -d' ' -f
     assert!(total(&stats, &sock, "reads") > 0);
 }
 
-/// 6. Two disks from one daemon in one guest, used at the same time.
+/// Test 6: Two disks from one daemon in one guest, used at the same time.
 #[test]
 fn two_disks_from_one_daemon() {
     let dir = WorkDir::new("twodisks");
     let (a, b) = (dir.image("a.img", 64 * MIB), dir.image("b.img", 96 * MIB));
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let d = Daemon::start(&dir, &[spec(&a, &sa, ",serial=disk-a"), spec(&b, &sb, ",serial=disk-b,direct=on")]);
+    let d = Daemon::start(
+        &dir,
+        &[
+            spec(&a, &sa, ",serial=disk-a"),
+            spec(&b, &sb, ",serial=disk-b,direct=on"),
+        ],
+    );
     let mut vm = Vm::new(
         &dir,
         "guest",
-        vec![VmDisk { socket: sa.clone(), queues: 1 }, VmDisk { socket: sb.clone(), queues: 1 }],
+        vec![
+            VmDisk {
+                socket: sa.clone(),
+                queues: 1,
+            },
+            VmDisk {
+                socket: sb.clone(),
+                queues: 1,
+            },
+        ],
     );
     vm.smp = 2;
     let r = vm.run(
@@ -230,14 +316,21 @@ step fio fio --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --s
     );
     r.assert_all_ok();
     assert_eq!(r.kv("serials"), "disk-a disk-b");
-    assert_eq!(r.kv("sizes"), format!("{} {}", 64 * MIB / 512, 96 * MIB / 512));
+    assert_eq!(
+        r.kv("sizes"),
+        format!("{} {}", 64 * MIB / 512, 96 * MIB / 512)
+    );
     let stats = d.stop();
     for s in [&sa, &sb] {
-        assert!(total(&stats, s, "writes") >= 4096, "{} got too few writes", s.display());
+        assert!(
+            total(&stats, s, "writes") >= 4096,
+            "{} got too few writes",
+            s.display()
+        );
     }
 }
 
-/// 7. fsync in the guest reaches the backend as a flush.
+/// Test 7: fsync in the guest reaches the backend as a flush.
 #[test]
 fn guest_fsync_reaches_the_backend_as_flush() {
     let dir = WorkDir::new("flush");
@@ -248,10 +341,22 @@ fn guest_fsync_reaches_the_backend_as_flush() {
         let script = format!(
             "step writes sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$i {conv} 2>/dev/null || exit 1; done'\n"
         );
-        Vm::new(&dir, name, vec![VmDisk { socket: sock.clone(), queues: 1 }]).run(&script).assert_all_ok();
+        Vm::new(
+            &dir,
+            name,
+            vec![VmDisk {
+                socket: sock.clone(),
+                queues: 1,
+            }],
+        )
+        .run(&script)
+        .assert_all_ok();
         total(&d.stop(), &sock, "flushes")
     };
     let without = run("nofsync", "");
     let with = run("fsync", "conv=fsync");
-    assert!(with >= without + 10, "10 fsyncs gave {with} flushes, against {without} without fsync");
+    assert!(
+        with >= without + 10,
+        "10 fsyncs gave {with} flushes, against {without} without fsync"
+    );
 }
