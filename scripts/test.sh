@@ -19,8 +19,17 @@ echo "test: build"
 cargo build --workspace --all-targets
 export FERRODISK_BIN="$PWD/target/debug/ferrodisk"
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 if [[ ${1:-} == --no-vm ]]; then
-    cargo test -p ferrodisk
+    scope=(-p ferrodisk)
 else
-    cargo test --workspace
+    scope=(--workspace)
 fi
+# No doc-tests: there are none, and their empty summary would close the run.
+set +e
+cargo test "${scope[@]}" --lib --bins --tests 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "\nall test binaries: %d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

@@ -39,8 +39,6 @@ pub struct QueueWorker {
     log_limit: RateLimit,
     /// Set when the in-flight table filled up with chains still waiting in the virtqueue.
     backpressured: bool,
-    /// Set when the guest broke the available ring; the queue waits for a reset.
-    broken: bool,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
@@ -68,7 +66,6 @@ impl QueueWorker {
             done: Vec::with_capacity(2 * usize::from(size)),
             log_limit: RateLimit::new(10, Duration::from_secs(1)),
             backpressured: false,
-            broken: false,
             disk,
         })
     }
@@ -87,9 +84,6 @@ impl QueueWorker {
 
     /// Handles a kick: drains the available ring into the engine.
     pub fn process_queue(&mut self, vring: &Vring) {
-        if self.broken {
-            return;
-        }
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         self.backpressured = false;
@@ -102,7 +96,7 @@ impl QueueWorker {
                     self.log(format_args!("io_uring submit failed: {e}"));
                 }
             }
-            if self.backpressured || self.broken {
+            if self.backpressured {
                 break;
             }
             match state.get_queue_mut().enable_notification(&*mem) {
@@ -148,11 +142,10 @@ impl QueueWorker {
         let geo = self.disk.geometry();
         let mut iter = match queue.iter(&**mem) {
             Ok(iter) => iter,
+            // Not ready (stopped by GET_VRING_BASE, or not set up yet) or a corrupt avail
+            // index. Nothing is popped; the next kick tries again, and the log is limited.
             Err(e) => {
-                self.broken = true;
-                self.log(format_args!(
-                    "the available ring is invalid, queue stopped until reset: {e}"
-                ));
+                self.log(format_args!("cannot read the available ring: {e}"));
                 return;
             }
         };

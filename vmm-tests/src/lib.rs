@@ -226,6 +226,8 @@ pub struct Vm<'a> {
     pub disks: Vec<VmDisk>,
     pub smp: u8,
     pub timeout: Duration,
+    /// Let a guest reboot (QEMU resets its devices) instead of exiting on reboot.
+    pub allow_reboot: bool,
 }
 
 /// What the guest reported.
@@ -235,6 +237,9 @@ pub struct GuestReport {
     pub kv: HashMap<String, String>,
     /// `(steps, failed)` from the closing line; `None` if the guest never finished.
     pub end: Option<(u32, u32)>,
+    /// How many times the guest started its script (more than 1 after a reboot). Steps and
+    /// the end line are those of the last boot; values of earlier boots stay unless overwritten.
+    pub boots: u32,
     pub console: String,
 }
 
@@ -246,7 +251,11 @@ impl GuestReport {
             ..Default::default()
         };
         for line in console.lines().map(|l| l.trim_end_matches('\r')) {
-            if let Some(rest) = line.strip_prefix("FERRODISK-STEP ") {
+            if line == "FERRODISK-BEGIN" {
+                r.boots += 1;
+                r.steps.clear();
+                r.end = None;
+            } else if let Some(rest) = line.strip_prefix("FERRODISK-STEP ") {
                 let mut name = None;
                 let mut rc = None;
                 for f in rest.split(' ') {
@@ -335,6 +344,7 @@ impl Vm<'_> {
             disks,
             smp: 1,
             timeout: Duration::from_secs(180),
+            allow_reboot: false,
         }
     }
 
@@ -355,7 +365,12 @@ impl Vm<'_> {
         ])
         .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
         .args(["-smp", &self.smp.to_string()])
-        .args(["-nographic", "-no-reboot", "-nodefaults"])
+        .args(["-nographic", "-nodefaults"])
+        .args(if self.allow_reboot {
+            &[][..]
+        } else {
+            &["-no-reboot"][..]
+        })
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
@@ -445,6 +460,7 @@ mod tests {
         );
         assert_eq!(r.kv("sum"), "abc def");
         assert_eq!(r.end, Some((2, 1)));
+        assert_eq!(r.boots, 1);
         assert_eq!(r.rc("fio"), 3);
     }
 }

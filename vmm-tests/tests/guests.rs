@@ -360,3 +360,42 @@ fn guest_fsync_reaches_the_backend_as_flush() {
         "10 fsyncs gave {with} flushes, against {without} without fsync"
     );
 }
+
+/// A guest reboot inside one vhost-user connection: QEMU stops the vrings (GET_VRING_BASE)
+/// with I/O under way, resets the device and starts it again. The disk must keep working.
+#[test]
+fn guest_reboot_keeps_the_disk_working() {
+    let dir = WorkDir::new("reboot");
+    let img = dir.image("disk.img", 64 * MIB);
+    let sock = dir.join("disk.sock");
+    let d = Daemon::start(&dir, &[spec(&img, &sock, ",queues=2")]);
+    let mut vm = Vm::new(
+        &dir,
+        "guest",
+        vec![VmDisk {
+            socket: sock.clone(),
+            queues: 2,
+        }],
+    );
+    vm.allow_reboot = true;
+    vm.smp = 2;
+    let r = vm.run(
+        r#"
+if [ "$(dd if=/dev/vda bs=6 count=1 2>/dev/null)" = REBOOT ]; then
+    kv boot second
+    step read dd if=/dev/vda of=/dev/null bs=1M count=16
+    step fio fio --name=after --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randrw --bs=4k --iodepth=16 --size=8M --offset=8M --verify=crc32c --verify_fatal=1 --output-format=terse
+else
+    step mark sh -c 'printf REBOOT | dd of=/dev/vda conv=fsync'
+    fio --name=load --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randread --bs=4k --iodepth=32 --size=32M --offset=16M --time_based=1 --runtime=30 >/dev/null 2>&1 &
+    sleep 1
+    reboot -f
+fi
+"#,
+    );
+    r.assert_all_ok();
+    assert_eq!(r.kv("boot"), "second");
+    assert_eq!(r.boots, 2, "the guest did not reboot");
+    let stats = d.stop();
+    assert_eq!(total(&stats, &sock, "errors_ioerr"), 0);
+}
