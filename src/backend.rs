@@ -193,6 +193,7 @@ impl VhostUserBackend for BlkBackend {
         } else if u64::from(device_event) == completion_event(self.workers.len()) {
             worker.process_completions(vring);
         }
+        worker.poll(vring);
         // Never return an error for what a guest did: an error ends the worker thread.
         Ok(())
     }

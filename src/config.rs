@@ -13,11 +13,15 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// The most queues a disk may have (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
+/// Default adaptive-polling budget per queue, in microseconds.
+pub const DEFAULT_POLL_US: u32 = 0;
+/// The largest polling budget accepted (an idle disk must never burn a core for long).
+pub const MAX_POLL_US: u64 = 10_000;
 
 /// Errors in a `--disk` specification.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback)")]
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us)")]
     UnknownKey(String),
     #[error("key `{0}` is given twice")]
     DuplicateKey(String),
@@ -59,6 +63,9 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Initial state of the guest-visible write cache (virtio-blk `writeback`).
     pub writeback: bool,
+    /// How long a queue worker keeps polling the virtqueue and the ring after the last
+    /// request before it goes back to sleep, in microseconds (0: never poll).
+    pub poll_us: u32,
 }
 
 impl DiskConfig {
@@ -78,6 +85,7 @@ impl DiskConfig {
             direct: None,
             serial: None,
             writeback: true,
+            poll_us: DEFAULT_POLL_US,
         };
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = item
@@ -109,6 +117,7 @@ impl DiskConfig {
                 "readonly" => cfg.readonly = parse_bool("readonly", value)?,
                 "direct" => cfg.direct = Some(parse_bool("direct", value)?),
                 "writeback" => cfg.writeback = parse_bool("writeback", value)?,
+                "poll-us" => cfg.poll_us = parse_in_range("poll-us", value, 0, MAX_POLL_US)? as u32,
                 "serial" => {
                     if value.len() > 20 || !value.is_ascii() {
                         return Err(bad("serial", value, "at most 20 ASCII characters"));

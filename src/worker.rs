@@ -11,7 +11,7 @@
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -39,6 +39,10 @@ pub struct QueueWorker {
     log_limit: RateLimit,
     /// Set when the in-flight table filled up with chains still waiting in the virtqueue.
     backpressured: bool,
+    /// Idle time after which polling stops (zero: no polling).
+    poll_budget: Duration,
+    /// While set, guest notifications stay suppressed: the poll loop watches the ring.
+    polling: bool,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
@@ -66,6 +70,8 @@ impl QueueWorker {
             done: Vec::with_capacity(2 * usize::from(size)),
             log_limit: RateLimit::new(10, Duration::from_secs(1)),
             backpressured: false,
+            poll_budget: Duration::from_micros(u64::from(disk.config.poll_us)),
+            polling: false,
             disk,
         })
     }
@@ -91,12 +97,19 @@ impl QueueWorker {
             let queue = state.get_queue_mut();
             let _ = queue.disable_notification(&*mem);
             self.pop_batch(queue, &mem);
-            if let QueueEngine::Uring(u) = &mut self.engine {
-                if let Err(e) = u.submit() {
-                    self.log(format_args!("io_uring submit failed: {e}"));
-                }
+            let (submit_error, ready) = match &mut self.engine {
+                QueueEngine::Uring(u) => (u.submit().err(), u.has_completions()),
+                QueueEngine::Null => (None, false),
+            };
+            if let Some(e) = submit_error {
+                self.log(format_args!("io_uring submit failed: {e}"));
             }
-            if self.backpressured {
+            // Requests the kernel finished inside the submit call (page-cache hits) complete
+            // in this batch, without a trip through the eventfd.
+            if ready {
+                self.reap();
+            }
+            if self.backpressured || self.polling {
                 break;
             }
             match state.get_queue_mut().enable_notification(&*mem) {
@@ -111,8 +124,8 @@ impl QueueWorker {
         self.publish(&mut state, &mem);
     }
 
-    /// Handles the engine's eventfd: completes finished requests.
-    pub fn process_completions(&mut self, vring: &Vring) {
+    /// Moves finished engine requests into `done`.
+    fn reap(&mut self) {
         if let QueueEngine::Uring(u) = &mut self.engine {
             u.reap(&mut self.done);
             let ev = std::mem::take(&mut u.events);
@@ -121,6 +134,60 @@ impl QueueWorker {
             add(&st.retries, ev.retries);
             add(&st.errors_ioerr, ev.errors);
         }
+    }
+
+    /// Adaptive polling: after an event, keep watching the avail ring and the completion
+    /// queue until nothing has happened for the poll budget, then re-enable guest
+    /// notifications and go back to sleep. Does nothing when the budget is zero.
+    pub fn poll(&mut self, vring: &Vring) {
+        if self.poll_budget.is_zero() {
+            return;
+        }
+        /// Return to the event loop now and then, so exit and ring-enable events are seen.
+        const MAX_SPIN: Duration = Duration::from_millis(2);
+        self.polling = true;
+        let start = Instant::now();
+        let mut last_work = start;
+        loop {
+            let mut worked = false;
+            if let QueueEngine::Uring(u) = &mut self.engine {
+                if u.has_completions() {
+                    self.process_completions(vring);
+                    worked = true;
+                }
+            }
+            if self.avail_pending(vring) {
+                self.process_queue(vring);
+                worked = true;
+            }
+            let now = Instant::now();
+            if worked {
+                last_work = now;
+            } else if now.duration_since(last_work) >= self.poll_budget
+                || now.duration_since(start) >= MAX_SPIN
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.polling = false;
+        // Re-enables notifications, and picks up whatever raced with that.
+        self.process_queue(vring);
+    }
+
+    /// Whether the guest made chains available that we have not popped (no system call).
+    fn avail_pending(&self, vring: &Vring) -> bool {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        q.ready()
+            && q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
+    /// Handles the engine's eventfd: completes finished requests.
+    pub fn process_completions(&mut self, vring: &Vring) {
+        self.reap();
         if !self.done.is_empty() {
             let mem = self.mem.memory().into_inner();
             let mut state = vring.get_mut();

@@ -76,6 +76,11 @@ fn two_queues_random_patterns_direct() {
     random_patterns(",queues=2,direct=on");
 }
 
+#[test]
+fn two_queues_random_patterns_polling() {
+    random_patterns(",queues=2,direct=on,poll-us=200");
+}
+
 /// Scatter-gather with segments of odd sizes and misaligned addresses, under O_DIRECT (they
 /// take the page-cache path) and without.
 #[test]

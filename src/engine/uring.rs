@@ -3,9 +3,10 @@
 //! Ownership: every accepted request lives in a `Slot` of a fixed table allocated when the
 //! queue starts (one slot per virtqueue descriptor, so the table can never be outrun by a
 //! well-behaved guest). The slot index is the SQE's `user_data`. A slot owns its `iovec`
-//! array and an `Arc` of the guest memory snapshot its buffers point into, from the moment
-//! the SQE is pushed until its CQE is reaped; only then is the slot freed. Dropping the queue
-//! first waits for every in-flight SQE, so the kernel never writes into memory we released.
+//! array from the moment the SQE is pushed until its CQE is reaped; only then is the slot
+//! freed. The guest memory snapshot its buffers point into is held by [`Snapshots`] for as
+//! long as any slot uses it. Dropping the queue first waits for every in-flight SQE, so the
+//! kernel never writes into memory we released.
 //!
 //! The ring is created disabled, gets the disk's files and the completion eventfd
 //! registered, and is then restricted to the opcodes we use, with registered files required.
@@ -64,11 +65,12 @@ struct Slot {
     done: u64,
     total: u64,
     used_len: u32,
-    /// Keeps the guest memory the iovecs point into mapped until the CQE is reaped.
-    mem: Option<Arc<GuestMem>>,
+    /// Which guest memory snapshot (see [`Snapshots`]) the iovecs point into.
+    generation: u64,
 }
 
-// SAFETY: the raw pointers in `iov` point into guest memory kept alive by `mem`; a slot is
+// SAFETY: the raw pointers in `iov` point into guest memory kept alive by the queue's
+// `Snapshots` entry for `generation`; a slot is
 // only touched by the worker thread that owns the queue (or by whoever holds that worker's
 // lock), never concurrently.
 unsafe impl Send for Slot {}
@@ -87,7 +89,7 @@ impl Slot {
             done: 0,
             total: 0,
             used_len: 0,
-            mem: None,
+            generation: 0,
         }
     }
 
@@ -104,6 +106,46 @@ impl Slot {
                 v.iov_len -= n;
                 n = 0;
             }
+        }
+    }
+}
+
+/// The guest memory snapshots that in-flight requests point into, oldest first, each with
+/// the number of slots using it.
+///
+/// The frontend may change the memory table while requests are in flight; the old mapping
+/// must outlive them. Holding one `Arc` per snapshot (not per request) keeps the per-request
+/// cost to a pointer comparison and a counter, with no atomic shared between queues.
+#[derive(Default)]
+struct Snapshots {
+    live: std::collections::VecDeque<(u64, Arc<GuestMem>, usize)>,
+    next_generation: u64,
+}
+
+impl Snapshots {
+    /// Counts one more user of `mem`; returns its generation.
+    fn acquire(&mut self, mem: &Arc<GuestMem>) -> u64 {
+        match self.live.back_mut() {
+            Some((generation, m, users)) if Arc::ptr_eq(m, mem) => {
+                *users += 1;
+                *generation
+            }
+            _ => {
+                self.next_generation += 1;
+                self.live
+                    .push_back((self.next_generation, Arc::clone(mem), 1));
+                self.next_generation
+            }
+        }
+    }
+
+    /// Counts one user of `generation` less, and drops snapshots nobody uses any more.
+    fn release(&mut self, generation: u64) {
+        if let Some(e) = self.live.iter_mut().find(|e| e.0 == generation) {
+            e.2 -= 1;
+        }
+        while self.live.front().is_some_and(|e| e.2 == 0) {
+            self.live.pop_front();
         }
     }
 }
@@ -128,6 +170,7 @@ pub struct UringQueue {
     slots: Vec<Slot>,
     free: Vec<u16>,
     in_flight: Arc<AtomicUsize>,
+    snapshots: Snapshots,
     /// CQEs copied out of the CQ, reused across reaps.
     cqes: Vec<(u64, i32)>,
     dio_align: u64,
@@ -175,6 +218,7 @@ impl UringQueue {
             free: (0..n as u16).rev().collect(),
             in_flight,
             cqes: Vec::with_capacity(2 * n),
+            snapshots: Snapshots::default(),
             dio_align: u64::from(files.dio_align),
             has_buffered: files.buffered.is_some(),
             events: EngineEvents::default(),
@@ -184,6 +228,11 @@ impl UringQueue {
     /// The eventfd the kernel signals when CQEs are posted.
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    /// Whether CQEs are waiting to be reaped (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     pub fn has_room(&self) -> bool {
@@ -234,7 +283,7 @@ impl UringQueue {
             }
             _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         };
-        slot.mem = Some(Arc::clone(mem));
+        slot.generation = self.snapshots.acquire(mem);
         self.in_flight.fetch_add(1, Ordering::Release);
         self.push_sqe(idx);
         misaligned
@@ -287,7 +336,8 @@ impl UringQueue {
             // SAFETY: the SQE points at `slots[idx].iov`, whose heap buffer is owned by the
             // slot and neither moved nor freed until this SQE's CQE is reaped (the slot table
             // is never resized, and a slot is reused only after it is freed in `reap`). The
-            // buffers the iovecs name are guest memory kept mapped by `slots[idx].mem`.
+            // buffers the iovecs name are guest memory kept mapped by the `snapshots` entry
+            // of `slots[idx].generation` until this slot is released.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -355,7 +405,7 @@ impl UringQueue {
                     self.events.errors += 1;
                 }
                 let s = &mut self.slots[usize::from(idx)];
-                s.mem = None;
+                self.snapshots.release(s.generation);
                 s.iov.clear();
                 done.push(Completion {
                     head: s.head,
@@ -647,6 +697,29 @@ mod tests {
             f.q.events.short_transfers, 1,
             "the first 4 KiB arrive, then EOF"
         );
+    }
+
+    #[test]
+    fn snapshots_live_as_long_as_their_users() {
+        let a = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        let b = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        let mut s = Snapshots::default();
+        let ga = s.acquire(&a);
+        assert_eq!(s.acquire(&a), ga);
+        let gb = s.acquire(&b);
+        assert_ne!(ga, gb);
+        assert_eq!(
+            Arc::strong_count(&a),
+            2,
+            "one reference per snapshot, not per request"
+        );
+        s.release(gb);
+        assert_eq!(s.live.len(), 2, "b stays behind a, which is still in use");
+        s.release(ga);
+        s.release(ga);
+        assert!(s.live.is_empty());
+        assert_eq!(Arc::strong_count(&a), 1);
+        assert_eq!(Arc::strong_count(&b), 1);
     }
 
     #[test]
