@@ -14,7 +14,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// The most queues a disk may have (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
 /// Default adaptive-polling budget per queue, in microseconds.
-pub const DEFAULT_POLL_US: u32 = 0;
+pub const DEFAULT_POLL_US: u32 = 50;
 /// The largest polling budget accepted (an idle disk must never burn a core for long).
 pub const MAX_POLL_US: u64 = 10_000;
 
