@@ -17,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod engine;
+pub mod inflight;
 pub mod request;
 pub mod server;
 pub mod stats;
