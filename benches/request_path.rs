@@ -39,18 +39,30 @@ fn fill_queue(mem: &GuestMem, vq: &MockSplitQueue<GuestMem>) {
         let base = 0x100_0000 + u64::from(c) * 0x2000;
         let head = c * 3;
         mem.write_obj(0u32, GuestAddress(base)).unwrap(); // VIRTIO_BLK_T_IN
-        mem.write_obj(u64::from(c) * 8, GuestAddress(base + 8)).unwrap();
+        mem.write_obj(u64::from(c) * 8, GuestAddress(base + 8))
+            .unwrap();
         let descs = [
             Descriptor::new(base, 16, VRING_DESC_F_NEXT as u16, head + 1),
-            Descriptor::new(base + 0x1000, 4096, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, head + 2),
+            Descriptor::new(
+                base + 0x1000,
+                4096,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                head + 2,
+            ),
             Descriptor::new(base + 0x20, 1, VRING_DESC_F_WRITE as u16, 0),
         ];
         for (i, d) in descs.iter().enumerate() {
-            vq.desc_table().store(head + i as u16, RawDescriptor::from(*d)).unwrap();
+            vq.desc_table()
+                .store(head + i as u16, RawDescriptor::from(*d))
+                .unwrap();
         }
     }
     for i in 0..QSIZE {
-        vq.avail().ring().ref_at(usize::from(i)).unwrap().store((i % BATCH) * 3);
+        vq.avail()
+            .ring()
+            .ref_at(usize::from(i))
+            .unwrap()
+            .store((i % BATCH) * 3);
     }
 }
 
@@ -60,7 +72,10 @@ fn parse(c: &mut Criterion) {
     fill_queue(&mem, &vq);
     vq.avail().idx().store(BATCH);
     let mut q: Queue = vq.create_queue().unwrap();
-    let geo = Geometry { capacity_sectors: 1 << 21, readonly: false };
+    let geo = Geometry {
+        capacity_sectors: 1 << 21,
+        readonly: false,
+    };
     let mut scratch = Scratch::default();
     let mut iov = Vec::with_capacity(64);
     let mut g = c.benchmark_group("parse");
@@ -87,7 +102,8 @@ fn complete(c: &mut Criterion) {
     g.bench_function("status_and_used_x32", |b| {
         b.iter(|| {
             for i in 0..BATCH {
-                mem.write_obj(0u8, GuestAddress(0x100_0020 + u64::from(i) * 0x2000)).unwrap();
+                mem.write_obj(0u8, GuestAddress(0x100_0020 + u64::from(i) * 0x2000))
+                    .unwrap();
                 q.add_used(&mem, i * 3, 4097).unwrap();
             }
             std::hint::black_box(q.needs_notification(&mem).unwrap());
@@ -109,8 +125,17 @@ fn worker_null(c: &mut Criterion) {
     vring.set_queue_event_idx(true);
     vring.set_queue_ready(true);
     vring.set_enabled(true);
-    let disk = Arc::new(Disk::open(DiskConfig::parse("engine=null,size=1G,socket=/nonexistent").unwrap()).unwrap());
-    let mut w = QueueWorker::new(disk, 0, atomic, Arc::new(AtomicUsize::new(0))).unwrap();
+    let disk = Arc::new(
+        Disk::open(DiskConfig::parse("engine=null,size=1G,socket=/nonexistent").unwrap()).unwrap(),
+    );
+    let mut w = QueueWorker::new(
+        disk,
+        0,
+        atomic,
+        Arc::new(AtomicUsize::new(0)),
+        Default::default(),
+    )
+    .unwrap();
     let mut avail = 0u16;
     let mut g = c.benchmark_group("worker_null");
     g.throughput(Throughput::Elements(u64::from(BATCH)));

@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
 
 use crate::disk::Disk;
 use crate::engine::uring::UringError;
+use crate::proxy::InflightSlot;
 use crate::virtio_blk::{self, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
 use crate::worker::{QueueWorker, Vring, GM};
 
@@ -40,13 +41,19 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     /// Creates the workers (and their rings) for one frontend connection.
-    pub fn new(disk: Arc<Disk>, mem: GM) -> Result<Self, UringError> {
+    pub fn new(disk: Arc<Disk>, mem: GM, inflight: Arc<InflightSlot>) -> Result<Self, UringError> {
         let n = usize::from(disk.config.queues);
         let in_flight: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let workers = (0..n)
             .map(|q| {
-                QueueWorker::new(Arc::clone(&disk), q, mem.clone(), Arc::clone(&in_flight[q]))
-                    .map(Mutex::new)
+                QueueWorker::new(
+                    Arc::clone(&disk),
+                    q,
+                    mem.clone(),
+                    Arc::clone(&in_flight[q]),
+                    Arc::clone(&inflight),
+                )
+                .map(Mutex::new)
             })
             .collect::<Result<_, _>>()?;
         Ok(BlkBackend {
@@ -111,10 +118,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        // The relay in front of the library answers the inflight messages (see `proxy`).
+        if self.disk.config.inflight {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

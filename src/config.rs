@@ -21,7 +21,7 @@ pub const MAX_POLL_US: u64 = 10_000;
 /// Errors in a `--disk` specification.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us)")]
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight)")]
     UnknownKey(String),
     #[error("key `{0}` is given twice")]
     DuplicateKey(String),
@@ -66,6 +66,8 @@ pub struct DiskConfig {
     /// How long a queue worker keeps polling the virtqueue and the ring after the last
     /// request before it goes back to sleep, in microseconds (0: never poll).
     pub poll_us: u32,
+    /// Offer vhost-user inflight I/O tracking (crash-safe reconnect).
+    pub inflight: bool,
 }
 
 impl DiskConfig {
@@ -86,6 +88,7 @@ impl DiskConfig {
             serial: None,
             writeback: true,
             poll_us: DEFAULT_POLL_US,
+            inflight: true,
         };
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = item
@@ -117,6 +120,7 @@ impl DiskConfig {
                 "readonly" => cfg.readonly = parse_bool("readonly", value)?,
                 "direct" => cfg.direct = Some(parse_bool("direct", value)?),
                 "writeback" => cfg.writeback = parse_bool("writeback", value)?,
+                "inflight" => cfg.inflight = parse_bool("inflight", value)?,
                 "poll-us" => cfg.poll_us = parse_in_range("poll-us", value, 0, MAX_POLL_US)? as u32,
                 "serial" => {
                     if value.len() > 20 || !value.is_ascii() {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod inflight;
+pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod stats;

@@ -142,9 +142,84 @@ pub fn parse<M>(
 where
     M: Deref<Target = GuestMem>,
 {
-    let head = chain.head_index();
+    parse_descriptors(chain.head_index(), chain, mem, geo, scratch, iov)
+}
+
+/// Parses the chain that starts at descriptor `head` of the table at `desc_table`, walking it
+/// ourselves (used to resubmit in-flight requests after a reconnect, when there is no avail
+/// ring entry to pop).
+pub fn parse_head(
+    head: u16,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    mem: &GuestMem,
+    geo: Geometry,
+    scratch: &mut Scratch,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<Request, Rejected> {
+    let walker = Walker {
+        mem,
+        table: desc_table,
+        size: queue_size,
+        next: head,
+        ttl: queue_size,
+        indirect: false,
+    };
+    parse_descriptors(head, walker, mem, geo, scratch, iov)
+}
+
+/// Follows a descriptor chain through the table, with the same bounds as virtio-queue's
+/// iterator: at most `size` descriptors, one level of indirection, indices in range.
+struct Walker<'a> {
+    mem: &'a GuestMem,
+    table: GuestAddress,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    indirect: bool,
+}
+
+impl Iterator for Walker<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.size {
+            return None;
+        }
+        let addr = self.table.checked_add(u64::from(self.next) * 16)?;
+        let d: Descriptor = self.mem.read_obj(addr).ok()?;
+        if d.refers_to_indirect_table() {
+            let entries = d.len() / 16;
+            if self.indirect || d.len() % 16 != 0 || entries == 0 || entries > u32::from(u16::MAX) {
+                return None;
+            }
+            self.indirect = true;
+            self.table = d.addr();
+            self.size = entries as u16;
+            self.ttl = self.size;
+            self.next = 0;
+            return self.next();
+        }
+        self.ttl -= 1;
+        if d.has_next() {
+            self.next = d.next();
+        } else {
+            self.ttl = 0;
+        }
+        Some(d)
+    }
+}
+
+fn parse_descriptors(
+    head: u16,
+    descs: impl Iterator<Item = Descriptor>,
+    mem: &GuestMem,
+    geo: Geometry,
+    scratch: &mut Scratch,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<Request, Rejected> {
     iov.clear();
-    let status = collect(chain, &mut scratch.descs).map_err(|error| Rejected {
+    let status = collect(descs, &mut scratch.descs).map_err(|error| Rejected {
         head,
         status: None,
         error,
@@ -232,13 +307,10 @@ where
 }
 
 /// Walks the chain into `descs` and returns the address of the status byte.
-fn collect<M>(
-    chain: DescriptorChain<M>,
+fn collect(
+    chain: impl Iterator<Item = Descriptor>,
     descs: &mut Vec<Descriptor>,
-) -> Result<GuestAddress, ParseError>
-where
-    M: Deref<Target = GuestMem>,
-{
+) -> Result<GuestAddress, ParseError> {
     descs.clear();
     let mut too_long = false;
     let mut last = None;

@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{completion_event, BlkBackend};
 use crate::disk::Disk;
+use crate::proxy::{InflightSlot, Relay};
 
 /// How long a connection's in-flight requests may take to drain after it ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,7 +146,12 @@ fn serve_one(
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let socket = disk.config.socket.display().to_string();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(Arc::clone(disk), mem.clone())?);
+    let inflight = Arc::new(InflightSlot::default());
+    let backend = Arc::new(BlkBackend::new(
+        Arc::clone(disk),
+        mem.clone(),
+        Arc::clone(&inflight),
+    )?);
     let mut daemon = VhostUserDaemon::new(socket.clone(), Arc::clone(&backend), mem)
         .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
     let event = completion_event(backend.num_queues_usize());
@@ -158,9 +164,14 @@ fn serve_one(
             handler.register_listener(fd, EventSet::IN, event)?;
         }
     }
+    // Accept the frontend ourselves and put the relay between it and the library, which
+    // gets its end over a private socket (see `proxy`).
+    let frontend = accept(listener)?;
+    let (mut private, library_end) = private_pair()?;
+    let relay = Relay::spawn(frontend, library_end, inflight, &socket)?;
     daemon
-        .start(listener)
-        .map_err(|e| format!("accept failed: {e}"))?;
+        .start(&mut private)
+        .map_err(|e| format!("cannot start the vhost-user handler: {e}"))?;
     {
         let (lock, _) = &**control;
         let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -178,9 +189,39 @@ fn serve_one(
         )) => tracing::info!(disk = %socket, "frontend disconnected"),
         Err(e) => tracing::warn!(disk = %socket, "frontend connection ended: {e}"),
     }
+    relay.close();
     if !backend.wait_idle(DRAIN_TIMEOUT) {
         tracing::error!(disk = %socket, in_flight = backend.in_flight(), "requests still in flight after the connection ended");
     }
     drop(daemon);
     Ok(true)
+}
+
+/// Waits for the next frontend on the disk's socket.
+fn accept(listener: &mut Listener) -> io::Result<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => continue,
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// A listener on a fresh abstract socket (never visible in the file system) and a stream
+/// already connected to it.
+fn private_pair() -> io::Result<(Listener, UnixStream)> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "ferrodisk/{}/{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    Ok((Listener::from(listener), stream))
 }

@@ -39,6 +39,7 @@ counters!(
     unaligned_fallbacks,
     short_transfers,
     retries,
+    resubmitted,
     batches,
     notifications,
 );

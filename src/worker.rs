@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::disk::Disk;
 use crate::engine::uring::{UringError, UringQueue};
 use crate::engine::{Completion, QueueEngine};
+use crate::inflight::{InflightRegion, QueueTracker};
+use crate::proxy::InflightSlot;
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
@@ -43,6 +45,13 @@ pub struct QueueWorker {
     poll_budget: Duration,
     /// While set, guest notifications stay suppressed: the poll loop watches the ring.
     polling: bool,
+    /// Inflight tracking: the connection's region, the generation we last saw of it, and
+    /// this queue's tracker in it.
+    inflight: Arc<InflightSlot>,
+    inflight_generation: u64,
+    tracker: Option<(Arc<InflightRegion>, QueueTracker)>,
+    /// Set when a region was handed over: resubmit what it says is in flight before popping.
+    needs_recovery: bool,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
@@ -55,6 +64,7 @@ impl QueueWorker {
         queue: usize,
         mem: GM,
         in_flight: Arc<AtomicUsize>,
+        inflight: Arc<InflightSlot>,
     ) -> Result<Self, UringError> {
         let size = disk.config.queue_size;
         let engine = match &disk.files {
@@ -72,6 +82,10 @@ impl QueueWorker {
             backpressured: false,
             poll_budget: Duration::from_micros(u64::from(disk.config.poll_us)),
             polling: false,
+            inflight,
+            inflight_generation: 0,
+            tracker: None,
+            needs_recovery: false,
             disk,
         })
     }
@@ -92,6 +106,10 @@ impl QueueWorker {
     pub fn process_queue(&mut self, vring: &Vring) {
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
+        self.refresh_inflight();
+        if self.needs_recovery {
+            self.recover(&mut state, &mem);
+        }
         self.backpressured = false;
         loop {
             let queue = state.get_queue_mut();
@@ -222,8 +240,18 @@ impl QueueWorker {
                 return;
             }
             let Some(chain) = iter.next() else { return };
+            if let Some((region, tracker)) = &mut self.tracker {
+                region.with(|m| tracker.mark(m, chain.head_index()));
+            }
             add(&self.stats().requests, 1);
-            match request::parse(chain, mem, geo, &mut self.scratch, &mut self.iov) {
+            let parsed = request::parse(chain, mem, geo, &mut self.scratch, &mut self.iov);
+            self.handle_parsed(parsed, mem);
+        }
+    }
+
+    fn handle_parsed(&mut self, parsed: Result<Request, request::Rejected>, mem: &Arc<GuestMem>) {
+        {
+            match parsed {
                 Ok(req) => self.dispatch(&req, mem),
                 Err(rej) => {
                     let status = rej.error.status();
@@ -249,6 +277,68 @@ impl QueueWorker {
                 }
             }
         }
+    }
+
+    /// Picks up a region the frontend handed over since the last batch.
+    fn refresh_inflight(&mut self) {
+        let generation = self.inflight.generation();
+        if generation == self.inflight_generation {
+            return;
+        }
+        self.inflight_generation = generation;
+        self.tracker = self
+            .inflight
+            .current()
+            .and_then(|r| r.tracker(self.queue as u16).map(|t| (r, t)));
+        self.needs_recovery = self.tracker.is_some();
+    }
+
+    /// Resubmits what the inflight region says was in flight when the last backend stopped,
+    /// oldest first, and resumes popping after it.
+    fn recover(&mut self, state: &mut vhost_user_backend::VringState<GM>, mem: &Arc<GuestMem>) {
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return; // Not started yet: try again at the first kick.
+        }
+        self.needs_recovery = false;
+        let Some((region, tracker)) = &mut self.tracker else {
+            return;
+        };
+        let used = match queue.used_idx(&**mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                self.log(format_args!("cannot read the used index to recover: {e}"));
+                return;
+            }
+        };
+        let heads = region.with(|m| tracker.recover(m, used));
+        queue.set_next_avail(used.wrapping_add(heads.len() as u16));
+        let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
+        if !heads.is_empty() {
+            tracing::info!(
+                disk = %self.disk.config.socket.display(),
+                queue = self.queue,
+                requests = heads.len(),
+                used,
+                "resubmitting requests left in flight by the previous backend"
+            );
+        }
+        let geo = self.disk.geometry();
+        for head in heads {
+            add(&self.stats().resubmitted, 1);
+            let parsed = request::parse_head(
+                head,
+                table,
+                size,
+                mem,
+                geo,
+                &mut self.scratch,
+                &mut self.iov,
+            );
+            self.handle_parsed(parsed, mem);
+        }
+        // Completions the previous backend wrote may not have been signalled.
+        let _ = state.signal_used_queue();
     }
 
     fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
