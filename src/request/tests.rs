@@ -414,3 +414,115 @@ proptest! {
         }
     }
 }
+
+/// The walker used to resubmit in-flight requests agrees with virtio-queue's iterator.
+#[test]
+fn parse_head_matches_the_queue_iterator() {
+    let m = mem();
+    header(&m, HDR, T_IN, 4);
+    let descs = [
+        desc(HDR, 16, 0),
+        desc(DATA, 2048, W),
+        desc(DATA + 4096, 1024, W),
+        desc(STATUS, 1, W),
+    ];
+    let q = MockSplitQueue::new(&m, 16);
+    let chain = q.build_desc_chain(&descs).unwrap();
+    let mut iov_a = Vec::new();
+    let a = parse(chain, &m, GEO, &mut Scratch::default(), &mut iov_a).unwrap();
+    let mut iov_b = Vec::new();
+    let b = parse_head(
+        0,
+        q.desc_table_addr(),
+        16,
+        &m,
+        GEO,
+        &mut Scratch::default(),
+        &mut iov_b,
+    )
+    .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        iov_a.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+        iov_b.iter().map(|v| v.iov_len).collect::<Vec<_>>()
+    );
+    // An index past the table, and a chain that loops back on itself, end cleanly.
+    assert!(parse_head(
+        16,
+        q.desc_table_addr(),
+        16,
+        &m,
+        GEO,
+        &mut Scratch::default(),
+        &mut iov_b
+    )
+    .is_err());
+    let table = 0x50_0000u64;
+    m.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+        GuestAddress(table),
+    )
+    .unwrap();
+    m.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )),
+        GuestAddress(table + 16),
+    )
+    .unwrap();
+    let r = parse_head(
+        0,
+        GuestAddress(table),
+        16,
+        &m,
+        GEO,
+        &mut Scratch::default(),
+        &mut iov_b,
+    );
+    assert!(r.is_err(), "a looping chain must not be accepted: {r:?}");
+}
+
+#[test]
+fn parse_head_follows_indirect_tables() {
+    let m = mem();
+    header(&m, HDR, T_OUT, 2);
+    let ind = 0x60_0000u64;
+    let entries = [
+        SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1),
+        SplitDescriptor::new(DATA, 512, VRING_DESC_F_NEXT as u16, 2),
+        SplitDescriptor::new(STATUS, 1, W, 0),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        m.write_obj(RawDescriptor::from(*e), GuestAddress(ind + 16 * i as u64))
+            .unwrap();
+    }
+    let table = 0x70_0000u64;
+    m.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(
+            ind,
+            48,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        )),
+        GuestAddress(table + 16 * 3),
+    )
+    .unwrap();
+    let mut iov = Vec::new();
+    let r = parse_head(
+        3,
+        GuestAddress(table),
+        8,
+        &m,
+        GEO,
+        &mut Scratch::default(),
+        &mut iov,
+    )
+    .unwrap();
+    assert_eq!(
+        (r.head, r.op, r.data_len),
+        (3, Op::Write { offset: 1024 }, 512)
+    );
+}
