@@ -312,6 +312,14 @@ impl QueueWorker {
             }
         };
         let heads = region.with(|m| tracker.recover(m, used));
+        tracing::debug!(
+            queue = self.queue,
+            used,
+            base = queue.next_avail(),
+            avail = ?queue.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0),
+            ?heads,
+            "inflight recovery"
+        );
         queue.set_next_avail(used.wrapping_add(heads.len() as u16));
         let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
         if !heads.is_empty() {
@@ -411,7 +419,18 @@ impl QueueWorker {
                     ));
                 }
             }
-            if let Err(e) = state.get_queue_mut().add_used(mem, c.head, c.used_len) {
+            let queue = state.get_queue_mut();
+            let mut result = Ok(());
+            match &self.tracker {
+                Some((region, tracker)) => region.with(|m| {
+                    tracker.complete(m, c.head, || {
+                        result = queue.add_used(mem, c.head, c.used_len);
+                        queue.next_used()
+                    })
+                }),
+                None => result = queue.add_used(mem, c.head, c.used_len),
+            }
+            if let Err(e) = result {
                 self.log(format_args!(
                     "cannot add head {} to the used ring: {e}",
                     c.head

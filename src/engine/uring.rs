@@ -450,6 +450,12 @@ impl UringQueue {
                 let n = res as u64;
                 if n == 0 && s.done < s.total {
                     // End of file under a read, or a write that makes no progress.
+                    tracing::debug!(
+                        "request {:?} transferred nothing after {} of {} bytes",
+                        s.op,
+                        s.done,
+                        s.total
+                    );
                     return Outcome::Done(S_IOERR);
                 }
                 s.done += n;
