@@ -134,6 +134,7 @@ fn worker_null(c: &mut Criterion) {
         atomic,
         Arc::new(AtomicUsize::new(0)),
         Default::default(),
+        Default::default(),
     )
     .unwrap();
     let mut avail = 0u16;

@@ -7,7 +7,7 @@
 //! queue's kick, under the event id [`completion_event`].
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,12 +37,14 @@ pub struct BlkBackend {
     disk: Arc<Disk>,
     workers: Vec<Mutex<QueueWorker>>,
     in_flight: Vec<Arc<AtomicUsize>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl BlkBackend {
     /// Creates the workers (and their rings) for one frontend connection.
     pub fn new(disk: Arc<Disk>, mem: GM, inflight: Arc<InflightSlot>) -> Result<Self, UringError> {
         let n = usize::from(disk.config.queues);
+        let stop = Arc::new(AtomicBool::new(false));
         let in_flight: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let workers = (0..n)
             .map(|q| {
@@ -52,6 +54,7 @@ impl BlkBackend {
                     mem.clone(),
                     Arc::clone(&in_flight[q]),
                     Arc::clone(&inflight),
+                    Arc::clone(&stop),
                 )
                 .map(Mutex::new)
             })
@@ -60,6 +63,7 @@ impl BlkBackend {
             disk,
             workers,
             in_flight,
+            stop,
         })
     }
 
@@ -78,6 +82,20 @@ impl BlkBackend {
 
     pub fn num_queues_usize(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Stops taking requests from the rings and waits (bounded) until every request already
+    /// taken has completed into the used ring. Used before a graceful disconnect, so the
+    /// frontend's view of the ring (its used index) is exactly what was consumed, even for
+    /// frontends without inflight tracking.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.stop.store(true, Ordering::Release);
+        // A worker may be between its stop check and its last pop: taking each worker's
+        // lock once waits for any batch in progress to finish.
+        for q in 0..self.workers.len() {
+            drop(self.worker(q));
+        }
+        self.wait_idle(timeout)
     }
 
     /// Requests in flight on all queues.

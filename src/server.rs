@@ -52,7 +52,7 @@ pub enum ServeError {
 enum Conn {
     #[default]
     Idle,
-    Connected(ShutdownHandle),
+    Connected(ShutdownHandle, Arc<BlkBackend>),
     Stopped,
 }
 
@@ -100,16 +100,35 @@ impl DiskServer {
         Ok(DiskServer { disk, control })
     }
 
-    /// Closes the current connection (if any) and waits for its requests to drain.
+    /// Winds the current connection (if any) down: stop taking requests, let the ones taken
+    /// complete into the used ring, then close the connection. The frontend's used index
+    /// then says exactly what was consumed, so the next backend resumes in the right place
+    /// even for frontends without inflight tracking.
     pub fn stop(&self) {
         let (lock, cvar) = &*self.control;
-        let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
-        ctl.shutting_down = true;
-        if let Conn::Connected(h) = &ctl.conn {
-            h.shutdown();
+        let connected = {
+            let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
+            ctl.shutting_down = true;
+            match &ctl.conn {
+                Conn::Connected(h, b) => Some((h.clone(), Arc::clone(b))),
+                _ => None,
+            }
+        };
+        if let Some((handle, backend)) = connected {
+            if !backend.quiesce(DRAIN_TIMEOUT) {
+                tracing::error!(
+                    disk = %self.disk.config.socket.display(),
+                    in_flight = backend.in_flight(),
+                    "requests still in flight at shutdown"
+                );
+            }
+            handle.shutdown();
         }
+        let ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
         let (ctl, _) = cvar
-            .wait_timeout_while(ctl, DRAIN_TIMEOUT, |c| matches!(c.conn, Conn::Connected(_)))
+            .wait_timeout_while(ctl, DRAIN_TIMEOUT, |c| {
+                matches!(c.conn, Conn::Connected(..))
+            })
             .unwrap_or_else(|p| p.into_inner());
         drop(ctl);
     }
@@ -177,7 +196,7 @@ fn serve_one(
         let mut ctl = lock.lock().unwrap_or_else(|p| p.into_inner());
         match daemon.shutdown_handle() {
             Some(h) if ctl.shutting_down => h.shutdown(),
-            Some(h) => ctl.conn = Conn::Connected(h),
+            Some(h) => ctl.conn = Conn::Connected(h, Arc::clone(&backend)),
             None => {}
         }
     }

@@ -52,6 +52,8 @@ pub struct QueueWorker {
     tracker: Option<(Arc<InflightRegion>, QueueTracker)>,
     /// Set when a region was handed over: resubmit what it says is in flight before popping.
     needs_recovery: bool,
+    /// Shared by the connection's workers; see [`BlkBackend::quiesce`](crate::backend::BlkBackend::quiesce).
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
@@ -65,6 +67,7 @@ impl QueueWorker {
         mem: GM,
         in_flight: Arc<AtomicUsize>,
         inflight: Arc<InflightSlot>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, UringError> {
         let size = disk.config.queue_size;
         let engine = match &disk.files {
@@ -86,6 +89,7 @@ impl QueueWorker {
             inflight_generation: 0,
             tracker: None,
             needs_recovery: false,
+            stop,
             disk,
         })
     }
@@ -127,7 +131,9 @@ impl QueueWorker {
             if ready {
                 self.reap();
             }
-            if self.backpressured || self.polling {
+            // Stopping: the avail ring may still hold chains, which stay there for the next
+            // backend; re-enabling notifications would only report them again.
+            if self.backpressured || self.polling || self.stopping() {
                 break;
             }
             match state.get_queue_mut().enable_notification(&*mem) {
@@ -198,9 +204,21 @@ impl QueueWorker {
         let mem = self.mem.memory();
         let state = vring.get_ref();
         let q = state.get_queue();
-        q.ready()
+        // A corrupt index (more pending than the queue holds) is not work: the pop would
+        // refuse it, and counting it would keep the poll loop spinning.
+        let pending = |idx: std::num::Wrapping<u16>| {
+            let n = idx.0.wrapping_sub(q.next_avail());
+            n != 0 && n <= q.size()
+        };
+        !self.stopping()
+            && q.ready()
             && q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != q.next_avail())
+                .is_ok_and(pending)
+    }
+
+    /// Set once the connection is being wound down: take nothing new from the rings.
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Handles the engine's eventfd: completes finished requests.
@@ -224,6 +242,9 @@ impl QueueWorker {
     }
 
     fn pop_batch(&mut self, queue: &mut virtio_queue::Queue, mem: &Arc<GuestMem>) {
+        if self.stopping() {
+            return;
+        }
         let geo = self.disk.geometry();
         let mut iter = match queue.iter(&**mem) {
             Ok(iter) => iter,

@@ -5,15 +5,21 @@
 //! - Every guest run has a time limit; a guest that overruns is killed and the test fails
 //!   with its console log.
 //! - Each test gets a work directory under `target/vmm-tests/`; it is removed when the test
-//!   passes and kept (with the daemon and console logs) when it fails.
+//!   passes and kept (with the daemon and console logs) when it fails, or always when
+//!   `FERRODISK_KEEP_LOGS` is set.
+//! - Restarts: [`Daemon::kill`] signals a backend and waits for its exit, [`Daemon::respawn`]
+//!   starts the same backend again, [`Daemon::wait_connected`] waits for the frontend to come
+//!   back; [`Vm::spawn`] runs a guest in the background meanwhile, and [`Vm::reconnect`]
+//!   makes QEMU reconnect to a backend that went away.
 //!
 //! Missing prerequisites (QEMU, the guest image, the `ferrodisk` binary) fail the test with
 //! a message that says what is missing: nothing here skips itself.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -73,7 +79,8 @@ fn qemu() -> &'static str {
     "qemu-system-x86_64"
 }
 
-/// A test's work directory: kept when the test panics, removed otherwise.
+/// A test's work directory: kept when the test panics (or `FERRODISK_KEEP_LOGS` is set),
+/// removed otherwise.
 pub struct WorkDir {
     pub path: PathBuf,
 }
@@ -100,7 +107,7 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("FERRODISK_KEEP_LOGS").is_some() {
             eprintln!("vmm-tests: logs kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
@@ -108,33 +115,35 @@ impl Drop for WorkDir {
     }
 }
 
-/// A running `ferrodisk serve`. Killed on drop.
+/// A running backend process: `ferrodisk serve` ([`Daemon::start`]) or any other vhost-user
+/// server ([`Daemon::start_program`], e.g. qemu-storage-daemon). Killed on drop.
+///
+/// Successive instances in one work directory (a restart, a second daemon) append to one log,
+/// `<name>.log` (stderr), each after a `=== vmm-tests: ... ===` line, and write their stdout to
+/// `<name>.<n>.stdout`, where `n` counts the instances from 1.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Child,
+    status: Option<ExitStatus>,
     stdout: PathBuf,
     pub sockets: Vec<PathBuf>,
+    dir: PathBuf,
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    /// Where this instance's part of the shared log starts.
+    log_start: u64,
+    instance: u32,
 }
 
 impl Daemon {
-    /// Starts the daemon with one `--disk` per spec and waits until every socket listens.
+    /// Starts `ferrodisk serve` with one `--disk` per spec and waits until every socket listens.
     pub fn start(dir: &WorkDir, specs: &[String]) -> Daemon {
-        let stdout = dir.join("ferrodisk.stdout");
-        let mut cmd = Command::new(ferrodisk_bin());
-        cmd.arg("serve");
+        let mut args = vec!["serve".to_string()];
         for s in specs {
-            cmd.arg("--disk").arg(s);
+            args.push("--disk".into());
+            args.push(s.clone());
         }
-        let child = cmd
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(dir.join("ferrodisk.log"))
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("spawn ferrodisk");
         let sockets: Vec<PathBuf> = specs
             .iter()
             .filter_map(|s| {
@@ -143,53 +152,273 @@ impl Daemon {
                     .map(PathBuf::from)
             })
             .collect();
+        Daemon::start_program(dir, "ferrodisk", &ferrodisk_bin(), &args, &sockets)
+    }
+
+    /// Starts `program args...` as a backend serving `sockets` and waits until this process
+    /// listens on every one of them. `name` names its log and stdout files.
+    pub fn start_program(
+        dir: &WorkDir,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        sockets: &[PathBuf],
+    ) -> Daemon {
+        Daemon::spawn(
+            dir.path.clone(),
+            name.to_string(),
+            program.to_path_buf(),
+            args.to_vec(),
+            sockets.to_vec(),
+        )
+    }
+
+    /// Starts a new instance with the same program, arguments and sockets, and waits until it
+    /// listens. The old instance must have exited (see [`Daemon::kill`]); Ferrodisk replaces a
+    /// stale socket file itself, and so does qemu-storage-daemon.
+    pub fn respawn(&self) -> Daemon {
+        Daemon::spawn(
+            self.dir.clone(),
+            self.name.clone(),
+            self.program.clone(),
+            self.args.clone(),
+            self.sockets.clone(),
+        )
+    }
+
+    fn spawn(
+        dir: PathBuf,
+        name: String,
+        program: PathBuf,
+        args: Vec<String>,
+        sockets: Vec<PathBuf>,
+    ) -> Daemon {
+        // The first free instance number; create_new makes the claim atomic.
+        let (instance, stdout_file, stdout) = (1..)
+            .find_map(|n| {
+                let p = dir.join(format!("{name}.{n}.stdout"));
+                File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .ok()
+                    .map(|f| (n, f, p))
+            })
+            .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let mut log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writeln!(
+            log_file,
+            "=== vmm-tests: {name} instance {instance}: {} {} ===",
+            program.display(),
+            args.join(" ")
+        )
+        .unwrap();
+        let log_start = log_file.metadata().unwrap().len();
+        let child = Command::new(&program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout_file)
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let mut d = Daemon {
-            child: Some(child),
+            child,
+            status: None,
             stdout,
             sockets,
+            dir,
+            name,
+            program,
+            args,
+            log,
+            log_start,
+            instance,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.sockets.iter().all(|s| s.exists()) {
-            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+        while !d.listening() {
+            if let Some(st) = d.child.try_wait().unwrap() {
                 panic!(
-                    "ferrodisk exited at start ({st}); see {}",
-                    dir.join("ferrodisk.log").display()
+                    "{} exited at start ({st}); end of its log:\n{}",
+                    d.name,
+                    d.log_tail(40)
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "ferrodisk sockets did not appear within 10 s"
+                "{} did not listen on {:?} within 10 s; end of its log:\n{}",
+                d.name,
+                d.sockets,
+                d.log_tail(40)
             );
             std::thread::sleep(Duration::from_millis(10));
         }
         d
     }
 
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
-    /// SIGTERM, a bounded wait for exit 0, and the per-disk counters it printed (by socket).
-    pub fn stop(mut self) -> HashMap<String, Value> {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
+    /// Which instance this is in its work directory (1 for the first).
+    pub fn instance(&self) -> u32 {
+        self.instance
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+        }
+        self.status.is_none()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGKILL`) and waits up to 30 s for the process to exit; returns
+    /// its exit status. If it is still running after 30 s it is killed and this panics. Returns
+    /// the status at once if the process had already exited.
+    pub fn kill(&mut self, sig: i32) -> ExitStatus {
+        let limit = Duration::from_secs(30);
+        match self.signal_and_wait(sig, limit) {
+            Some(s) => s,
+            None => {
+                let _ = self.child.kill();
+                self.status = self.child.wait().ok();
+                panic!(
+                    "{} did not exit within {limit:?} of signal {sig}; end of its log:\n{}",
+                    self.name,
+                    self.log_tail(40)
+                );
+            }
+        }
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) and returns at once. Does nothing
+    /// if the process has exited.
+    pub fn signal(&mut self, sig: i32) {
+        if self.alive() {
+            // SAFETY: kill(2) on our own child, which has not been reaped.
+            unsafe { libc::kill(self.child.id() as i32, sig) };
+        }
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the process to exit: its exit status, or
+    /// `None` if it is still running (it is left running). Returns the status at once if the
+    /// process had already exited (no signal is sent then).
+    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> Option<ExitStatus> {
+        if !self.alive() {
+            return self.status;
+        }
+        // SAFETY: kill(2) on our own child, which has not been reaped (its pid is not reused).
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.status = Some(s);
+                return Some(s);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("ferrodisk did not exit within 30 s of SIGTERM");
+                return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The last `lines` lines of this instance's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log_so_far();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// This instance's part of the log (its stderr).
+    pub fn log_so_far(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut bytes = Vec::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            if f.seek(SeekFrom::Start(self.log_start)).is_ok() {
+                let _ = f.read_to_end(&mut bytes);
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Polls this instance's log until a line contains `needle`; returns how long that took,
+    /// or `None` after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        loop {
+            if self.log_so_far().contains(needle) {
+                return Some(t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The unix-socket connections this process has accepted on its sockets (found through
+    /// `/proc/net/unix` and `/proc/PID/fd`, so it works for any backend): how many are open.
+    pub fn connections(&self) -> usize {
+        self.unix_sockets().into_iter().filter(|l| !l).count()
+    }
+
+    /// Whether this process listens on every one of its sockets.
+    fn listening(&self) -> bool {
+        self.unix_sockets().into_iter().filter(|l| *l).count() >= self.sockets.len()
+    }
+
+    /// For each unix socket of this process bound to one of `sockets`: whether it listens.
+    fn unix_sockets(&self) -> Vec<bool> {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return Vec::new();
         };
-        assert!(
-            status.success(),
-            "ferrodisk exited with {status} after SIGTERM"
-        );
+        let inodes: std::collections::HashSet<String> = fds
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_str()?;
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            })
+            .collect();
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        // Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 is __SO_ACCEPTCON.
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let path = Path::new(*f.get(7)?);
+                if !inodes.contains(f[6]) || !self.sockets.iter().any(|s| s == path) {
+                    return None;
+                }
+                let flags = u32::from_str_radix(f[3], 16).ok()?;
+                Some(flags & 0x10000 != 0)
+            })
+            .collect()
+    }
+
+    /// Waits until this process has accepted a connection on every one of its sockets;
+    /// returns how long that took, or `None` after `timeout`.
+    pub fn wait_connected(&self, timeout: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        loop {
+            if self.connections() >= self.sockets.len() {
+                return Some(t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The per-disk counters Ferrodisk printed on its stdout when it stopped (by socket).
+    pub fn stats(&self) -> HashMap<String, Value> {
         let out = std::fs::read_to_string(&self.stdout).unwrap();
         out.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -201,13 +430,25 @@ impl Daemon {
             })
             .collect()
     }
+
+    /// SIGTERM, a bounded wait for exit 0, and the per-disk counters it printed (by socket).
+    pub fn stop(mut self) -> HashMap<String, Value> {
+        let status = self.kill(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM; end of its log:\n{}",
+            self.name,
+            self.log_tail(40)
+        );
+        self.stats()
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -228,6 +469,9 @@ pub struct Vm<'a> {
     pub timeout: Duration,
     /// Let a guest reboot (QEMU resets its devices) instead of exiting on reboot.
     pub allow_reboot: bool,
+    /// `Some(s)`: QEMU reconnects to a backend that went away every `s` seconds
+    /// (`-chardev socket,...,reconnect=s`), so a restarted backend gets the guest back.
+    pub reconnect: Option<u32>,
 }
 
 /// What the guest reported.
@@ -345,15 +589,23 @@ impl Vm<'_> {
             smp: 1,
             timeout: Duration::from_secs(180),
             allow_reboot: false,
+            reconnect: None,
         }
     }
 
     /// Boots the guest, runs `script` in it and returns its report once it powers off.
     pub fn run(&self, script: &str) -> GuestReport {
+        self.spawn(script).wait()
+    }
+
+    /// Boots the guest with `script` and returns at once; the guest runs until it powers off,
+    /// the [`Vm::timeout`] (counted from now) passes, or the [`RunningVm`] is dropped.
+    pub fn spawn(&self, script: &str) -> RunningVm {
         let (kernel, initrd) = guest_image();
         let script_path = self.dir.join(&format!("{}.sh", self.name));
         std::fs::write(&script_path, script).unwrap();
         let console = self.dir.join(&format!("{}.console", self.name));
+        let _ = std::fs::remove_file(&console);
         let mut cmd = Command::new(qemu());
         cmd.args([
             "-machine",
@@ -384,43 +636,151 @@ impl Vm<'_> {
             script_path.display()
         ));
         for (i, d) in self.disks.iter().enumerate() {
-            cmd.arg("-chardev")
-                .arg(format!("socket,id=c{i},path={}", d.socket.display()));
+            let reconnect = self
+                .reconnect
+                .map(|s| format!(",reconnect={s}"))
+                .unwrap_or_default();
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=c{i},path={}{reconnect}",
+                d.socket.display()
+            ));
             cmd.arg("-device").arg(format!(
                 "vhost-user-blk-pci,chardev=c{i},num-queues={}",
                 d.queues
             ));
         }
-        let log = File::create(self.dir.join(&format!("{}.qemu.log", self.name))).unwrap();
+        let qemu_log = self.dir.join(&format!("{}.qemu.log", self.name));
+        let log = File::create(&qemu_log).unwrap();
+        let started = Instant::now();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("spawn qemu-system-x86_64");
-        let mut qemu = Qemu(child);
-        let deadline = Instant::now() + self.timeout;
+        RunningVm {
+            qemu: Qemu(child),
+            name: self.name.to_string(),
+            console,
+            qemu_log,
+            started,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// A guest started by [`Vm::spawn`]. QEMU is killed when this drops.
+pub struct RunningVm {
+    qemu: Qemu,
+    name: String,
+    console: PathBuf,
+    qemu_log: PathBuf,
+    started: Instant,
+    timeout: Duration,
+}
+
+/// How a guest run ended, from [`RunningVm::wait_or_kill`].
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// What the console held; `end` is `None` if the guest did not finish.
+    pub report: GuestReport,
+    /// QEMU's exit status; `None` if it ran past the time limit and was killed.
+    pub status: Option<ExitStatus>,
+    /// QEMU's own stdout and stderr.
+    pub qemu_log: String,
+    /// From spawn to exit (or to the kill).
+    pub duration: Duration,
+}
+
+impl RunningVm {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.qemu.0.id()
+    }
+
+    /// Time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The serial console so far (with `\r` as QEMU wrote it).
+    pub fn console_so_far(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    /// The status if QEMU has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.qemu.0.try_wait().unwrap()
+    }
+
+    /// Waits until the console contains `needle` and returns the time that took. Panics with
+    /// the console if QEMU exits first, or after `timeout`.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if self.console_so_far().contains(needle) {
+                return t0.elapsed();
+            }
+            if let Some(st) = self.exited() {
+                // It may have printed the needle just before exiting.
+                let text = self.console_so_far();
+                assert!(
+                    text.contains(needle),
+                    "guest `{}` exited ({st}) before printing {needle:?}; console:\n{text}",
+                    self.name
+                );
+                return t0.elapsed();
+            }
+            if t0.elapsed() > timeout {
+                panic!(
+                    "guest `{}` did not print {needle:?} within {timeout:?}; console:\n{}",
+                    self.name,
+                    self.console_so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (until the VM's time limit, counted from spawn) for the guest to power off and
+    /// returns what happened, without judging it: a guest that overruns is killed and its
+    /// partial console returned.
+    pub fn wait_or_kill(mut self) -> VmOutcome {
+        let deadline = self.started + self.timeout;
         let status = loop {
-            if let Some(s) = qemu.0.try_wait().unwrap() {
-                break s;
+            if let Some(s) = self.exited() {
+                break Some(s);
             }
             if Instant::now() > deadline {
-                let text = std::fs::read_to_string(&console).unwrap_or_default();
-                panic!(
-                    "guest `{}` ran past {:?}; console:\n{text}",
-                    self.name, self.timeout
-                );
+                let _ = self.qemu.0.kill();
+                let _ = self.qemu.0.wait();
+                break None;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        let qlog = std::fs::read_to_string(self.dir.join(&format!("{}.qemu.log", self.name)))
-            .unwrap_or_default();
-        assert!(
-            status.success(),
-            "qemu exited with {status}:\n{qlog}\nconsole:\n{text}"
-        );
-        GuestReport::parse(&text)
+        VmOutcome {
+            report: GuestReport::parse(&self.console_so_far()),
+            status,
+            qemu_log: std::fs::read_to_string(&self.qemu_log).unwrap_or_default(),
+            duration: self.started.elapsed(),
+        }
+    }
+
+    /// Waits for the guest to power off and returns its report. Panics with the console if it
+    /// runs past the VM's time limit (counted from spawn) or QEMU fails.
+    pub fn wait(self) -> GuestReport {
+        let (name, timeout) = (self.name.clone(), self.timeout);
+        let out = self.wait_or_kill();
+        let text = &out.report.console;
+        match out.status {
+            None => panic!("guest `{name}` ran past {timeout:?}; console:\n{text}"),
+            Some(status) => assert!(
+                status.success(),
+                "qemu exited with {status}:\n{}\nconsole:\n{text}",
+                out.qemu_log
+            ),
+        }
+        out.report
     }
 }
 
