@@ -11,7 +11,10 @@ use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use crate::virtio_blk::*;
 
@@ -423,6 +426,18 @@ fn for_each_range(
     Ok(())
 }
 
+/// The region holding all of `[addr, addr + len)`, and the offset of `addr` in it. `None`
+/// when the range leaves guest memory or crosses into another region (the slow path).
+#[inline]
+fn within_one_region(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    len: u64,
+) -> Option<(&vm_memory::GuestRegionMmap<()>, MemoryRegionAddress)> {
+    let (region, at) = mem.to_region_addr(addr)?;
+    (at.0.checked_add(len)? <= region.len()).then_some((region, at))
+}
+
 fn read_bytes(
     mem: &GuestMem,
     descs: &[Descriptor],
@@ -432,8 +447,11 @@ fn read_bytes(
     let mut pos = 0usize;
     for_each_range(descs, skip, out.len() as u64, |addr, len| {
         let end = pos + len as usize;
-        mem.read_slice(&mut out[pos..end], addr)
-            .map_err(|_| ParseError::BadAddress(addr.0))?;
+        let read = match within_one_region(mem, addr, len) {
+            Some((region, at)) => region.read_slice(&mut out[pos..end], at),
+            None => mem.read_slice(&mut out[pos..end], addr),
+        };
+        read.map_err(|_| ParseError::BadAddress(addr.0))?;
         pos = end;
         Ok(())
     })
@@ -448,6 +466,20 @@ fn build_iovecs(
     iov: &mut Vec<libc::iovec>,
 ) -> Result<(), ParseError> {
     for_each_range(descs, skip, len, |addr, len| {
+        // Almost every buffer lies inside one region: one lookup, no slice iterator.
+        if let Some((region, at)) = within_one_region(mem, addr, len) {
+            let base = region
+                .get_host_address(at)
+                .map_err(|_| ParseError::BadAddress(addr.0))?;
+            if iov.len() == MAX_IOVECS {
+                return Err(ParseError::TooManyBuffers);
+            }
+            iov.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len as usize,
+            });
+            return Ok(());
+        }
         for slice in mem.get_slices(addr, len as usize) {
             let slice = slice.map_err(|_| ParseError::BadAddress(addr.0))?;
             if iov.len() == MAX_IOVECS {
