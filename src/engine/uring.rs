@@ -4,7 +4,7 @@
 //! queue starts (one slot per virtqueue descriptor, so the table can never be outrun by a
 //! well-behaved guest). The slot index is the SQE's `user_data`. A slot owns its `iovec`
 //! array from the moment the SQE is pushed until its CQE is reaped; only then is the slot
-//! freed. The guest memory snapshot its buffers point into is held by [`Snapshots`] for as
+//! freed. The guest memory snapshot its buffers point into is held by `Snapshots` for as
 //! long as any slot uses it. Dropping the queue first waits for every in-flight SQE, so the
 //! kernel never writes into memory we released.
 //!
