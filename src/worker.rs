@@ -470,21 +470,6 @@ impl QueueWorker {
         }
     }
 
-    /// Drains the engine: waits for every in-flight request and completes it.
-    pub fn drain(&mut self, vring: Option<&Vring>) {
-        if let QueueEngine::Uring(u) = &mut self.engine {
-            u.drain(&mut self.done);
-        }
-        match vring {
-            Some(v) => {
-                let mem = self.mem.memory().into_inner();
-                let mut state = v.get_mut();
-                self.publish(&mut state, &mem);
-            }
-            None => self.done.clear(),
-        }
-    }
-
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
         if let Some(suppressed) = self.log_limit.allow() {
             let socket = self.disk.config.socket.display();
