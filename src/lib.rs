@@ -19,6 +19,7 @@ pub mod disk;
 pub mod engine;
 pub mod inflight;
 pub mod proxy;
+pub mod repl;
 pub mod request;
 pub mod server;
 pub mod stats;

@@ -132,3 +132,18 @@ pub unsafe fn copy_to_guest_buffers(iov: &[libc::iovec], mut src: &[u8]) -> usiz
     }
     copied
 }
+
+/// Takes an exclusive `flock` on `file`, waiting for other holders; released on close.
+pub fn flock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The membership authority: per volume, the epoch, the primary and which replicas are in
+//! sync. Every change is a compare-and-set on the record's revision, so two writers can never
+//! both win, and a primary whose epoch is no longer current learns it on its next change.
+//!
+//! Two stores implement [`Store`]: [`FileStore`] (embedded, one host: a JSON file per
+//! volume, replaced with fsync + atomic rename under an exclusive lock) and, for a cluster,
+//! etcd (see [`etcd`](super::etcd)).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// One replica of a volume, as the authority records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// `host:port` of the replica server.
+    pub addr: String,
+    /// Whether every acknowledged write is on this replica. Only an in-sync replica may be
+    /// promoted, and a primary waits for every in-sync replica before acknowledging a write.
+    pub in_sync: bool,
+}
+
+/// The authority's record of one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub volume: String,
+    /// Bumped by every primary before it serves, and by every promotion.
+    pub epoch: u64,
+    /// Node id of the only host allowed to serve the volume.
+    pub primary: String,
+    pub replicas: Vec<Member>,
+}
+
+impl VolumeRecord {
+    pub fn member(&self, addr: &str) -> Option<&Member> {
+        self.replicas.iter().find(|m| m.addr == addr)
+    }
+
+    pub fn member_mut(&mut self, addr: &str) -> Option<&mut Member> {
+        self.replicas.iter_mut().find(|m| m.addr == addr)
+    }
+}
+
+/// A record and the revision it was read at (the compare-and-set token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub record: VolumeRecord,
+    pub revision: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("authority store I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the authority's record for {0} is corrupt: {1}")]
+    Corrupt(String, String),
+    #[error("authority backend: {0}")]
+    Backend(String),
+    #[error("compare-and-set on {0} kept conflicting")]
+    Contended(String),
+    #[error("volume {0} is not known to the authority")]
+    NoVolume(String),
+    /// The caller's view is stale: someone bumped the epoch or took the volume over.
+    #[error("fenced: volume {volume} is at epoch {current} with primary `{primary}`, we hold epoch {ours}")]
+    Fenced {
+        volume: String,
+        ours: u64,
+        current: u64,
+        primary: String,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A key-value store with compare-and-set, holding one [`VolumeRecord`] per volume.
+pub trait Store: Send + Sync {
+    /// Reads the record of `volume`, if any.
+    fn load(&self, volume: &str) -> Result<Option<Versioned>, AuthorityError>;
+    /// Writes `record` if the stored revision is still `expected` (`None`: the volume must
+    /// not exist yet). Returns the new revision, or `Ok(None)` when the comparison failed.
+    fn compare_and_set(
+        &self,
+        expected: Option<u64>,
+        record: &VolumeRecord,
+    ) -> Result<Option<u64>, AuthorityError>;
+    /// A human-readable name for logs ("file:/var/lib/...", "etcd:http://...").
+    fn describe(&self) -> String;
+}
+
+/// The operations the data path needs, built on any [`Store`].
+#[derive(Clone)]
+pub struct Authority {
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.store.describe())
+    }
+}
+
+/// How many times a read-modify-write is retried when another writer got in between.
+const CAS_RETRIES: usize = 200;
+
+impl Authority {
+    pub fn new(store: Arc<dyn Store>) -> Authority {
+        Authority { store }
+    }
+
+    /// Opens `file:DIR` or `etcd:http://HOST:PORT[,http://...]`. A bare path means `file:`.
+    pub fn open(spec: &str) -> Result<Authority, AuthorityError> {
+        if let Some(endpoints) = spec.strip_prefix("etcd:") {
+            let store = super::etcd::EtcdStore::connect(endpoints)?;
+            return Ok(Authority::new(Arc::new(store)));
+        }
+        let dir = spec.strip_prefix("file:").unwrap_or(spec);
+        Ok(Authority::new(Arc::new(FileStore::open(Path::new(dir))?)))
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    pub fn load(&self, volume: &str) -> Result<Option<Versioned>, AuthorityError> {
+        self.store.load(volume)
+    }
+
+    /// Read-modify-write with compare-and-set, retried on conflict. `change` sees the current
+    /// record (or `None`) and returns the new one, or an error to give up with.
+    pub fn update(
+        &self,
+        volume: &str,
+        mut change: impl FnMut(Option<&VolumeRecord>) -> Result<VolumeRecord, AuthorityError>,
+    ) -> Result<VolumeRecord, AuthorityError> {
+        for _ in 0..CAS_RETRIES {
+            let current = self.store.load(volume)?;
+            let next = change(current.as_ref().map(|v| &v.record))?;
+            if current.as_ref().is_some_and(|c| c.record == next) {
+                return Ok(next);
+            }
+            if self
+                .store
+                .compare_and_set(current.map(|c| c.revision), &next)?
+                .is_some()
+            {
+                return Ok(next);
+            }
+            std::thread::yield_now();
+        }
+        Err(AuthorityError::Contended(volume.to_string()))
+    }
+
+    /// A primary takes the volume: checks that `node` may serve it, bumps the epoch, and sets
+    /// the membership to `replicas` (members it already knew keep their sync state, new ones
+    /// start out of sync). With `all_out_of_sync` (after an unclean stop or a promotion, when
+    /// in-flight writes may differ between copies), every replica must resync first.
+    pub fn take_over(
+        &self,
+        volume: &str,
+        node: &str,
+        replicas: &[String],
+        all_out_of_sync: bool,
+    ) -> Result<VolumeRecord, AuthorityError> {
+        self.update(volume, |cur| {
+            let mut rec = match cur {
+                None => VolumeRecord {
+                    volume: volume.to_string(),
+                    epoch: 0,
+                    primary: node.to_string(),
+                    replicas: Vec::new(),
+                },
+                Some(r) if r.primary != node => {
+                    return Err(AuthorityError::Refused(format!(
+                        "volume {volume} belongs to primary `{}` at epoch {}; run `ferrodisk promote` to move it to `{node}`",
+                        r.primary, r.epoch
+                    )))
+                }
+                Some(r) => r.clone(),
+            };
+            rec.epoch += 1;
+            rec.replicas = replicas
+                .iter()
+                .map(|addr| Member {
+                    addr: addr.clone(),
+                    in_sync: !all_out_of_sync && rec.member(addr).is_some_and(|m| m.in_sync),
+                })
+                .collect();
+            Ok(rec)
+        })
+    }
+
+    /// Records that `addr` is (or is no longer) in sync, as the primary at `epoch`. Fails
+    /// with [`AuthorityError::Fenced`] if that primary is no longer current.
+    pub fn set_in_sync(
+        &self,
+        volume: &str,
+        node: &str,
+        epoch: u64,
+        addr: &str,
+        in_sync: bool,
+    ) -> Result<VolumeRecord, AuthorityError> {
+        self.update(volume, |cur| {
+            let Some(r) = cur else {
+                return Err(AuthorityError::NoVolume(volume.to_string()));
+            };
+            if r.epoch != epoch || r.primary != node {
+                return Err(AuthorityError::Fenced {
+                    volume: volume.to_string(),
+                    ours: epoch,
+                    current: r.epoch,
+                    primary: r.primary.clone(),
+                });
+            }
+            let mut r = r.clone();
+            match r.member_mut(addr) {
+                Some(m) => m.in_sync = in_sync,
+                None => {
+                    return Err(AuthorityError::Refused(format!(
+                        "{addr} is not a replica of {volume}"
+                    )))
+                }
+            }
+            Ok(r)
+        })
+    }
+
+    /// Makes the in-sync replica `addr` the new primary `node`: bumps the epoch and drops
+    /// `addr` from the replicas (it now holds the primary copy). The old primary is fenced
+    /// from then on: its next change fails, and replicas that learn the new epoch refuse it.
+    pub fn promote(&self, volume: &str, addr: &str, node: &str) -> Result<VolumeRecord, AuthorityError> {
+        self.update(volume, |cur| {
+            let Some(r) = cur else {
+                return Err(AuthorityError::NoVolume(volume.to_string()));
+            };
+            match r.member(addr) {
+                Some(m) if m.in_sync => {}
+                Some(_) => {
+                    return Err(AuthorityError::Refused(format!(
+                        "replica {addr} of {volume} is not in sync: promoting it could lose acknowledged writes"
+                    )))
+                }
+                None => {
+                    return Err(AuthorityError::Refused(format!(
+                        "{addr} is not a replica of {volume}"
+                    )))
+                }
+            }
+            let mut r = r.clone();
+            r.epoch += 1;
+            r.primary = node.to_string();
+            r.replicas.retain(|m| m.addr != addr);
+            Ok(r)
+        })
+    }
+}
+
+/// The embedded store: `DIR/<volume>.json`, each holding `{"revision": N, "record": {...}}`.
+///
+/// Crash safety: a new version is written to a temporary file, fsynced, renamed over the old
+/// one, and the directory is fsynced, so a crash leaves either the old or the new record.
+/// An exclusive `flock` on `DIR/.lock` serialises compare-and-set across processes.
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    revision: u64,
+    record: VolumeRecord,
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<FileStore, AuthorityError> {
+        std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, volume: &str) -> PathBuf {
+        self.dir.join(format!("{volume}.json"))
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> AuthorityError {
+        let path = path.to_path_buf();
+        move |source| AuthorityError::Io { path, source }
+    }
+
+    fn lock(&self) -> Result<File, AuthorityError> {
+        let path = self.dir.join(".lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(self.io(&path))?;
+        crate::sys::flock_exclusive(&f).map_err(self.io(&path))?;
+        Ok(f)
+    }
+
+    fn read(&self, volume: &str) -> Result<Option<OnDisk>, AuthorityError> {
+        let path = self.path(volume);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| AuthorityError::Corrupt(volume.to_string(), e.to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&path)(e)),
+        }
+    }
+}
+
+/// Checks a volume name: it becomes a file name here and a key in etcd.
+pub fn check_volume_name(volume: &str) -> Result<(), String> {
+    let ok = !volume.is_empty()
+        && volume.len() <= 64
+        && volume
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !volume.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume id `{volume}`: use 1-64 characters from [A-Za-z0-9._-], not starting with a dot"
+        ))
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self, volume: &str) -> Result<Option<Versioned>, AuthorityError> {
+        check_volume_name(volume).map_err(AuthorityError::Refused)?;
+        Ok(self.read(volume)?.map(|d| Versioned {
+            record: d.record,
+            revision: d.revision,
+        }))
+    }
+
+    fn compare_and_set(
+        &self,
+        expected: Option<u64>,
+        record: &VolumeRecord,
+    ) -> Result<Option<u64>, AuthorityError> {
+        check_volume_name(&record.volume).map_err(AuthorityError::Refused)?;
+        let _lock = self.lock()?;
+        let current = self.read(&record.volume)?.map(|d| d.revision);
+        if current != expected {
+            return Ok(None);
+        }
+        let revision = current.unwrap_or(0) + 1;
+        let bytes = serde_json::to_vec_pretty(&OnDisk {
+            revision,
+            record: record.clone(),
+        })
+        .map_err(|e| AuthorityError::Corrupt(record.volume.clone(), e.to_string()))?;
+        let path = self.path(&record.volume);
+        let tmp = self.dir.join(format!(".{}.tmp", record.volume));
+        {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(self.io(&tmp))?;
+            f.write_all(&bytes).map_err(self.io(&tmp))?;
+            f.sync_all().map_err(self.io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(self.io(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io(&self.dir))?;
+        Ok(Some(revision))
+    }
+
+    fn describe(&self) -> String {
+        format!("file:{}", self.dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> (tempfile::TempDir, Authority) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::open(&format!("file:{}", dir.path().display())).unwrap();
+        (dir, a)
+    }
+
+    #[test]
+    fn take_over_bumps_the_epoch_and_keeps_sync_state() {
+        let (_d, a) = auth();
+        let reps = vec!["r1:1".to_string(), "r2:1".to_string()];
+        let r = a.take_over("v", "n1", &reps, false).unwrap();
+        assert_eq!(r.epoch, 1);
+        assert!(r.replicas.iter().all(|m| !m.in_sync), "new replicas start out of sync");
+        a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
+        let r = a.take_over("v", "n1", &reps, false).unwrap();
+        assert_eq!(r.epoch, 2);
+        assert!(r.member("r1:1").unwrap().in_sync);
+        let r = a.take_over("v", "n1", &reps, true).unwrap();
+        assert!(!r.member("r1:1").unwrap().in_sync, "unclean start: all resync");
+    }
+
+    #[test]
+    fn a_stale_primary_is_fenced() {
+        let (_d, a) = auth();
+        let reps = vec!["r1:1".to_string()];
+        a.take_over("v", "n1", &reps, false).unwrap();
+        a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
+        let r = a.promote("v", "r1:1", "n2").unwrap();
+        assert_eq!((r.epoch, r.primary.as_str()), (2, "n2"));
+        let e = a.set_in_sync("v", "n1", 1, "r1:1", false).unwrap_err();
+        assert!(matches!(e, AuthorityError::Fenced { current: 2, .. }), "{e}");
+        let e = a.take_over("v", "n1", &reps, false).unwrap_err();
+        assert!(e.to_string().contains("promote"), "{e}");
+    }
+
+    #[test]
+    fn only_in_sync_replicas_are_promoted() {
+        let (_d, a) = auth();
+        a.take_over("v", "n1", &["r1:1".to_string()], false).unwrap();
+        let e = a.promote("v", "r1:1", "n2").unwrap_err();
+        assert!(e.to_string().contains("not in sync"), "{e}");
+        assert!(a.promote("v", "r9:1", "n2").is_err());
+        assert!(a.promote("nope", "r1:1", "n2").is_err());
+    }
+
+    #[test]
+    fn compare_and_set_refuses_a_stale_revision() {
+        let (d, _a) = auth();
+        let s = FileStore::open(d.path()).unwrap();
+        let rec = VolumeRecord {
+            volume: "v".into(),
+            epoch: 1,
+            primary: "n".into(),
+            replicas: vec![],
+        };
+        assert_eq!(s.compare_and_set(None, &rec).unwrap(), Some(1));
+        assert_eq!(s.compare_and_set(None, &rec).unwrap(), None);
+        assert_eq!(s.compare_and_set(Some(1), &rec).unwrap(), Some(2));
+        assert_eq!(s.compare_and_set(Some(1), &rec).unwrap(), None);
+        assert_eq!(s.load("v").unwrap().unwrap().revision, 2);
+        assert!(s.load("../x").is_err(), "names are checked");
+    }
+
+    #[test]
+    fn concurrent_writers_never_lose_an_update() {
+        let (_d, a) = auth();
+        a.take_over("v", "n1", &[], false).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        a.update("v", |r| {
+                            let mut r = r.unwrap().clone();
+                            r.epoch += 1;
+                            Ok(r)
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(a.load("v").unwrap().unwrap().record.epoch, 41);
+    }
+}

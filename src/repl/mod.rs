@@ -1,0 +1,6 @@
+//! Replication: writes forwarded to remote replica servers, epoch fencing through an
+//! authority, dirty-region tracking and resync. See `docs/replication.md`.
+
+pub mod authority;
+pub mod etcd;
+pub mod bitmap;
