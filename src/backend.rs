@@ -45,6 +45,9 @@ impl BlkBackend {
     pub fn new(disk: Arc<Disk>, mem: GM, inflight: Arc<InflightSlot>) -> Result<Self, UringError> {
         let n = usize::from(disk.config.queues);
         let stop = Arc::new(AtomicBool::new(false));
+        if let Some(r) = disk.repl.get() {
+            r.new_connection();
+        }
         let in_flight: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let workers = (0..n)
             .map(|q| {
@@ -223,6 +226,8 @@ impl VhostUserBackend for BlkBackend {
             worker.process_queue(vring);
         } else if u64::from(device_event) == completion_event(self.workers.len()) {
             worker.process_completions(vring);
+        } else if u64::from(device_event) == completion_event(self.workers.len()) + 1 {
+            worker.process_replica_acks(vring);
         }
         worker.poll(vring);
         // Never return an error for what a guest did: an error ends the worker thread.

@@ -21,7 +21,7 @@ pub const MAX_POLL_US: u64 = 10_000;
 /// Errors in a `--disk` specification.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight)")]
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight, volume, replicas, replica-timeout-ms, resync-mbps, meta)")]
     UnknownKey(String),
     #[error("key `{0}` is given twice")]
     DuplicateKey(String),
@@ -39,6 +39,10 @@ pub enum ConfigError {
     PathWithNull,
     #[error("`size` is only for `engine=null`; a file or device has its own size")]
     SizeWithoutNull,
+    #[error("`{0}` needs `volume=ID`")]
+    NeedsVolume(&'static str),
+    #[error("replication needs a real backing (`path=`), not `engine=null`")]
+    ReplicatedNull,
 }
 
 /// Which engine serves a disk.
@@ -68,7 +72,22 @@ pub struct DiskConfig {
     pub poll_us: u32,
     /// Offer vhost-user inflight I/O tracking (crash-safe reconnect).
     pub inflight: bool,
+    /// Replication: the volume id in the authority (`None`: not replicated).
+    pub volume: Option<String>,
+    /// Replica servers, `host:port` each.
+    pub replicas: Vec<String>,
+    /// How long a replica may take to acknowledge before it is declared failed.
+    pub replica_timeout_ms: u32,
+    /// Resync bandwidth limit per replica, MiB/s (0: unlimited).
+    pub resync_mbps: u32,
+    /// Directory for the dirty bitmaps and the clean-stop marker (default `<path>.ferrodisk`).
+    pub meta: Option<PathBuf>,
 }
+
+/// Default time a replica may take to acknowledge a write.
+pub const DEFAULT_REPLICA_TIMEOUT_MS: u32 = 5000;
+/// Default resync bandwidth limit, MiB/s.
+pub const DEFAULT_RESYNC_MBPS: u32 = 200;
 
 impl DiskConfig {
     /// Parses `key=value[,key=value...]`.
@@ -89,6 +108,11 @@ impl DiskConfig {
             writeback: true,
             poll_us: DEFAULT_POLL_US,
             inflight: true,
+            volume: None,
+            replicas: Vec::new(),
+            replica_timeout_ms: DEFAULT_REPLICA_TIMEOUT_MS,
+            resync_mbps: DEFAULT_RESYNC_MBPS,
+            meta: None,
         };
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = item
@@ -122,6 +146,36 @@ impl DiskConfig {
                 "writeback" => cfg.writeback = parse_bool("writeback", value)?,
                 "inflight" => cfg.inflight = parse_bool("inflight", value)?,
                 "poll-us" => cfg.poll_us = parse_in_range("poll-us", value, 0, MAX_POLL_US)? as u32,
+                "volume" => {
+                    crate::repl::authority::check_volume_name(value)
+                        .map_err(|_| bad("volume", value, "1-64 characters from [A-Za-z0-9._-], not starting with a dot"))?;
+                    cfg.volume = Some(value.to_string());
+                }
+                "replicas" => {
+                    for r in value.split('+') {
+                        let ok = r.rsplit_once(':').is_some_and(|(h, p)| {
+                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)
+                        });
+                        if !ok {
+                            return Err(bad("replicas", value, "expected HOST:PORT[+HOST:PORT...]"));
+                        }
+                        if cfg.replicas.iter().any(|x| x == r) {
+                            return Err(bad("replicas", value, "a replica is listed twice"));
+                        }
+                        cfg.replicas.push(r.to_string());
+                    }
+                    if cfg.replicas.len() > 8 {
+                        return Err(bad("replicas", value, "at most 8 replicas"));
+                    }
+                }
+                "replica-timeout-ms" => {
+                    cfg.replica_timeout_ms =
+                        parse_in_range("replica-timeout-ms", value, 100, 600_000)? as u32
+                }
+                "resync-mbps" => {
+                    cfg.resync_mbps = parse_in_range("resync-mbps", value, 0, 1_000_000)? as u32
+                }
+                "meta" => cfg.meta = Some(PathBuf::from(value)),
                 "serial" => {
                     if value.len() > 20 || !value.is_ascii() {
                         return Err(bad("serial", value, "at most 20 ASCII characters"));
@@ -132,6 +186,15 @@ impl DiskConfig {
             }
         }
         cfg.socket = socket.ok_or(ConfigError::Missing("socket"))?;
+        if cfg.volume.is_none() {
+            for key in ["replicas", "replica-timeout-ms", "resync-mbps", "meta"] {
+                if seen.contains(&key) {
+                    return Err(ConfigError::NeedsVolume(key));
+                }
+            }
+        } else if null {
+            return Err(ConfigError::ReplicatedNull);
+        }
         cfg.backing = match (path, null, size) {
             (Some(_), true, _) => return Err(ConfigError::PathWithNull),
             (Some(_), false, Some(_)) => return Err(ConfigError::SizeWithoutNull),
@@ -231,6 +294,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_a_replicated_disk() {
+        let c = DiskConfig::parse(
+            "path=/a.img,socket=/s,volume=vol-1,replicas=10.0.0.2:7000+[::1]:7001,replica-timeout-ms=2000,resync-mbps=50",
+        )
+        .unwrap();
+        assert_eq!(c.volume.as_deref(), Some("vol-1"));
+        assert_eq!(c.replicas, vec!["10.0.0.2:7000", "[::1]:7001"]);
+        assert_eq!((c.replica_timeout_ms, c.resync_mbps), (2000, 50));
+    }
+
+    #[test]
     fn parses_a_null_disk() {
         let c = DiskConfig::parse("engine=null,size=1G,socket=/s").unwrap();
         assert_eq!(c.backing, Backing::Null { size: 1 << 30 });
@@ -270,6 +344,23 @@ mod tests {
             BadValue { .. }
         ));
         assert!(matches!(err("path=/a,socket=/s,x"), NotKeyValue(_)));
+        assert_eq!(err("path=/a,socket=/s,replicas=h:1"), NeedsVolume("replicas"));
+        assert_eq!(
+            err("engine=null,size=1M,socket=/s,volume=v"),
+            ReplicatedNull
+        );
+        assert!(matches!(
+            err("path=/a,socket=/s,volume=v,replicas=h:1+h:1"),
+            BadValue { key: "replicas", .. }
+        ));
+        assert!(matches!(
+            err("path=/a,socket=/s,volume=v,replicas=h"),
+            BadValue { key: "replicas", .. }
+        ));
+        assert!(matches!(
+            err("path=/a,socket=/s,volume=../x"),
+            BadValue { key: "volume", .. }
+        ));
     }
 
     #[test]

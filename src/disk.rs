@@ -58,6 +58,8 @@ pub struct Disk {
     pub serial: String,
     writeback: AtomicBool,
     pub stats: DiskStats,
+    /// The replication stage, for a disk with a `volume` (set once, before serving).
+    pub repl: std::sync::OnceLock<std::sync::Arc<crate::repl::primary::Replication>>,
 }
 
 impl Disk {
@@ -78,6 +80,7 @@ impl Disk {
             serial,
             stats,
             config,
+            repl: std::sync::OnceLock::new(),
         })
     }
 

@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use ferrodisk::config::DiskConfig;
+use ferrodisk::config::{Backing, DiskConfig};
+use ferrodisk::repl::authority::Authority;
+use ferrodisk::repl::primary::{ReplConfig, Replication};
+use ferrodisk::repl::replica::ReplicaServer;
+use ferrodisk::repl::tools;
+use ferrodisk::repl::wire::Key;
 use ferrodisk::disk::Disk;
 use ferrodisk::server::{self, DiskServer};
 use ferrodisk::sys;
@@ -29,7 +34,77 @@ enum Command {
         /// [,serial=ID][,writeback=on|off]  or  engine=null,size=SIZE,socket=SOCK[,...]
         #[arg(long = "disk", required = true, value_name = "SPEC")]
         disks: Vec<String>,
+        #[command(flatten)]
+        repl: ReplArgs,
+        /// Serve `GET /health` (JSON) on this TCP address, e.g. 127.0.0.1:9100.
+        #[arg(long, value_name = "ADDR")]
+        health: Option<String>,
     },
+    /// Hold replicas of volumes for remote primaries.
+    Replica {
+        /// TCP address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Directory of the replica files (`<volume>.img`, `<volume>.epoch`).
+        #[arg(long, value_name = "DIR")]
+        data: std::path::PathBuf,
+        /// Pre-shared key file (at least 16 bytes) that peers must prove they hold.
+        #[arg(long = "replication-key", value_name = "FILE")]
+        key: std::path::PathBuf,
+    },
+    /// Make an in-sync replica the new primary of a volume (after the old one failed).
+    Promote {
+        #[arg(long, value_name = "SPEC", default_value = DEFAULT_AUTHORITY)]
+        authority: String,
+        #[arg(long, value_name = "ID")]
+        volume: String,
+        /// The replica (HOST:PORT, as the authority lists it) whose copy becomes primary.
+        #[arg(long, value_name = "ADDR")]
+        replica: String,
+        /// Node id of the new primary (its `serve --node`).
+        #[arg(long, value_name = "ID")]
+        node: String,
+        #[arg(long = "replication-key", value_name = "FILE")]
+        key: std::path::PathBuf,
+        /// The old primary's health endpoint: refuse to promote while it reports healthy.
+        #[arg(long = "primary-health", value_name = "ADDR")]
+        primary_health: Option<String>,
+        /// Promote even if the old primary's health endpoint answers healthy.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare a volume's local copy with its replicas, by checksum ranges.
+    Verify {
+        /// The local copy (the primary's image).
+        #[arg(long, value_name = "PATH")]
+        image: std::path::PathBuf,
+        #[arg(long, value_name = "ID")]
+        volume: String,
+        /// Replicas to compare, HOST:PORT[+HOST:PORT...].
+        #[arg(long, value_name = "LIST")]
+        replicas: String,
+        #[arg(long = "replication-key", value_name = "FILE")]
+        key: std::path::PathBuf,
+        /// Checksum granularity in KiB.
+        #[arg(long, default_value_t = 1024)]
+        chunk_kib: u32,
+    },
+}
+
+const DEFAULT_AUTHORITY: &str = "file:/var/lib/ferrodisk/authority";
+
+#[derive(clap::Args)]
+struct ReplArgs {
+    /// Membership authority for replicated volumes: `file:DIR` (one host) or
+    /// `etcd:http://HOST:PORT[,...]` (cluster).
+    #[arg(long, value_name = "SPEC", default_value = DEFAULT_AUTHORITY)]
+    authority: String,
+    /// This host's node id in the authority (default: the hostname).
+    #[arg(long, value_name = "ID")]
+    node: Option<String>,
+    /// Pre-shared key file for replica connections (needed for replicated disks).
+    #[arg(long = "replication-key", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -42,7 +117,28 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { disks } => serve(&disks),
+        Command::Serve {
+            disks,
+            repl,
+            health,
+        } => serve(&disks, &repl, health.as_deref()),
+        Command::Replica { listen, data, key } => replica(&listen, &data, &key),
+        Command::Promote {
+            authority,
+            volume,
+            replica,
+            node,
+            key,
+            primary_health,
+            force,
+        } => promote(&authority, &volume, &replica, &node, &key, primary_health.as_deref(), force),
+        Command::Verify {
+            image,
+            volume,
+            replicas,
+            key,
+            chunk_kib,
+        } => verify(&image, &volume, &replicas, &key, chunk_kib),
     }
 }
 
@@ -63,7 +159,163 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn serve(specs: &[String]) -> ExitCode {
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// Starts replication for the disks that have a volume.
+fn start_replication(disks: &[Arc<Disk>], args: &ReplArgs) -> Result<(), (String, u8)> {
+    if !disks.iter().any(|d| d.config.volume.is_some()) {
+        return Ok(());
+    }
+    let key_path = args
+        .key
+        .as_ref()
+        .ok_or(("a replicated disk (volume=) needs --replication-key FILE".to_string(), 2))?;
+    let key = Key::from_file(key_path).map_err(|e| (e, 2))?;
+    let authority = Authority::open(&args.authority).map_err(|e| (chain(&e), 1))?;
+    let node = args.node.clone().unwrap_or_else(hostname);
+    for d in disks {
+        let (Some(volume), Backing::Path(path)) = (&d.config.volume, &d.config.backing) else {
+            continue;
+        };
+        let local = std::fs::File::open(path).map_err(|e| (format!("{}: {e}", path.display()), 1))?;
+        let meta = d.config.meta.clone().unwrap_or_else(|| {
+            let mut p = path.clone().into_os_string();
+            p.push(".ferrodisk");
+            p.into()
+        });
+        let cfg = ReplConfig {
+            volume: volume.clone(),
+            replicas: d.config.replicas.clone(),
+            node: node.clone(),
+            timeout: std::time::Duration::from_millis(u64::from(d.config.replica_timeout_ms)),
+            resync_rate: u64::from(d.config.resync_mbps) << 20,
+            region_bytes: ferrodisk::repl::primary::DEFAULT_REGION,
+            meta_dir: meta,
+        };
+        let bytes = d.capacity_sectors << 9;
+        let r = Replication::start(
+            cfg,
+            authority.clone(),
+            key.clone(),
+            local,
+            bytes,
+            usize::from(d.config.queues),
+        )
+        .map_err(|e| (format!("volume {volume}: {}", chain(&e)), 1))?;
+        let _ = d.repl.set(r);
+    }
+    Ok(())
+}
+
+fn replica(listen: &str, data: &std::path::Path, key: &std::path::Path) -> ExitCode {
+    let key = match Key::from_file(key) {
+        Ok(k) => k,
+        Err(e) => return fail(e, 2),
+    };
+    let listener = match std::net::TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {listen}: {e}"), 1),
+    };
+    let server = match ReplicaServer::new(data, key) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{}: {e}", data.display()), 1),
+    };
+    tracing::info!(listen, data = %data.display(), "replica server ready");
+    match server.run(listener) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn promote(
+    authority: &str,
+    volume: &str,
+    replica: &str,
+    node: &str,
+    key: &std::path::Path,
+    primary_health: Option<&str>,
+    force: bool,
+) -> ExitCode {
+    let key = match Key::from_file(key) {
+        Ok(k) => k,
+        Err(e) => return fail(e, 2),
+    };
+    if let Some(h) = primary_health {
+        match tools::query_health(h) {
+            Ok(Some((200, _))) if !force => {
+                return fail(
+                    format!("the primary at {h} reports healthy; refusing to promote (use --force if it is partitioned from its guests)"),
+                    1,
+                )
+            }
+            Ok(Some((code, _))) => eprintln!("primary health at {h}: HTTP {code}"),
+            Ok(None) => eprintln!("primary health at {h}: unreachable"),
+            Err(e) => return fail(e, 2),
+        }
+    }
+    let authority = match Authority::open(authority) {
+        Ok(a) => a,
+        Err(e) => return fail(chain(&e), 1),
+    };
+    match tools::promote(&authority, &key, volume, replica, node) {
+        Ok(p) => {
+            println!("volume {volume}: promoted {replica} to primary `{node}` at epoch {}", p.epoch);
+            for f in &p.fenced {
+                println!("  fenced {f} at epoch {}", p.epoch);
+            }
+            for (u, e) in &p.unreachable {
+                println!("  could not fence {u} (it will refuse the old primary once the new one connects): {e}");
+            }
+            println!(
+                "next: ferrodisk serve --node {node} --authority ... --disk path=<replica data>/{volume}.img,socket=...,volume={volume}{}",
+                if p.others.is_empty() { String::new() } else { format!(",replicas={}", p.others.join("+")) }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn verify(
+    image: &std::path::Path,
+    volume: &str,
+    replicas: &str,
+    key: &std::path::Path,
+    chunk_kib: u32,
+) -> ExitCode {
+    let key = match Key::from_file(key) {
+        Ok(k) => k,
+        Err(e) => return fail(e, 2),
+    };
+    if chunk_kib == 0 || chunk_kib > 4096 {
+        return fail("--chunk-kib must be 1..4096", 2);
+    }
+    let list: Vec<String> = replicas.split('+').map(str::to_string).collect();
+    match tools::verify(image, volume, &list, &key, chunk_kib << 10) {
+        Ok((size, diffs)) => {
+            for d in &diffs {
+                println!("DIFF {} offset={} len={}", d.replica, d.offset, d.len);
+            }
+            println!(
+                "verified {volume}: {size} bytes against {} replica(s): {} differing range(s)",
+                list.len(),
+                diffs.len()
+            );
+            if diffs.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>) -> ExitCode {
     let mut configs = Vec::new();
     let mut sockets = HashSet::new();
     for spec in specs {
@@ -88,6 +340,23 @@ fn serve(specs: &[String]) -> ExitCode {
         match server::bind(&socket) {
             Ok(l) => bound.push((disk, l)),
             Err(e) => return fail(chain(&e), 1),
+        }
+    }
+    let disks: Vec<Arc<Disk>> = bound.iter().map(|(d, _)| Arc::clone(d)).collect();
+    if let Err((msg, code)) = start_replication(&disks, repl) {
+        return fail(msg, code);
+    }
+    if let Some(addr) = health {
+        let listener = match std::net::TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("--health {addr}: {e}"), 1),
+        };
+        let repls: Vec<_> = disks.iter().filter_map(|d| d.repl.get().cloned()).collect();
+        let spawned = std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || tools::serve_health(listener, repls));
+        if let Err(e) = spawned {
+            return fail(format!("cannot start the health thread: {e}"), 1);
         }
     }
     let signals = [libc::SIGTERM, libc::SIGINT];
@@ -119,6 +388,8 @@ fn serve(specs: &[String]) -> ExitCode {
         if let Err(e) = s.disk.sync() {
             tracing::error!(disk = %s.disk.config.socket.display(), "flush failed: {e}");
             ok = false;
+        } else if let Some(r) = s.disk.repl.get() {
+            r.shutdown();
         }
         println!(
             "{{\"disk\":\"{}\",\"stats\":{}}}",

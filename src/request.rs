@@ -39,6 +39,18 @@ pub enum Op {
     WriteZeroes { offset: u64, len: u64, unmap: bool },
 }
 
+impl Op {
+    /// The byte range a request changes (writes, discards, write-zeroes), given its data
+    /// length; `None` for requests that change nothing.
+    pub fn mutation(self, data_len: u32) -> Option<(u64, u64)> {
+        match self {
+            Op::Write { offset } => Some((offset, u64::from(data_len))),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => Some((offset, len)),
+            _ => None,
+        }
+    }
+}
+
 /// A validated request. Its data buffers are the `iovec`s the parser wrote for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {

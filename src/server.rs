@@ -183,6 +183,12 @@ fn serve_one(
             handler.register_listener(fd, EventSet::IN, event)?;
         }
     }
+    // Replica acknowledgements wake the same worker threads.
+    if let Some(repl) = disk.repl.get() {
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            handler.register_listener(repl.mailbox(q).fd(), EventSet::IN, event + 1)?;
+        }
+    }
     // Accept the frontend ourselves and put the relay between it and the library, which
     // gets its end over a private socket (see `proxy`).
     let frontend = accept(listener)?;

@@ -147,3 +147,27 @@ pub fn flock_exclusive(file: &File) -> io::Result<()> {
         }
     }
 }
+
+/// Appends the contents of guest buffers to `dst`.
+///
+/// # Safety
+/// As for [`zero_guest_buffers`].
+pub unsafe fn copy_from_guest_buffers(iov: &[libc::iovec], dst: &mut Vec<u8>) {
+    for v in iov {
+        // SAFETY: guaranteed by the caller: `v` lies inside a live guest memory mapping for
+        // the duration of the call, and is only read here.
+        let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+        dst.extend_from_slice(src);
+    }
+}
+
+/// Allocates `[offset, offset + len)` of `file` (mode 0: blocks are reserved, reads see zeros).
+pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

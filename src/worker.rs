@@ -25,7 +25,8 @@ use crate::proxy::InflightSlot;
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
-use crate::virtio_blk::{ID_BYTES, S_OK, S_UNSUPP};
+use crate::repl::primary::{Delivery, Replication};
+use crate::virtio_blk::{ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
 
 pub type GM = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringMutex<GM>;
@@ -54,6 +55,25 @@ pub struct QueueWorker {
     needs_recovery: bool,
     /// Shared by the connection's workers; see [`BlkBackend::quiesce`](crate::backend::BlkBackend::quiesce).
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Replication: the disk's stage, this connection's number, and the requests waiting
+    /// for replica acknowledgements (indexed by head).
+    repl: Option<Arc<Replication>>,
+    connection: u64,
+    held: Vec<Option<Held>>,
+    deliveries: Vec<Delivery>,
+    write_copy: Vec<u8>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A replicated request: what it still waits for.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The local completion plus one per replica.
+    remaining: u32,
+    ok: bool,
+    completion: Option<Completion>,
+    offset: u64,
+    len: u64,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
@@ -71,9 +91,15 @@ impl QueueWorker {
     ) -> Result<Self, UringError> {
         let size = disk.config.queue_size;
         let engine = match &disk.files {
-            Some(files) => QueueEngine::Uring(Box::new(UringQueue::new(files, size, in_flight)?)),
+            Some(files) => QueueEngine::Uring(Box::new(UringQueue::new(
+                files,
+                size,
+                Arc::clone(&in_flight),
+            )?)),
             None => QueueEngine::Null,
         };
+        let repl = disk.repl.get().cloned();
+        let connection = repl.as_ref().map_or(0, |r| r.current_connection());
         Ok(QueueWorker {
             queue,
             mem,
@@ -90,6 +116,16 @@ impl QueueWorker {
             tracker: None,
             needs_recovery: false,
             stop,
+            held: if repl.is_some() {
+                vec![None; usize::from(size)]
+            } else {
+                Vec::new()
+            },
+            repl,
+            connection,
+            deliveries: Vec::new(),
+            write_copy: Vec::new(),
+            in_flight,
             disk,
         })
     }
@@ -184,6 +220,10 @@ impl QueueWorker {
                 self.process_queue(vring);
                 worked = true;
             }
+            if self.repl.as_ref().is_some_and(|r| r.mailbox(self.queue).ready()) {
+                self.process_replica_acks(vring);
+                worked = true;
+            }
             let now = Instant::now();
             if worked {
                 last_work = now;
@@ -231,6 +271,78 @@ impl QueueWorker {
         }
         if self.backpressured {
             self.process_queue(vring);
+        }
+    }
+
+    /// Handles replica acknowledgements: completes requests that were only waiting for them.
+    pub fn process_replica_acks(&mut self, vring: &Vring) {
+        let Some(repl) = &self.repl else { return };
+        repl.mailbox(self.queue).take(&mut self.deliveries);
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        for d in deliveries.drain(..) {
+            if d.connection != self.connection {
+                continue; // for a connection that is gone
+            }
+            self.settle_one(d.head, None, d.ok);
+        }
+        self.deliveries = deliveries;
+        if !self.done.is_empty() {
+            let mem = self.mem.memory().into_inner();
+            let mut state = vring.get_mut();
+            self.publish(&mut state, &mem);
+        }
+    }
+
+    /// One part of a replicated request finished: its local I/O (`local`) or one replica.
+    /// When nothing is left, its completion goes to `done` (failed if any part failed).
+    fn settle_one(&mut self, head: u16, local: Option<Completion>, ok: bool) {
+        let Some(slot) = self.held.get_mut(usize::from(head)) else {
+            return;
+        };
+        let Some(h) = slot else { return };
+        h.remaining = h.remaining.saturating_sub(1);
+        h.ok &= ok;
+        if let Some(c) = local {
+            h.completion = Some(c);
+            if let Some(r) = &self.repl {
+                r.end_local(h.offset, h.len);
+            }
+        }
+        if h.remaining > 0 {
+            return;
+        }
+        let h = slot.take();
+        if let Some(Held {
+            ok,
+            completion: Some(mut c),
+            ..
+        }) = h
+        {
+            if !ok && c.status == S_OK {
+                c.status = S_IOERR;
+                c.used_len = 1;
+                add(&self.disk.stats.queues[self.queue].errors_ioerr, 1);
+            }
+            self.done.push(c);
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Local completions of replicated requests wait in `held` for the replicas.
+    fn hold_replicated(&mut self) {
+        if self.repl.is_none() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.done.len() {
+            let c = self.done[i];
+            if self.held.get(usize::from(c.head)).is_some_and(|h| h.is_some()) {
+                self.done.swap_remove(i);
+                self.settle_one(c.head, Some(c), c.status == S_OK);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -372,6 +484,50 @@ impl QueueWorker {
 
     fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
         self.count(req);
+        if let Some(repl) = &self.repl {
+            if repl.is_fenced() && req.op != Op::GetId {
+                add(&self.stats().errors_ioerr, 1);
+                self.done.push(Completion {
+                    head: req.head,
+                    status_addr: Some(req.status),
+                    status: S_IOERR,
+                    used_len: 1,
+                });
+                return;
+            }
+            if let Some((offset, len)) = req.op.mutation(req.data_len) {
+                self.write_copy.clear();
+                if let Op::Write { .. } = req.op {
+                    // SAFETY: `iov` was built from `mem`, which this frame holds alive.
+                    unsafe { sys::copy_from_guest_buffers(&self.iov, &mut self.write_copy) };
+                }
+                match repl.begin(self.queue, self.connection, req.head, req.op, &self.write_copy) {
+                    Ok(replicas) => {
+                        if let Some(h) = self.held.get_mut(usize::from(req.head)) {
+                            *h = Some(Held {
+                                remaining: replicas + 1,
+                                ok: true,
+                                completion: None,
+                                offset,
+                                len,
+                            });
+                            self.in_flight
+                                .fetch_add(1, std::sync::atomic::Ordering::Release);
+                        }
+                    }
+                    Err(()) => {
+                        add(&self.stats().errors_ioerr, 1);
+                        self.done.push(Completion {
+                            head: req.head,
+                            status_addr: Some(req.status),
+                            status: S_IOERR,
+                            used_len: 1,
+                        });
+                        return;
+                    }
+                }
+            }
+        }
         let write_through = !self.disk.writeback();
         let complete_now = |used_len| Completion {
             head: req.head,
@@ -426,6 +582,7 @@ impl QueueWorker {
 
     /// Writes status bytes and used entries for every completion, then signals once.
     fn publish(&mut self, state: &mut vhost_user_backend::VringState<GM>, mem: &GuestMem) {
+        self.hold_replicated();
         if self.done.is_empty() {
             return;
         }

@@ -4,3 +4,7 @@
 pub mod authority;
 pub mod etcd;
 pub mod bitmap;
+pub mod wire;
+pub mod primary;
+pub mod replica;
+pub mod tools;
