@@ -147,8 +147,13 @@ impl DiskConfig {
                 "inflight" => cfg.inflight = parse_bool("inflight", value)?,
                 "poll-us" => cfg.poll_us = parse_in_range("poll-us", value, 0, MAX_POLL_US)? as u32,
                 "volume" => {
-                    crate::repl::authority::check_volume_name(value)
-                        .map_err(|_| bad("volume", value, "1-64 characters from [A-Za-z0-9._-], not starting with a dot"))?;
+                    crate::repl::authority::check_volume_name(value).map_err(|_| {
+                        bad(
+                            "volume",
+                            value,
+                            "1-64 characters from [A-Za-z0-9._-], not starting with a dot",
+                        )
+                    })?;
                     cfg.volume = Some(value.to_string());
                 }
                 "replicas" => {
@@ -157,7 +162,11 @@ impl DiskConfig {
                             !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)
                         });
                         if !ok {
-                            return Err(bad("replicas", value, "expected HOST:PORT[+HOST:PORT...]"));
+                            return Err(bad(
+                                "replicas",
+                                value,
+                                "expected HOST:PORT[+HOST:PORT...]",
+                            ));
                         }
                         if cfg.replicas.iter().any(|x| x == r) {
                             return Err(bad("replicas", value, "a replica is listed twice"));
@@ -344,18 +353,27 @@ mod tests {
             BadValue { .. }
         ));
         assert!(matches!(err("path=/a,socket=/s,x"), NotKeyValue(_)));
-        assert_eq!(err("path=/a,socket=/s,replicas=h:1"), NeedsVolume("replicas"));
+        assert_eq!(
+            err("path=/a,socket=/s,replicas=h:1"),
+            NeedsVolume("replicas")
+        );
         assert_eq!(
             err("engine=null,size=1M,socket=/s,volume=v"),
             ReplicatedNull
         );
         assert!(matches!(
             err("path=/a,socket=/s,volume=v,replicas=h:1+h:1"),
-            BadValue { key: "replicas", .. }
+            BadValue {
+                key: "replicas",
+                ..
+            }
         ));
         assert!(matches!(
             err("path=/a,socket=/s,volume=v,replicas=h"),
-            BadValue { key: "replicas", .. }
+            BadValue {
+                key: "replicas",
+                ..
+            }
         ));
         assert!(matches!(
             err("path=/a,socket=/s,volume=../x"),

@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use ferrodisk::config::{Backing, DiskConfig};
+use ferrodisk::disk::Disk;
 use ferrodisk::repl::authority::Authority;
 use ferrodisk::repl::primary::{ReplConfig, Replication};
 use ferrodisk::repl::replica::ReplicaServer;
 use ferrodisk::repl::tools;
 use ferrodisk::repl::wire::Key;
-use ferrodisk::disk::Disk;
 use ferrodisk::server::{self, DiskServer};
 use ferrodisk::sys;
 
@@ -131,7 +131,15 @@ fn main() -> ExitCode {
             key,
             primary_health,
             force,
-        } => promote(&authority, &volume, &replica, &node, &key, primary_health.as_deref(), force),
+        } => promote(
+            &authority,
+            &volume,
+            &replica,
+            &node,
+            &key,
+            primary_health.as_deref(),
+            force,
+        ),
         Command::Verify {
             image,
             volume,
@@ -170,10 +178,10 @@ fn start_replication(disks: &[Arc<Disk>], args: &ReplArgs) -> Result<(), (String
     if !disks.iter().any(|d| d.config.volume.is_some()) {
         return Ok(());
     }
-    let key_path = args
-        .key
-        .as_ref()
-        .ok_or(("a replicated disk (volume=) needs --replication-key FILE".to_string(), 2))?;
+    let key_path = args.key.as_ref().ok_or((
+        "a replicated disk (volume=) needs --replication-key FILE".to_string(),
+        2,
+    ))?;
     let key = Key::from_file(key_path).map_err(|e| (e, 2))?;
     let authority = Authority::open(&args.authority).map_err(|e| (chain(&e), 1))?;
     let node = args.node.clone().unwrap_or_else(hostname);
@@ -181,7 +189,8 @@ fn start_replication(disks: &[Arc<Disk>], args: &ReplArgs) -> Result<(), (String
         let (Some(volume), Backing::Path(path)) = (&d.config.volume, &d.config.backing) else {
             continue;
         };
-        let local = std::fs::File::open(path).map_err(|e| (format!("{}: {e}", path.display()), 1))?;
+        let local =
+            std::fs::File::open(path).map_err(|e| (format!("{}: {e}", path.display()), 1))?;
         let meta = d.config.meta.clone().unwrap_or_else(|| {
             let mut p = path.clone().into_os_string();
             p.push(".ferrodisk");
@@ -263,7 +272,10 @@ fn promote(
     };
     match tools::promote(&authority, &key, volume, replica, node) {
         Ok(p) => {
-            println!("volume {volume}: promoted {replica} to primary `{node}` at epoch {}", p.epoch);
+            println!(
+                "volume {volume}: promoted {replica} to primary `{node}` at epoch {}",
+                p.epoch
+            );
             for f in &p.fenced {
                 println!("  fenced {f} at epoch {}", p.epoch);
             }

@@ -45,7 +45,9 @@ impl Op {
     pub fn mutation(self, data_len: u32) -> Option<(u64, u64)> {
         match self {
             Op::Write { offset } => Some((offset, u64::from(data_len))),
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => Some((offset, len)),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+                Some((offset, len))
+            }
             _ => None,
         }
     }

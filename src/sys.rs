@@ -164,7 +164,14 @@ pub unsafe fn copy_from_guest_buffers(iov: &[libc::iovec], dst: &mut Vec<u8>) {
 /// Allocates `[offset, offset + len)` of `file` (mode 0: blocks are reserved, reads see zeros).
 pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {

@@ -22,10 +22,10 @@ use crate::engine::uring::{UringError, UringQueue};
 use crate::engine::{Completion, QueueEngine};
 use crate::inflight::{InflightRegion, QueueTracker};
 use crate::proxy::InflightSlot;
+use crate::repl::primary::{Delivery, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
-use crate::repl::primary::{Delivery, Replication};
 use crate::virtio_blk::{ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
 
 pub type GM = GuestMemoryAtomic<GuestMem>;
@@ -220,7 +220,11 @@ impl QueueWorker {
                 self.process_queue(vring);
                 worked = true;
             }
-            if self.repl.as_ref().is_some_and(|r| r.mailbox(self.queue).ready()) {
+            if self
+                .repl
+                .as_ref()
+                .is_some_and(|r| r.mailbox(self.queue).ready())
+            {
                 self.process_replica_acks(vring);
                 worked = true;
             }
@@ -337,7 +341,11 @@ impl QueueWorker {
         let mut i = 0;
         while i < self.done.len() {
             let c = self.done[i];
-            if self.held.get(usize::from(c.head)).is_some_and(|h| h.is_some()) {
+            if self
+                .held
+                .get(usize::from(c.head))
+                .is_some_and(|h| h.is_some())
+            {
                 self.done.swap_remove(i);
                 self.settle_one(c.head, Some(c), c.status == S_OK);
             } else {
@@ -501,7 +509,13 @@ impl QueueWorker {
                     // SAFETY: `iov` was built from `mem`, which this frame holds alive.
                     unsafe { sys::copy_from_guest_buffers(&self.iov, &mut self.write_copy) };
                 }
-                match repl.begin(self.queue, self.connection, req.head, req.op, &self.write_copy) {
+                match repl.begin(
+                    self.queue,
+                    self.connection,
+                    req.head,
+                    req.op,
+                    &self.write_copy,
+                ) {
                     Ok(replicas) => {
                         if let Some(h) = self.held.get_mut(usize::from(req.head)) {
                             *h = Some(Held {
@@ -515,7 +529,7 @@ impl QueueWorker {
                                 .fetch_add(1, std::sync::atomic::Ordering::Release);
                         }
                     }
-                    Err(()) => {
+                    Err(_refused) => {
                         add(&self.stats().errors_ioerr, 1);
                         self.done.push(Completion {
                             head: req.head,

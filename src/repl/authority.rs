@@ -235,7 +235,12 @@ impl Authority {
     /// Makes the in-sync replica `addr` the new primary `node`: bumps the epoch and drops
     /// `addr` from the replicas (it now holds the primary copy). The old primary is fenced
     /// from then on: its next change fails, and replicas that learn the new epoch refuse it.
-    pub fn promote(&self, volume: &str, addr: &str, node: &str) -> Result<VolumeRecord, AuthorityError> {
+    pub fn promote(
+        &self,
+        volume: &str,
+        addr: &str,
+        node: &str,
+    ) -> Result<VolumeRecord, AuthorityError> {
         self.update(volume, |cur| {
             let Some(r) = cur else {
                 return Err(AuthorityError::NoVolume(volume.to_string()));
@@ -406,13 +411,19 @@ mod tests {
         let reps = vec!["r1:1".to_string(), "r2:1".to_string()];
         let r = a.take_over("v", "n1", &reps, false).unwrap();
         assert_eq!(r.epoch, 1);
-        assert!(r.replicas.iter().all(|m| !m.in_sync), "new replicas start out of sync");
+        assert!(
+            r.replicas.iter().all(|m| !m.in_sync),
+            "new replicas start out of sync"
+        );
         a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
         let r = a.take_over("v", "n1", &reps, false).unwrap();
         assert_eq!(r.epoch, 2);
         assert!(r.member("r1:1").unwrap().in_sync);
         let r = a.take_over("v", "n1", &reps, true).unwrap();
-        assert!(!r.member("r1:1").unwrap().in_sync, "unclean start: all resync");
+        assert!(
+            !r.member("r1:1").unwrap().in_sync,
+            "unclean start: all resync"
+        );
     }
 
     #[test]
@@ -424,7 +435,10 @@ mod tests {
         let r = a.promote("v", "r1:1", "n2").unwrap();
         assert_eq!((r.epoch, r.primary.as_str()), (2, "n2"));
         let e = a.set_in_sync("v", "n1", 1, "r1:1", false).unwrap_err();
-        assert!(matches!(e, AuthorityError::Fenced { current: 2, .. }), "{e}");
+        assert!(
+            matches!(e, AuthorityError::Fenced { current: 2, .. }),
+            "{e}"
+        );
         let e = a.take_over("v", "n1", &reps, false).unwrap_err();
         assert!(e.to_string().contains("promote"), "{e}");
     }
@@ -432,7 +446,8 @@ mod tests {
     #[test]
     fn only_in_sync_replicas_are_promoted() {
         let (_d, a) = auth();
-        a.take_over("v", "n1", &["r1:1".to_string()], false).unwrap();
+        a.take_over("v", "n1", &["r1:1".to_string()], false)
+            .unwrap();
         let e = a.promote("v", "r1:1", "n2").unwrap_err();
         assert!(e.to_string().contains("not in sync"), "{e}");
         assert!(a.promote("v", "r9:1", "n2").is_err());

@@ -279,9 +279,13 @@ mod tests {
         let newest = m.generation % 2;
         drop(m);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0xff; 8], newest * slot + HEADER as u64).unwrap();
+        f.write_all_at(&[0xff; 8], newest * slot + HEADER as u64)
+            .unwrap();
         let m = DirtyMap::open(&p, 64 * MIB, MIB).unwrap();
         assert!(m.is_set(5) && !m.is_set(9));
-        assert!(DirtyMap::open(&p, 32 * MIB, MIB).is_err(), "geometry is checked");
+        assert!(
+            DirtyMap::open(&p, 32 * MIB, MIB).is_err(),
+            "geometry is checked"
+        );
     }
 }

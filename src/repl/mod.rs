@@ -2,9 +2,9 @@
 //! authority, dirty-region tracking and resync. See `docs/replication.md`.
 
 pub mod authority;
-pub mod etcd;
 pub mod bitmap;
-pub mod wire;
+pub mod etcd;
 pub mod primary;
 pub mod replica;
 pub mod tools;
+pub mod wire;

@@ -161,7 +161,9 @@ enum Pending {
 impl Pending {
     fn sent(&self) -> Instant {
         match self {
-            Pending::Guest { sent, .. } | Pending::Compare { sent, .. } | Pending::Copy { sent, .. } => *sent,
+            Pending::Guest { sent, .. }
+            | Pending::Compare { sent, .. }
+            | Pending::Copy { sent, .. } => *sent,
         }
     }
 }
@@ -210,7 +212,10 @@ impl Link {
     }
 
     pub fn last_error(&self) -> String {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_error(&self, e: String) {
@@ -251,6 +256,11 @@ pub enum ReplError {
     Start(io::Error),
 }
 
+/// A request the replication stage cannot take (fenced, or a bitmap could not be made
+/// durable): it fails with IOERR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
 /// The replication state of one disk, shared by its workers and its link threads.
 pub struct Replication {
     pub config: ReplConfig,
@@ -280,7 +290,13 @@ const CLEAN_MARKER: &str = "clean";
 fn map_name(addr: &str) -> String {
     let safe: String = addr
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("dirty-{safe}")
 }
@@ -326,12 +342,13 @@ impl Replication {
         for (idx, addr) in config.replicas.iter().enumerate() {
             let path = config.meta_dir.join(map_name(addr));
             let existed = path.exists();
-            let mut map = DirtyMap::open(&path, disk_bytes, config.region_bytes).map_err(|source| {
-                ReplError::Meta {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+            let mut map =
+                DirtyMap::open(&path, disk_bytes, config.region_bytes).map_err(|source| {
+                    ReplError::Meta {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             let in_sync = record.member(addr).is_some_and(|m| m.in_sync);
             if !in_sync && (!existed || !clean) {
                 // A new replica (full rebuild), or an unclean stop: any region may differ.
@@ -419,7 +436,10 @@ impl Replication {
                 .name(format!("link-{}", link.addr))
                 .spawn(move || r.link_thread(&l))
                 .map_err(ReplError::Start)?;
-            repl.threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+            repl.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t);
         }
         Ok(repl)
     }
@@ -442,7 +462,10 @@ impl Replication {
     }
 
     pub fn fence_reason(&self) -> String {
-        self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.fence_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn fence(&self, why: &str) {
@@ -454,7 +477,10 @@ impl Replication {
 
     /// Dirty regions per replica.
     pub fn dirty_regions(&self, link: usize) -> usize {
-        self.maps[link].lock().unwrap_or_else(|p| p.into_inner()).count()
+        self.maps[link]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count()
     }
 
     /// Starts a mutating request (write, discard, write-zeroes). Sends it to the replicas
@@ -469,9 +495,9 @@ impl Replication {
         head: u16,
         op: Op,
         data: &[u8],
-    ) -> Result<u32, ()> {
+    ) -> Result<u32, Refused> {
         if self.is_fenced() {
-            return Err(());
+            return Err(Refused);
         }
         let (offset, len) = match op {
             Op::Write { offset } => (offset, data.len() as u64),
@@ -493,7 +519,9 @@ impl Replication {
         for link in &self.links {
             match link.state() {
                 LinkState::OutOfSync => {
-                    let mut map = self.maps[link.idx].lock().unwrap_or_else(|p| p.into_inner());
+                    let mut map = self.maps[link.idx]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
                     if map.mark(offset, len) {
                         if let Err(e) = map.persist() {
                             tracing::error!(volume = %self.config.volume, "cannot persist the dirty bitmap: {e}");
@@ -511,7 +539,7 @@ impl Replication {
         self.unforwarded.fetch_sub(1, Ordering::SeqCst);
         if failed {
             self.end_local(offset, len);
-            return Err(());
+            return Err(Refused);
         }
         let crc = if matches!(op, Op::Write { .. }) {
             crc32c::crc32c(data)
@@ -538,10 +566,20 @@ impl Replication {
             if let Some(s) = &mut tx.sender {
                 let sent = match op {
                     Op::Write { .. } => s.send_write(seq, epoch, offset, crc, data),
-                    Op::Discard { .. } => s.send(&Msg::Zero { seq, epoch, offset, len, unmap: true }),
-                    Op::WriteZeroes { unmap, .. } => {
-                        s.send(&Msg::Zero { seq, epoch, offset, len, unmap })
-                    }
+                    Op::Discard { .. } => s.send(&Msg::Zero {
+                        seq,
+                        epoch,
+                        offset,
+                        len,
+                        unmap: true,
+                    }),
+                    Op::WriteZeroes { unmap, .. } => s.send(&Msg::Zero {
+                        seq,
+                        epoch,
+                        offset,
+                        len,
+                        unmap,
+                    }),
                     _ => Ok(()),
                 };
                 if sent.is_err() {
@@ -578,13 +616,16 @@ impl Replication {
         let outstanding: usize = self.links.iter().map(|l| l.tx().pending.len()).sum();
         let mut ok = outstanding == 0 && !self.is_fenced();
         for m in &self.maps {
-            ok &= m.lock().unwrap_or_else(|p| p.into_inner()).persist().is_ok();
+            ok &= m
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .persist()
+                .is_ok();
         }
         if ok {
             let marker = self.config.meta_dir.join(CLEAN_MARKER);
-            let done = std::fs::write(&marker, self.epoch.to_string()).and_then(|()| {
-                File::open(&self.config.meta_dir)?.sync_all()
-            });
+            let done = std::fs::write(&marker, self.epoch.to_string())
+                .and_then(|()| File::open(&self.config.meta_dir)?.sync_all());
             if let Err(e) = done {
                 tracing::warn!("cannot record a clean stop: {e}");
             }
@@ -600,7 +641,8 @@ impl Replication {
             .ok_or_else(|| format!("{}: no address", link.addr))?;
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connect {}: {e}", link.addr))?;
-        let (mut s, mut r) = wire::client(stream, &self.key).map_err(|e| format!("{}: {e}", link.addr))?;
+        let (mut s, mut r) =
+            wire::client(stream, &self.key).map_err(|e| format!("{}: {e}", link.addr))?;
         s.set_timeout(Some(self.config.timeout))
             .map_err(|e| e.to_string())?;
         r.set_timeout(Some(self.config.timeout))
@@ -614,16 +656,24 @@ impl Replication {
         .map_err(|e| format!("{}: {e}", link.addr))?;
         match r.recv() {
             Ok(Msg::Ack { .. }) => {}
-            Ok(Msg::Nack { code: Code::Stale, message, .. }) => {
-                self.fence(&format!("replica {} refused epoch {}: {message}", link.addr, self.epoch));
+            Ok(Msg::Nack {
+                code: Code::Stale,
+                message,
+                ..
+            }) => {
+                self.fence(&format!(
+                    "replica {} refused epoch {}: {message}",
+                    link.addr, self.epoch
+                ));
                 return Err(message);
             }
-            Ok(Msg::Nack { message, .. }) => return Err(format!("{} refused: {message}", link.addr)),
+            Ok(Msg::Nack { message, .. }) => {
+                return Err(format!("{} refused: {message}", link.addr))
+            }
             Ok(_) => return Err(format!("{}: unexpected reply to Open", link.addr)),
             Err(e) => return Err(format!("{}: {e}", link.addr)),
         }
-        r.set_timeout(Some(POLL))
-            .map_err(|e| e.to_string())?;
+        r.set_timeout(Some(POLL)).map_err(|e| e.to_string())?;
         link.tx().sender = Some(s);
         Ok(r)
     }
@@ -772,7 +822,9 @@ impl Replication {
 
     /// Marks what `pending` covers in the link's bitmap and persists it.
     fn mark_all(&self, link: &Link, pending: &[Pending]) -> bool {
-        let mut map = self.maps[link.idx].lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.maps[link.idx]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for p in pending {
             match p {
                 Pending::Guest { offset, len, .. } => {
@@ -845,12 +897,16 @@ impl Replication {
                     }) => self.post(queue, connection, head, true),
                     Some(Pending::Copy { region, .. }) => {
                         rs.outstanding -= 1;
-                        link.counters.resynced_regions.fetch_add(1, Ordering::Relaxed);
+                        link.counters
+                            .resynced_regions
+                            .fetch_add(1, Ordering::Relaxed);
                         link.counters
                             .resync_bytes
                             .fetch_add(self.region_len(region), Ordering::Relaxed);
                     }
-                    Some(Pending::Compare { .. }) => return Err("ack for a checksum request".into()),
+                    Some(Pending::Compare { .. }) => {
+                        return Err("ack for a checksum request".into())
+                    }
                     None => {}
                 }
                 Ok(())
@@ -860,7 +916,10 @@ impl Replication {
                 message,
                 ..
             } => {
-                self.fence(&format!("replica {} refused epoch {}: {message}", link.addr, self.epoch));
+                self.fence(&format!(
+                    "replica {} refused epoch {}: {message}",
+                    link.addr, self.epoch
+                ));
                 Ok(())
             }
             Msg::Nack { code, message, .. } => {
@@ -879,13 +938,16 @@ impl Replication {
                     return Err("unexpected checksum reply".into());
                 };
                 rs.outstanding -= 1;
-                link.counters.compared_regions.fetch_add(1, Ordering::Relaxed);
+                link.counters
+                    .compared_regions
+                    .fetch_add(1, Ordering::Relaxed);
                 if crcs == [crc32c::crc32c(&data)] {
                     return Ok(()); // already equal
                 }
                 // Copy only if no write touched the region since it was read; a newer write
                 // is (or will be) sent on this connection after the copy, in order.
-                let unchanged = self.regions.generation[region].load(Ordering::SeqCst) == generation
+                let unchanged = self.regions.generation[region].load(Ordering::SeqCst)
+                    == generation
                     && self.regions.in_flight[region].load(Ordering::SeqCst) == 0;
                 if !unchanged {
                     drop(tx);
@@ -921,7 +983,9 @@ impl Replication {
 
     fn region_len(&self, region: usize) -> u64 {
         let start = region as u64 * self.config.region_bytes;
-        self.config.region_bytes.min(self.disk_bytes.saturating_sub(start))
+        self.config
+            .region_bytes
+            .min(self.disk_bytes.saturating_sub(start))
     }
 
     /// Connected again: switch to resyncing and wait until every write that saw the old
@@ -958,7 +1022,9 @@ impl Replication {
         let mut skipped = 0;
         while rs.outstanding < WINDOW {
             let (region, remaining) = {
-                let map = self.maps[link.idx].lock().unwrap_or_else(|p| p.into_inner());
+                let map = self.maps[link.idx]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 (map.next_set(rs.cursor), map.count())
             };
             let Some(region) = region else {
@@ -1031,7 +1097,9 @@ impl Replication {
     /// The bitmap is empty and nothing is outstanding: the replica is in sync again.
     fn finish_resync(&self, link: &Link, rs: &mut Resync) {
         {
-            let mut map = self.maps[link.idx].lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.maps[link.idx]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if map.count() != 0 {
                 return;
             }

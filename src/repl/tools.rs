@@ -74,7 +74,14 @@ pub fn serve_health(listener: TcpListener, disks: Vec<Arc<Replication>>) {
         }
         let (code, body) = if line.starts_with("GET /health") {
             let (ok, doc) = health_json(&disks);
-            (if ok { "200 OK" } else { "503 Service Unavailable" }, doc.to_string())
+            (
+                if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                },
+                doc.to_string(),
+            )
         } else {
             ("404 Not Found", "{\"error\":\"GET /health\"}".to_string())
         };
@@ -88,14 +95,23 @@ pub fn serve_health(listener: TcpListener, disks: Vec<Arc<Replication>>) {
 
 /// Asks a primary's health endpoint; `Ok(None)` if it cannot be reached at all.
 pub fn query_health(addr: &str) -> Result<Option<(u16, serde_json::Value)>, String> {
-    let Some(sa) = addr.to_socket_addrs().map_err(|e| format!("{addr}: {e}"))?.next() else {
+    let Some(sa) = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+    else {
         return Err(format!("{addr}: no address"));
     };
     let Ok(mut s) = TcpStream::connect_timeout(&sa, Duration::from_secs(2)) else {
         return Ok(None);
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    if write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").is_err() {
+    if write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
         return Ok(None);
     }
     let mut resp = String::new();
@@ -112,7 +128,12 @@ pub fn query_health(addr: &str) -> Result<Option<(u16, serde_json::Value)>, Stri
     Ok(Some((code, doc)))
 }
 
-fn open_conn(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(wire::Sender, wire::Receiver), String> {
+fn open_conn(
+    addr: &str,
+    key: &Key,
+    volume: &str,
+    epoch: u64,
+) -> Result<(wire::Sender, wire::Receiver), String> {
     let sa = addr
         .to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
@@ -121,7 +142,8 @@ fn open_conn(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(wire::S
     let stream = TcpStream::connect_timeout(&sa, Duration::from_secs(3))
         .map_err(|e| format!("{addr}: {e}"))?;
     let (mut tx, mut rx) = wire::client(stream, key).map_err(|e| format!("{addr}: {e}"))?;
-    rx.set_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    rx.set_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     tx.send(&Msg::Open {
         seq: 0,
         epoch,

@@ -63,18 +63,53 @@ impl Code {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Binds the connection to a volume at `epoch`, creating a `size`-byte replica if needed.
-    Open { seq: u64, epoch: u64, size: u64, volume: String },
-    Write { seq: u64, epoch: u64, offset: u64, crc: u32, data: Vec<u8> },
+    Open {
+        seq: u64,
+        epoch: u64,
+        size: u64,
+        volume: String,
+    },
+    Write {
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        crc: u32,
+        data: Vec<u8>,
+    },
     /// Write-zeroes; with `unmap`, the range may be deallocated (discard).
-    Zero { seq: u64, epoch: u64, offset: u64, len: u64, unmap: bool },
+    Zero {
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
     /// Raises the volume's epoch to at least `epoch` (promotion); older senders are refused.
-    Fence { seq: u64, epoch: u64 },
+    Fence {
+        seq: u64,
+        epoch: u64,
+    },
     /// crc32c of each `chunk` bytes of `[offset, offset + len)`.
-    Sums { seq: u64, offset: u64, len: u64, chunk: u32 },
+    Sums {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+    },
     /// Success; `value` is the stored epoch for Open and Fence.
-    Ack { seq: u64, value: u64 },
-    Nack { seq: u64, code: Code, message: String },
-    SumsReply { seq: u64, crcs: Vec<u32> },
+    Ack {
+        seq: u64,
+        value: u64,
+    },
+    Nack {
+        seq: u64,
+        code: Code,
+        message: String,
+    },
+    SumsReply {
+        seq: u64,
+        crcs: Vec<u32>,
+    },
 }
 
 impl Msg {
@@ -107,17 +142,34 @@ impl Msg {
     fn encode(&self, out: &mut Vec<u8>) {
         let u64 = |o: &mut Vec<u8>, v: u64| o.extend_from_slice(&v.to_le_bytes());
         match self {
-            Msg::Open { seq, epoch, size, volume } => {
+            Msg::Open {
+                seq,
+                epoch,
+                size,
+                volume,
+            } => {
                 u64(out, *seq);
                 u64(out, *epoch);
                 u64(out, *size);
                 out.extend_from_slice(volume.as_bytes());
             }
-            Msg::Write { seq, epoch, offset, crc, data } => {
+            Msg::Write {
+                seq,
+                epoch,
+                offset,
+                crc,
+                data,
+            } => {
                 encode_write_header(out, *seq, *epoch, *offset, *crc);
                 out.extend_from_slice(data);
             }
-            Msg::Zero { seq, epoch, offset, len, unmap } => {
+            Msg::Zero {
+                seq,
+                epoch,
+                offset,
+                len,
+                unmap,
+            } => {
                 u64(out, *seq);
                 u64(out, *epoch);
                 u64(out, *offset);
@@ -128,7 +180,12 @@ impl Msg {
                 u64(out, *seq);
                 u64(out, *epoch);
             }
-            Msg::Sums { seq, offset, len, chunk } => {
+            Msg::Sums {
+                seq,
+                offset,
+                len,
+                chunk,
+            } => {
                 u64(out, *seq);
                 u64(out, *offset);
                 u64(out, *len);
@@ -210,7 +267,8 @@ impl Msg {
             }
             _ => return Err(WireError::Malformed("unknown message kind")),
         };
-        if r.at != b.len() && !matches!(m, Msg::Write { .. } | Msg::Open { .. } | Msg::Nack { .. }) {
+        if r.at != b.len() && !matches!(m, Msg::Write { .. } | Msg::Open { .. } | Msg::Nack { .. })
+        {
             return Err(WireError::Malformed("trailing bytes"));
         }
         Ok(m)
@@ -376,7 +434,11 @@ pub fn client(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
     let mine = key.mac(b"fdr1 client", &nc, ns).finalize().into_bytes();
     stream.write_all(&mine)?;
     stream.set_read_timeout(None)?;
-    halves(stream, key.derive(b"fdr1 c2s", &nc, ns), key.derive(b"fdr1 s2c", &nc, ns))
+    halves(
+        stream,
+        key.derive(b"fdr1 c2s", &nc, ns),
+        key.derive(b"fdr1 s2c", &nc, ns),
+    )
 }
 
 /// Authenticates a client as a replica server.
@@ -399,7 +461,11 @@ pub fn server(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
         .verify_slice(&tag)
         .map_err(|_| WireError::Unauthenticated)?;
     stream.set_read_timeout(None)?;
-    halves(stream, key.derive(b"fdr1 s2c", nc, &ns), key.derive(b"fdr1 c2s", nc, &ns))
+    halves(
+        stream,
+        key.derive(b"fdr1 s2c", nc, &ns),
+        key.derive(b"fdr1 c2s", nc, &ns),
+    )
 }
 
 fn halves(
@@ -541,7 +607,9 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(ck: &Key, sk: &Key) -> (Result<(Sender, Receiver), WireError>, Result<(Sender, Receiver), WireError>) {
+    type Halves = Result<(Sender, Receiver), WireError>;
+
+    fn pair(ck: &Key, sk: &Key) -> (Halves, Halves) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let sk = sk.clone();
@@ -559,14 +627,43 @@ mod tests {
         let (c, s) = pair(&key(1), &key(1));
         let ((mut tx, _), (_, mut rx)) = (c.unwrap(), s.unwrap());
         let msgs = vec![
-            Msg::Open { seq: 1, epoch: 7, size: 1 << 30, volume: "vol-1".into() },
-            Msg::Write { seq: 2, epoch: 7, offset: 4096, crc: 99, data: vec![5; 4096] },
-            Msg::Zero { seq: 3, epoch: 7, offset: 0, len: 1 << 20, unmap: true },
+            Msg::Open {
+                seq: 1,
+                epoch: 7,
+                size: 1 << 30,
+                volume: "vol-1".into(),
+            },
+            Msg::Write {
+                seq: 2,
+                epoch: 7,
+                offset: 4096,
+                crc: 99,
+                data: vec![5; 4096],
+            },
+            Msg::Zero {
+                seq: 3,
+                epoch: 7,
+                offset: 0,
+                len: 1 << 20,
+                unmap: true,
+            },
             Msg::Fence { seq: 4, epoch: 9 },
-            Msg::Sums { seq: 5, offset: 0, len: 1 << 20, chunk: 65536 },
+            Msg::Sums {
+                seq: 5,
+                offset: 0,
+                len: 1 << 20,
+                chunk: 65536,
+            },
             Msg::Ack { seq: 6, value: 3 },
-            Msg::Nack { seq: 7, code: Code::Stale, message: "old".into() },
-            Msg::SumsReply { seq: 8, crcs: vec![1, 2, 3] },
+            Msg::Nack {
+                seq: 7,
+                code: Code::Stale,
+                message: "old".into(),
+            },
+            Msg::SumsReply {
+                seq: 8,
+                crcs: vec![1, 2, 3],
+            },
         ];
         for m in &msgs {
             tx.send(m).unwrap();
@@ -577,14 +674,23 @@ mod tests {
         }
         assert_eq!(
             rx.recv().unwrap(),
-            Msg::Write { seq: 9, epoch: 7, offset: 512, crc: 1, data: vec![1, 2, 3] }
+            Msg::Write {
+                seq: 9,
+                epoch: 7,
+                offset: 512,
+                crc: 1,
+                data: vec![1, 2, 3]
+            }
         );
     }
 
     #[test]
     fn a_wrong_key_is_refused_both_ways() {
         let (c, s) = pair(&key(1), &key(2));
-        assert!(matches!(c, Err(WireError::Unauthenticated)), "client must refuse the server");
+        assert!(
+            matches!(c, Err(WireError::Unauthenticated)),
+            "client must refuse the server"
+        );
         assert!(s.is_err(), "server must refuse the client");
     }
 
@@ -594,7 +700,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || server(l.accept().unwrap().0, &key(1)).map(|_| ()));
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n...............").unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n...............")
+            .unwrap();
         assert!(matches!(t.join().unwrap(), Err(WireError::Unauthenticated)));
     }
 
