@@ -232,8 +232,9 @@ impl Authority {
         })
     }
 
-    /// Makes the in-sync replica `addr` the new primary `node`: bumps the epoch and drops
-    /// `addr` from the replicas (it now holds the primary copy). The old primary is fenced
+    /// Makes the in-sync replica `addr` the new primary `node`: bumps the epoch, drops
+    /// `addr` from the replicas (it now holds the primary copy) and marks the others out of
+    /// sync until the new primary has resynced them. The old primary is fenced
     /// from then on: its next change fails, and replicas that learn the new epoch refuse it.
     pub fn promote(
         &self,
@@ -262,6 +263,12 @@ impl Authority {
             r.epoch += 1;
             r.primary = node.to_string();
             r.replicas.retain(|m| m.addr != addr);
+            // The old primary may have died with writes in flight that reached some replicas
+            // and not others (none of them acknowledged). Until the new primary has compared
+            // them with its copy, the others are not known to match it.
+            for m in &mut r.replicas {
+                m.in_sync = false;
+            }
             Ok(r)
         })
     }
@@ -434,6 +441,7 @@ mod tests {
         a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
         let r = a.promote("v", "r1:1", "n2").unwrap();
         assert_eq!((r.epoch, r.primary.as_str()), (2, "n2"));
+        assert!(r.replicas.is_empty());
         let e = a.set_in_sync("v", "n1", 1, "r1:1", false).unwrap_err();
         assert!(
             matches!(e, AuthorityError::Fenced { current: 2, .. }),

@@ -68,9 +68,16 @@ pub fn serve_health(listener: TcpListener, disks: Vec<Arc<Replication>>) {
     for stream in listener.incoming() {
         let Ok(mut s) = stream else { continue };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        // Read the whole request head: closing with unread bytes would reset the connection
+        // before the client reads the answer.
         let mut line = String::new();
-        if BufReader::new(&s).read_line(&mut line).is_err() {
+        let mut reader = BufReader::new(&s);
+        if reader.read_line(&mut line).is_err() {
             continue;
+        }
+        let mut header = String::new();
+        while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+            header.clear();
         }
         let (code, body) = if line.starts_with("GET /health") {
             let (ok, doc) = health_json(&disks);

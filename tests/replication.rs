@@ -1,0 +1,721 @@
+//! Multi-process replication tests: real `ferrodisk replica` servers over TCP on loopback,
+//! a real `ferrodisk serve` primary, and a libblkio client that records every acknowledged
+//! write. Each test ends by checking every acknowledged write on the surviving copies, and
+//! the copies against each other with `ferrodisk verify`.
+//!
+//! The scenarios run twice: with the embedded file authority and with a real etcd.
+
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use common::{signal, Client, Rng, BIN};
+
+const SIZE: u64 = 64 << 20;
+const VOLUME: &str = "vol1";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop, with its stderr in a log file.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(f)
+            .env("FERRODISK_LOG", "info")
+            .spawn()
+            .expect("spawn ferrodisk");
+        Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        signal(&c, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within 30 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    authority: String,
+    _etcd: Option<etcd::Etcd>,
+}
+
+impl Env {
+    fn new(use_etcd: bool) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
+        let (authority, etcd) = if use_etcd {
+            let e = etcd::Etcd::start();
+            (format!("etcd:{}", e.endpoint()), Some(e))
+        } else {
+            (
+                format!("file:{}", dir.path().join("authority").display()),
+                None,
+            )
+        };
+        Env {
+            dir,
+            key,
+            authority,
+            _etcd: etcd,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn replica(&self, name: &str, port: u16) -> Proc {
+        let p = Proc::spawn(
+            Command::new(BIN)
+                .arg("replica")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data")
+                .arg(self.path(name))
+                .arg("--replication-key")
+                .arg(&self.key),
+            &self.path(&format!("{name}.log")),
+        );
+        wait_until(Duration::from_secs(10), "replica listening", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        p
+    }
+
+    /// Starts a primary serving `image` on `socket`; waits for the socket.
+    fn primary(
+        &self,
+        node: &str,
+        image: &Path,
+        socket: &Path,
+        replicas: &[u16],
+        health: u16,
+        extra: &str,
+    ) -> Proc {
+        let list: Vec<String> = replicas.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let _ = std::fs::remove_file(socket);
+        let mut p = Proc::spawn(
+            Command::new(BIN)
+                .arg("serve")
+                .arg("--authority")
+                .arg(&self.authority)
+                .arg("--node")
+                .arg(node)
+                .arg("--replication-key")
+                .arg(&self.key)
+                .arg("--health")
+                .arg(format!("127.0.0.1:{health}"))
+                .arg("--disk")
+                .arg(format!(
+                    "path={},socket={},volume={VOLUME},replicas={},replica-timeout-ms=1000{extra}",
+                    image.display(),
+                    socket.display(),
+                    list.join("+")
+                )),
+            &self.path(&format!("primary-{node}.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(s) = p.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("primary exited early ({s}):\n{}", p.log());
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn ferrodisk(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--replication-key")
+            .arg(&self.key)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn verify(&self, image: &Path, replicas: &[u16]) -> (i32, String) {
+        let list: Vec<String> = replicas.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        self.ferrodisk(&[
+            "verify",
+            "--image",
+            image.to_str().unwrap(),
+            "--volume",
+            VOLUME,
+            "--replicas",
+            &list.join("+"),
+        ])
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The primary's health document (waiting for the endpoint to come up).
+fn health(port: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ferrodisk::repl::tools::query_health(&format!("127.0.0.1:{port}")) {
+            Ok(Some((_, doc))) => return doc,
+            other => assert!(Instant::now() < deadline, "health endpoint: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn replica_state(port: u16, replica: u16) -> (String, u64, u64) {
+    let h = health(port);
+    let r = h["volumes"][0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["addr"] == format!("127.0.0.1:{replica}"))
+        .cloned()
+        .unwrap();
+    (
+        r["state"].as_str().unwrap().to_string(),
+        r["dirty_regions"].as_u64().unwrap(),
+        r["copied_regions"].as_u64().unwrap(),
+    )
+}
+
+fn wait_in_sync(health_port: u16, replicas: &[u16], limit: Duration) {
+    for &r in replicas {
+        wait_until(limit, &format!("replica {r} in sync"), || {
+            replica_state(health_port, r).0 == "in-sync"
+        });
+    }
+}
+
+/// What the client knows: the content of every acknowledged write, and the ranges whose
+/// last write failed (either old or new content is acceptable there).
+#[derive(Clone)]
+struct Model {
+    data: Vec<u8>,
+    unknown: Vec<bool>,
+    acked: u64,
+    failed: u64,
+}
+
+impl Model {
+    fn new(initial: Vec<u8>) -> Model {
+        let n = initial.len() / 512;
+        Model {
+            data: initial,
+            unknown: vec![false; n],
+            acked: 0,
+            failed: 0,
+        }
+    }
+
+    /// Checks every acknowledged write against `actual`; returns the bad sectors.
+    fn mismatches(&self, actual: &[u8]) -> Vec<u64> {
+        assert_eq!(actual.len(), self.data.len());
+        (0..self.unknown.len())
+            .filter(|&s| {
+                !self.unknown[s]
+                    && actual[s * 512..(s + 1) * 512] != self.data[s * 512..(s + 1) * 512]
+            })
+            .map(|s| s as u64)
+            .collect()
+    }
+
+    fn check(&self, what: &str, actual: &[u8]) {
+        let bad = self.mismatches(actual);
+        assert!(
+            bad.is_empty(),
+            "{what}: {} sectors differ from acknowledged writes (first: sector {}); {} writes acknowledged",
+            bad.len(),
+            bad[0],
+            self.acked
+        );
+    }
+}
+
+/// A client thread writing random data until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    model: Arc<Mutex<Model>>,
+    acked: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Writes 4-64 KiB at random 4 KiB-aligned offsets in the first `span` bytes.
+    fn start(socket: &Path, model: Model, seed: u64, span: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let model = Arc::new(Mutex::new(model));
+        let (s, m, a, sock) = (
+            Arc::clone(&stop),
+            Arc::clone(&model),
+            Arc::clone(&acked),
+            socket.to_path_buf(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut c = Client::connect(&sock, 1, false).expect("connect");
+            let mut rng = Rng(seed);
+            let mut data = vec![0u8; 64 << 10];
+            while !s.load(Ordering::Relaxed) {
+                let len = (1 + rng.below(16) as usize) * 4096;
+                let offset = rng.below((span - len as u64) / 4096) * 4096;
+                rng.fill(&mut data[..len]);
+                let (o, l) = (offset as usize, len);
+                // In flight: either content is acceptable until the write is acknowledged.
+                {
+                    let mut m = m.lock().unwrap();
+                    for sct in o / 512..(o + l) / 512 {
+                        m.unknown[sct] = true;
+                    }
+                }
+                let r = c.write(0, offset, &data[..len], ReqFlags::empty());
+                let mut m = m.lock().unwrap();
+                if r == 0 {
+                    m.data[o..o + l].copy_from_slice(&data[..len]);
+                    for sct in o / 512..(o + l) / 512 {
+                        m.unknown[sct] = false;
+                    }
+                    m.acked += 1;
+                    a.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    m.failed += 1;
+                }
+            }
+        });
+        Writer {
+            stop,
+            model,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_acked(&self, n: u64) {
+        let start = self.acked.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(60), &format!("{n} more writes"), || {
+            self.acked.load(Ordering::Relaxed) >= start + n
+        });
+    }
+
+    fn finish(mut self) -> Model {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer thread");
+        }
+        self.model.lock().unwrap().clone()
+    }
+}
+
+fn make_image(path: &Path, fill: Option<u64>) -> Vec<u8> {
+    let mut data = vec![0u8; SIZE as usize];
+    if let Some(seed) = fill {
+        Rng(seed).fill(&mut data);
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn replica_killed_mid_write(use_etcd: bool) {
+    let env = Env::new(use_etcd);
+    let (p1, p2, hp) = (free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let mut r2 = env.replica("r2", p2);
+    let img = env.path("img");
+    let initial = make_image(&img, None);
+    let sock = env.path("s.sock");
+    let mut primary = env.primary("a", &img, &sock, &[p1, p2], hp, "");
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(30));
+
+    // Writes go to the first 16 of the 64 regions, so a delta resync is visibly partial.
+    let w = Writer::start(&sock, Model::new(initial), 1, 16 << 20);
+    w.wait_acked(200);
+    r2.kill();
+    // Guest I/O goes on while the replica is down.
+    w.wait_acked(300);
+    let (state, dirty, _) = replica_state(hp, p2);
+    assert_eq!(state, "out-of-sync");
+    assert!(
+        dirty > 0 && dirty <= 16,
+        "dirty regions while down: {dirty}"
+    );
+    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
+        .unwrap()
+        .load(VOLUME)
+        .unwrap()
+        .unwrap()
+        .record;
+    assert!(!rec.member(&format!("127.0.0.1:{p2}")).unwrap().in_sync);
+    assert!(rec.member(&format!("127.0.0.1:{p1}")).unwrap().in_sync);
+
+    let _r2 = env.replica("r2", p2);
+    wait_in_sync(hp, &[p2], Duration::from_secs(30));
+    let (_, _, copied) = replica_state(hp, p2);
+    w.wait_acked(100);
+    let model = w.finish();
+    assert_eq!(
+        model.failed, 0,
+        "no guest write may fail while one replica is down"
+    );
+    assert!(
+        copied >= 1 && copied <= 16,
+        "delta resync copied {copied} of 64 regions"
+    );
+    assert!(primary.terminate().success(), "{}", primary.log());
+    model.check("primary image", &read_file(&img));
+    model.check(
+        "replica r1",
+        &read_file(&env.path("r1").join(format!("{VOLUME}.img"))),
+    );
+    model.check(
+        "replica r2",
+        &read_file(&env.path("r2").join(format!("{VOLUME}.img"))),
+    );
+    let (code, out) = env.verify(&img, &[p1, p2]);
+    assert_eq!(code, 0, "{out}");
+}
+
+fn primary_killed_then_promoted(use_etcd: bool) {
+    let env = Env::new(use_etcd);
+    let (p1, p2, hp, hp2) = (free_port(), free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let img = env.path("img");
+    let initial = make_image(&img, Some(7));
+    let sock = env.path("s.sock");
+    let mut primary = env.primary("a", &img, &sock, &[p1, p2], hp, "");
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(60));
+    let w = Writer::start(&sock, Model::new(initial), 2, SIZE);
+    w.wait_acked(300);
+    primary.kill(); // mid-write: the writer's last request never completes
+    std::thread::sleep(Duration::from_millis(200));
+    let w_stop = Arc::clone(&w.stop);
+    w_stop.store(true, Ordering::Relaxed);
+    let model = w.model.lock().unwrap().clone();
+    // The writer thread is blocked on a request that will never complete (its daemon is
+    // gone); it is abandoned, and its model snapshot is what was acknowledged.
+    std::mem::forget(w);
+
+    let r1addr = format!("127.0.0.1:{p1}");
+    let (code, out) = env.ferrodisk(&[
+        "promote",
+        "--authority",
+        &env.authority,
+        "--volume",
+        VOLUME,
+        "--replica",
+        &r1addr,
+        "--node",
+        "b",
+        "--primary-health",
+        &format!("127.0.0.1:{hp}"),
+    ]);
+    assert_eq!(code, 0, "promote: {out}");
+    assert!(out.contains("fenced 127.0.0.1:"), "{out}");
+    // Every acknowledged write is on the promoted copy.
+    let r1img = env.path("r1").join(format!("{VOLUME}.img"));
+    model.check("promoted replica", &read_file(&r1img));
+
+    // The new primary serves the promoted copy, with r2 as its replica.
+    let sock2 = env.path("s2.sock");
+    let mut b = env.primary(
+        "b",
+        &r1img,
+        &sock2,
+        &[p2],
+        hp2,
+        &format!(",meta={}", env.path("b-meta").display()),
+    );
+    {
+        let mut c = Client::connect(&sock2, 1, false).expect("connect to the new primary");
+        let mut at = 0;
+        while at < SIZE {
+            let got = c.read(0, at, 4 << 20).expect("read");
+            let s = at as usize;
+            for (i, chunk) in got.chunks(512).enumerate() {
+                let sct = s / 512 + i;
+                if !model.unknown[sct] {
+                    assert!(
+                        chunk == &model.data[sct * 512..(sct + 1) * 512],
+                        "sector {sct} lost after failover"
+                    );
+                }
+            }
+            at += 4 << 20;
+        }
+    }
+    wait_in_sync(hp2, &[p2], Duration::from_secs(60));
+    assert!(b.terminate().success(), "{}", b.log());
+    let (code, out) = env.verify(&r1img, &[p2]);
+    assert_eq!(code, 0, "{out}");
+    model.check(
+        "r2 after resync from the new primary",
+        &read_file(&env.path("r2").join(format!("{VOLUME}.img"))),
+    );
+}
+
+fn stale_primary_is_fenced(use_etcd: bool) {
+    let env = Env::new(use_etcd);
+    let (p1, p2, hp) = (free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let img = env.path("img");
+    make_image(&img, None);
+    let sock = env.path("s.sock");
+    let mut a = env.primary("a", &img, &sock, &[p1, p2], hp, "");
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(30));
+    let mut c = Client::connect(&sock, 1, false).expect("connect");
+    assert_eq!(c.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
+
+    // Promote r1 while the old primary keeps running (a partition from the operator's view).
+    let (code, out) = env.ferrodisk(&[
+        "promote",
+        "--authority",
+        &env.authority,
+        "--volume",
+        VOLUME,
+        "--replica",
+        &format!("127.0.0.1:{p1}"),
+        "--node",
+        "b",
+    ]);
+    assert_eq!(code, 0, "promote: {out}");
+    // The old primary's next write is refused by the fenced replicas: the guest sees IOERR.
+    let stale = [0xEEu8; 4096];
+    let r = c.write(0, 1 << 20, &stale, ReqFlags::empty());
+    assert_ne!(r, 0, "a stale primary's write must fail");
+    assert!(
+        c.read(0, 0, 4096).is_err(),
+        "a fenced primary must not serve reads either"
+    );
+    let h = health(hp);
+    assert_eq!(h["status"], "fenced", "{h}");
+    for r in ["r1", "r2"] {
+        let data = read_file(&env.path(r).join(format!("{VOLUME}.img")));
+        assert_ne!(
+            &data[1 << 20..(1 << 20) + 4096],
+            &stale[..],
+            "the stale write reached {r}"
+        );
+        assert_eq!(
+            &data[..4096],
+            &[1u8; 4096][..],
+            "the acknowledged write is on {r}"
+        );
+    }
+    drop(c);
+    a.kill();
+    assert!(a.log().contains("FENCED"), "{}", a.log());
+    // The old primary cannot take the volume back either.
+    let mut again = Proc::spawn(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--authority",
+                &env.authority,
+                "--node",
+                "a",
+                "--replication-key",
+            ])
+            .arg(&env.key)
+            .arg("--disk")
+            .arg(format!(
+                "path={},socket={},volume={VOLUME},replicas=127.0.0.1:{p2}",
+                img.display(),
+                env.path("s3.sock").display()
+            )),
+        &env.path("again.log"),
+    );
+    let status = again.child.as_mut().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", again.log());
+    assert!(again.log().contains("promote"), "{}", again.log());
+}
+
+fn new_replica_rebuilt_under_load(use_etcd: bool) {
+    let env = Env::new(use_etcd);
+    let (p1, p2, hp) = (free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let img = env.path("img");
+    let initial = make_image(&img, Some(3));
+    let sock = env.path("s.sock");
+    // A throttled rebuild of 64 MiB at 16 MiB/s takes about 4 s.
+    let mut primary = env.primary("a", &img, &sock, &[p1, p2], hp, ",resync-mbps=16");
+    let w = Writer::start(&sock, Model::new(initial), 3, SIZE);
+    let mut progress = Vec::new();
+    wait_until(Duration::from_secs(60), "rebuild", || {
+        let h = health(hp);
+        let reps = h["volumes"][0]["replicas"].as_array().unwrap().clone();
+        if let Some(p) = reps[0]["resync_progress"].as_f64() {
+            progress.push(p);
+        }
+        reps.iter().all(|r| r["state"] == "in-sync")
+    });
+    w.wait_acked(50);
+    let model = w.finish();
+    assert!(
+        progress.iter().any(|&p| p > 0.05 && p < 0.95),
+        "progress was never seen mid-way: {progress:?}"
+    );
+    let (_, _, copied) = replica_state(hp, p1);
+    assert!(
+        copied >= 60,
+        "a new replica of random data copies (nearly) every region: {copied}"
+    );
+    assert!(primary.terminate().success(), "{}", primary.log());
+    assert_eq!(model.failed, 0);
+    model.check("primary", &read_file(&img));
+    for r in ["r1", "r2"] {
+        model.check(r, &read_file(&env.path(r).join(format!("{VOLUME}.img"))));
+    }
+    let (code, out) = env.verify(&img, &[p1, p2]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn replica_killed_mid_write_then_delta_resync() {
+    replica_killed_mid_write(false);
+}
+
+#[test]
+fn primary_killed_then_replica_promoted() {
+    primary_killed_then_promoted(false);
+}
+
+#[test]
+fn stale_primary_writes_are_rejected() {
+    stale_primary_is_fenced(false);
+}
+
+#[test]
+fn new_empty_replica_full_rebuild_under_load() {
+    new_replica_rebuilt_under_load(false);
+}
+
+#[test]
+fn etcd_replica_killed_mid_write_then_delta_resync() {
+    replica_killed_mid_write(true);
+}
+
+#[test]
+fn etcd_primary_killed_then_replica_promoted() {
+    primary_killed_then_promoted(true);
+}
+
+#[test]
+fn etcd_stale_primary_writes_are_rejected() {
+    stale_primary_is_fenced(true);
+}
+
+#[test]
+fn unauthenticated_peers_are_refused() {
+    let env = Env::new(false);
+    let p1 = free_port();
+    let r1 = env.replica("r1", p1);
+    let wrong = env.path("wrong-key");
+    std::fs::write(&wrong, b"not-the-right-key-0123456789").unwrap();
+    // Connect with the wrong key directly: the handshake fails on both sides.
+    let key = ferrodisk::repl::wire::Key::from_file(&wrong).unwrap();
+    let s = TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    let e = ferrodisk::repl::wire::client(s, &key)
+        .err()
+        .expect("must be refused");
+    assert!(e.to_string().contains("authentication"), "{e}");
+    // A peer that answers the server's challenge without the key is refused by the server.
+    let mut s = TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    s.write_all(b"FDR1").unwrap();
+    s.write_all(&[7u8; 32]).unwrap();
+    let mut challenge = [0u8; 64];
+    s.read_exact(&mut challenge).unwrap();
+    s.write_all(&[0u8; 32]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "the server must not answer an unauthenticated peer"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the refusal in the replica's log",
+        || r1.log().contains("refused an unauthenticated peer"),
+    );
+}
