@@ -437,7 +437,7 @@ fn replica_killed_mid_write(use_etcd: bool) {
         "no guest write may fail while one replica is down"
     );
     assert!(
-        copied >= 1 && copied <= 16,
+        (1..=16).contains(&copied),
         "delta resync copied {copied} of 64 regions"
     );
     assert!(primary.terminate().success(), "{}", primary.log());
