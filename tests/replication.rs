@@ -719,3 +719,141 @@ fn unauthenticated_peers_are_refused() {
         || r1.log().contains("refused an unauthenticated peer"),
     );
 }
+
+/// A network namespace with a veth pair to the test's namespace: a replica host on a
+/// network that the test can cut. Removed on drop.
+struct NetNs {
+    name: String,
+    host_if: String,
+    ns_if: String,
+    addr: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("`ip` (iproute2) is needed for the partition test: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {} (the partition test needs root and iproute2)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    fn create() -> NetNs {
+        let id = std::process::id() % 200 + 20;
+        let name = format!("fdtest{id}");
+        let (host_if, ns_if) = (format!("fdh{id}"), format!("fdn{id}"));
+        // Leftovers of a crashed earlier run with the same id.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let net = format!("10.231.{id}");
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{net}.2/24"), "dev", &ns_if]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        NetNs {
+            name,
+            host_if,
+            ns_if,
+            addr: format!("{net}.2"),
+        }
+    }
+
+    /// Cuts the link: packets in both directions are lost (no reset, no error to the peer).
+    fn partition(&self) {
+        ip(&["-n", &self.name, "link", "set", &self.ns_if, "down"]);
+    }
+
+    fn heal(&self) {
+        ip(&["-n", &self.name, "link", "set", &self.ns_if, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+#[test]
+fn partitioned_replica_degrades_then_heals_and_resyncs() {
+    let env = Env::new(false);
+    let ns = NetNs::create();
+    let (p1, p2, hp) = (free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    // r2 lives in its own network namespace, reached over the veth pair.
+    let r2addr = format!("{}:{p2}", ns.addr);
+    let _r2 = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, BIN, "replica", "--listen", &r2addr, "--data"])
+            .arg(env.path("r2"))
+            .arg("--replication-key")
+            .arg(&env.key),
+        &env.path("r2.log"),
+    );
+    let img = env.path("img");
+    let initial = make_image(&img, None);
+    let sock = env.path("s.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut primary = Proc::spawn(
+        Command::new(BIN)
+            .args(["serve", "--authority", &env.authority, "--node", "a", "--replication-key"])
+            .arg(&env.key)
+            .args(["--health", &format!("127.0.0.1:{hp}"), "--disk"])
+            .arg(format!(
+                "path={},socket={},volume={VOLUME},replicas=127.0.0.1:{p1}+{r2addr},replica-timeout-ms=1000",
+                img.display(),
+                sock.display()
+            )),
+        &env.path("primary-a.log"),
+    );
+    wait_until(Duration::from_secs(20), "socket", || sock.exists());
+    let state = |addr: &str| {
+        let h = health(hp);
+        h["volumes"][0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["addr"] == addr)
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(30), "both in sync", || {
+        state(&format!("127.0.0.1:{p1}")) == "in-sync" && state(&r2addr) == "in-sync"
+    });
+
+    let w = Writer::start(&sock, Model::new(initial), 4, 16 << 20);
+    w.wait_acked(100);
+    ns.partition();
+    // Writes stall for at most the replica timeout, then go on without r2.
+    wait_until(Duration::from_secs(10), "r2 out of sync", || {
+        state(&r2addr) == "out-of-sync"
+    });
+    w.wait_acked(200);
+    ns.heal();
+    wait_until(Duration::from_secs(30), "r2 back in sync", || {
+        state(&r2addr) == "in-sync"
+    });
+    w.wait_acked(50);
+    let model = w.finish();
+    assert_eq!(model.failed, 0, "no guest write may fail during the partition");
+    assert!(primary.terminate().success(), "{}", primary.log());
+    assert!(
+        primary.log().contains("no answer within 1000 ms"),
+        "the partition is detected by the timeout:\n{}",
+        primary.log()
+    );
+    model.check("primary", &read_file(&img));
+    for r in ["r1", "r2"] {
+        model.check(r, &read_file(&env.path(r).join(format!("{VOLUME}.img"))));
+    }
+}
