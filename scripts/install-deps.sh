@@ -5,7 +5,10 @@
 # but always refreshes the package lists, which guest-images/build.sh downloads from.
 set -euo pipefail
 
-pkgs=(qemu-system-x86 busybox-static fio cpio e2fsprogs util-linux gcc libc6-dev xz-utils)
+# etcd-server: the cluster authority in the replication tests; protobuf-compiler: the etcd
+# client crate compiles etcd's protobufs; iproute2: network namespaces for the partition test.
+pkgs=(qemu-system-x86 busybox-static fio cpio e2fsprogs util-linux gcc libc6-dev xz-utils
+      etcd-server protobuf-compiler iproute2)
 
 sudo=""
 if [[ $(id -u) -ne 0 ]]; then

@@ -752,11 +752,21 @@ impl NetNs {
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         let net = format!("10.231.{id}");
         ip(&["netns", "add", &name]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
         ip(&["link", "set", &ns_if, "netns", &name]);
         ip(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("{net}.2/24"), "dev", &ns_if]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{net}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
         ip(&["-n", &name, "link", "set", &ns_if, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         NetNs {
@@ -779,8 +789,12 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -794,7 +808,9 @@ fn partitioned_replica_degrades_then_heals_and_resyncs() {
     let r2addr = format!("{}:{p2}", ns.addr);
     let _r2 = Proc::spawn(
         Command::new("ip")
-            .args(["netns", "exec", &ns.name, BIN, "replica", "--listen", &r2addr, "--data"])
+            .args([
+                "netns", "exec", &ns.name, BIN, "replica", "--listen", &r2addr, "--data",
+            ])
             .arg(env.path("r2"))
             .arg("--replication-key")
             .arg(&env.key),
@@ -845,7 +861,10 @@ fn partitioned_replica_degrades_then_heals_and_resyncs() {
     });
     w.wait_acked(50);
     let model = w.finish();
-    assert_eq!(model.failed, 0, "no guest write may fail during the partition");
+    assert_eq!(
+        model.failed, 0,
+        "no guest write may fail during the partition"
+    );
     assert!(primary.terminate().success(), "{}", primary.log());
     assert!(
         primary.log().contains("no answer within 1000 ms"),

@@ -28,7 +28,10 @@ fn health(port: u16) -> serde_json::Value {
         return serde_json::Value::Null;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
@@ -162,6 +165,10 @@ step after fio --name=after --filename=/dev/vda --direct=1 --ioengine=libaio --r
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "verify: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "verify: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("0 differing range(s)"), "{text}");
 }
