@@ -30,6 +30,9 @@ use crate::repl::authority::check_volume_name;
 
 /// Most queued messages per connection before the reader waits for the applier.
 const QUEUE_DEPTH: usize = 1024;
+/// Largest checksum chunk, and most checksums, one `Sums` request may ask for.
+const MAX_SUM_CHUNK: u32 = 4 << 20;
+const MAX_SUMS: u64 = 4096;
 /// Most operations per batch.
 const MAX_BATCH: usize = 256;
 
@@ -609,9 +612,11 @@ impl Applier {
     }
 
     fn sums(&self, seq: u64, offset: u64, len: u64, chunk: u32) -> Msg {
+        // Bounded work and memory per request, whatever the peer asks for.
         if chunk == 0
+            || chunk > MAX_SUM_CHUNK
             || offset.checked_add(len).is_none_or(|e| e > self.vol.size)
-            || len / u64::from(chunk) > 1 << 20
+            || len.div_ceil(u64::from(chunk)) > MAX_SUMS
         {
             return Msg::Nack {
                 seq,
@@ -635,5 +640,178 @@ impl Applier {
             at += n as u64;
         }
         Msg::SumsReply { seq, crcs }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn key() -> Key {
+        Key::new(b"replica-unit-test-key".to_vec()).unwrap()
+    }
+
+    /// A replica server on a free loopback port, serving from a temporary directory.
+    fn server() -> (tempfile::TempDir, std::net::SocketAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = ReplicaServer::new(dir.path(), key()).unwrap();
+        std::thread::spawn(move || srv.run(listener));
+        (dir, addr)
+    }
+
+    fn open(
+        addr: std::net::SocketAddr,
+        epoch: u64,
+        size: u64,
+    ) -> (wire::Sender, wire::Receiver, Msg) {
+        let (mut tx, mut rx) = wire::client(TcpStream::connect(addr).unwrap(), &key()).unwrap();
+        rx.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        tx.send(&Msg::Open {
+            seq: 0,
+            epoch,
+            size,
+            volume: "v".into(),
+        })
+        .unwrap();
+        let reply = rx.recv().unwrap();
+        (tx, rx, reply)
+    }
+
+    fn write(
+        tx: &mut wire::Sender,
+        rx: &mut wire::Receiver,
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        data: &[u8],
+        crc: u32,
+    ) -> Msg {
+        tx.send(&Msg::Write {
+            seq,
+            epoch,
+            offset,
+            crc,
+            data: data.to_vec(),
+        })
+        .unwrap();
+        rx.recv().unwrap()
+    }
+
+    fn code(m: &Msg) -> Option<Code> {
+        match m {
+            Msg::Nack { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_clear_refusals_and_the_volume_keeps_working() {
+        let (dir, addr) = server();
+        let (mut tx, mut rx, reply) = open(addr, 3, 1 << 20);
+        assert_eq!(reply, Msg::Ack { seq: 0, value: 3 });
+        let data = vec![0xabu8; 4096];
+        let crc = crc32c::crc32c(&data);
+        assert_eq!(
+            write(&mut tx, &mut rx, 1, 3, 0, &data, crc),
+            Msg::Ack { seq: 1, value: 0 }
+        );
+        assert_eq!(
+            code(&write(&mut tx, &mut rx, 2, 3, 4096, &data, crc ^ 1)),
+            Some(Code::Checksum)
+        );
+        assert_eq!(
+            code(&write(&mut tx, &mut rx, 3, 3, (1 << 20) - 512, &data, crc)),
+            Some(Code::Range)
+        );
+        assert_eq!(
+            code(&write(&mut tx, &mut rx, 4, 3, u64::MAX - 100, &data, crc)),
+            Some(Code::Range)
+        );
+        assert_eq!(
+            code(&write(&mut tx, &mut rx, 5, 2, 0, &data, crc)),
+            Some(Code::Stale)
+        );
+        assert_eq!(
+            code(&write(&mut tx, &mut rx, 6, 4, 0, &data, crc)),
+            Some(Code::Protocol)
+        );
+        for (len, chunk) in [(1 << 20, u32::MAX), (1 << 20, 0), (1 << 20, 1)] {
+            tx.send(&Msg::Sums {
+                seq: 7,
+                offset: 0,
+                len,
+                chunk,
+            })
+            .unwrap();
+            assert_eq!(
+                code(&rx.recv().unwrap()),
+                Some(Code::Range),
+                "chunk {chunk}"
+            );
+        }
+        tx.send(&Msg::Sums {
+            seq: 8,
+            offset: 0,
+            len: 8192,
+            chunk: 4096,
+        })
+        .unwrap();
+        let zero = crc32c::crc32c(&[0u8; 4096]);
+        assert_eq!(
+            rx.recv().unwrap(),
+            Msg::SumsReply {
+                seq: 8,
+                crcs: vec![crc, zero]
+            }
+        );
+        // The data landed, durably, where it was sent.
+        let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert_eq!(&on_disk[..4096], &data[..]);
+        assert_eq!(on_disk.len(), 1 << 20);
+    }
+
+    #[test]
+    fn fencing_is_durable_and_refuses_older_epochs() {
+        let (dir, addr) = server();
+        let (mut tx, mut rx, _) = open(addr, 5, 1 << 20);
+        let (mut ftx, mut frx, reply) = open(addr, 0, 0);
+        assert_eq!(
+            reply,
+            Msg::Ack { seq: 0, value: 5 },
+            "epoch 0 observes without raising"
+        );
+        ftx.send(&Msg::Fence { seq: 1, epoch: 9 }).unwrap();
+        assert_eq!(frx.recv().unwrap(), Msg::Ack { seq: 1, value: 9 });
+        let data = [1u8; 512];
+        let m = write(&mut tx, &mut rx, 1, 5, 0, &data, crc32c::crc32c(&data));
+        assert_eq!(code(&m), Some(Code::Stale), "{m:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("v.epoch"))
+                .unwrap()
+                .trim(),
+            "9"
+        );
+        let (_, _, reply) = open(addr, 8, 1 << 20);
+        assert_eq!(code(&reply), Some(Code::Stale));
+        let (_, _, reply) = open(addr, 10, 1 << 20);
+        assert_eq!(reply, Msg::Ack { seq: 0, value: 10 });
+        // Wrong size, unknown volume for an observer.
+        let (_, _, reply) = open(addr, 10, 2 << 20);
+        assert_eq!(code(&reply), Some(Code::Range));
+    }
+
+    #[test]
+    fn garbage_after_the_handshake_drops_only_that_connection() {
+        let (_dir, addr) = server();
+        let (mut tx, _rx, _) = open(addr, 1, 1 << 20);
+        let mut raw = tx.try_clone_stream().unwrap();
+        raw.write_all(&[0xff; 64]).unwrap();
+        let _ = tx.send(&Msg::Fence { seq: 1, epoch: 1 });
+        // The server is still there for others.
+        let (_, _, reply) = open(addr, 1, 1 << 20);
+        assert_eq!(reply, Msg::Ack { seq: 0, value: 1 });
     }
 }
