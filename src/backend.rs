@@ -142,7 +142,9 @@ impl VhostUserBackend for BlkBackend {
         let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // A channel to the frontend, for config-change messages (live resize).
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         // The relay in front of the library answers the inflight messages (see `proxy`).
         if self.disk.config.inflight {
             f | VhostUserProtocolFeatures::INFLIGHT_SHMFD

@@ -21,7 +21,7 @@ pub const MAX_POLL_US: u64 = 10_000;
 /// Errors in a `--disk` specification.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight, volume, replicas, replica-timeout-ms, resync-mbps, meta)")]
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight, volume, replicas, replica-timeout-ms, resync-mbps, meta, latency-range)")]
     UnknownKey(String),
     #[error("key `{0}` is given twice")]
     DuplicateKey(String),
@@ -82,6 +82,8 @@ pub struct DiskConfig {
     pub resync_mbps: u32,
     /// Directory for the dirty bitmaps and the clean-stop marker (default `<path>.ferrodisk`).
     pub meta: Option<PathBuf>,
+    /// The range of the fine latency histogram buckets.
+    pub latency_range: crate::metrics::FineRange,
 }
 
 /// Default time a replica may take to acknowledge a write.
@@ -90,6 +92,28 @@ pub const DEFAULT_REPLICA_TIMEOUT_MS: u32 = 5000;
 pub const DEFAULT_RESYNC_MBPS: u32 = 200;
 
 impl DiskConfig {
+    /// A disk with every option at its default.
+    pub fn new(backing: Backing, socket: PathBuf) -> DiskConfig {
+        DiskConfig {
+            backing,
+            socket,
+            queues: DEFAULT_QUEUES,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            readonly: false,
+            direct: None,
+            serial: None,
+            writeback: true,
+            poll_us: DEFAULT_POLL_US,
+            inflight: true,
+            volume: None,
+            replicas: Vec::new(),
+            replica_timeout_ms: DEFAULT_REPLICA_TIMEOUT_MS,
+            resync_mbps: DEFAULT_RESYNC_MBPS,
+            meta: None,
+            latency_range: crate::metrics::FineRange::default(),
+        }
+    }
+
     /// Parses `key=value[,key=value...]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut seen: Vec<&str> = Vec::new();
@@ -113,6 +137,7 @@ impl DiskConfig {
             replica_timeout_ms: DEFAULT_REPLICA_TIMEOUT_MS,
             resync_mbps: DEFAULT_RESYNC_MBPS,
             meta: None,
+            latency_range: crate::metrics::FineRange::default(),
         };
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = item
@@ -185,6 +210,15 @@ impl DiskConfig {
                     cfg.resync_mbps = parse_in_range("resync-mbps", value, 0, 1_000_000)? as u32
                 }
                 "meta" => cfg.meta = Some(PathBuf::from(value)),
+                "latency-range" => {
+                    cfg.latency_range = crate::metrics::FineRange::parse(value).map_err(|_| {
+                        bad(
+                            "latency-range",
+                            value,
+                            "expected LO-HI[/STEPS], e.g. 0-1ms/50",
+                        )
+                    })?
+                }
                 "serial" => {
                     if value.len() > 20 || !value.is_ascii() {
                         return Err(bad("serial", value, "at most 20 ASCII characters"));

@@ -52,14 +52,20 @@ pub struct Files {
 pub struct Disk {
     pub config: DiskConfig,
     pub files: Option<Files>,
-    pub capacity_sectors: u64,
+    /// Changed only by [`Disk::resize`]; each batch reads it once.
+    capacity_sectors: std::sync::atomic::AtomicU64,
     pub logical_block: u32,
     pub physical_block: u32,
     pub serial: String,
     writeback: AtomicBool,
     pub stats: DiskStats,
+    /// Latency histograms, per queue and request kind.
+    pub metrics: crate::metrics::DiskMetrics,
     /// The replication stage, for a disk with a `volume` (set once, before serving).
     pub repl: std::sync::OnceLock<std::sync::Arc<crate::repl::primary::Replication>>,
+    /// The current frontend's backend-request channel (VHOST_USER_SET_BACKEND_REQ_FD), used
+    /// to tell it that the configuration (the capacity) changed.
+    pub backend_channel: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl Disk {
@@ -71,22 +77,25 @@ impl Disk {
         };
         let serial = config.serial_or_default();
         let stats = DiskStats::new(config.queues);
+        let metrics = crate::metrics::DiskMetrics::new(config.queues, config.latency_range);
         Ok(Disk {
             writeback: AtomicBool::new(config.writeback),
-            capacity_sectors: size >> SECTOR_SHIFT,
+            capacity_sectors: std::sync::atomic::AtomicU64::new(size >> SECTOR_SHIFT),
             logical_block: logical,
             physical_block: physical,
             files,
             serial,
             stats,
+            metrics,
             config,
             repl: std::sync::OnceLock::new(),
+            backend_channel: std::sync::Mutex::new(None),
         })
     }
 
     pub fn geometry(&self) -> Geometry {
         Geometry {
-            capacity_sectors: self.capacity_sectors,
+            capacity_sectors: self.capacity_sectors(),
             readonly: self.config.readonly,
         }
     }
@@ -103,12 +112,78 @@ impl Disk {
     pub fn config_space(&self) -> ConfigSpace {
         let ratio = (self.physical_block / self.logical_block).max(1);
         ConfigSpace {
-            capacity_sectors: self.capacity_sectors,
+            capacity_sectors: self.capacity_sectors(),
             seg_max: virtio_blk::seg_max(self.config.queue_size),
             blk_size: self.logical_block,
             physical_block_exp: ratio.trailing_zeros() as u8,
             num_queues: self.config.queues,
             writeback: self.writeback(),
+        }
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors.load(Ordering::Acquire)
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_sectors() << SECTOR_SHIFT
+    }
+
+    /// Grows the disk to `bytes` (a multiple of 512): extends the file, then publishes the
+    /// new capacity to the workers and tells the frontend (a config-change message), which
+    /// re-reads the config space and notifies the guest. Shrinking is refused: a guest may
+    /// have data there.
+    pub fn resize(&self, bytes: u64) -> Result<(), String> {
+        let cur = self.capacity_bytes();
+        if bytes % SECTOR_SIZE != 0 {
+            return Err(format!("{bytes} is not a multiple of 512"));
+        }
+        if bytes < cur {
+            return Err(format!(
+                "shrinking from {cur} to {bytes} bytes is refused (the guest may have data there)"
+            ));
+        }
+        if self.config.volume.is_some() {
+            return Err("resizing a replicated volume is not supported yet".into());
+        }
+        match &self.files {
+            Some(f) if f.is_block_device => {
+                return Err("a block device has the size of the device".into())
+            }
+            Some(f) => f
+                .main
+                .set_len(bytes)
+                .and_then(|()| f.main.sync_all())
+                .map_err(|e| format!("cannot extend the backing file: {e}"))?,
+            None => {}
+        }
+        self.capacity_sectors
+            .store(bytes >> SECTOR_SHIFT, Ordering::Release);
+        self.notify_config_change();
+        Ok(())
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the connected frontend, if it gave us a
+    /// backend-request channel. Returns whether a message was sent.
+    pub fn notify_config_change(&self) -> bool {
+        use std::io::Write;
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const FLAG_VERSION: u32 = 0x1;
+        let mut header = [0u8; 12];
+        header[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+        header[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+        let mut ch = self
+            .backend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match ch.as_mut().map(|s| s.write_all(&header)) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::warn!(disk = %self.config.socket.display(), "cannot send the config change: {e}");
+                *ch = None;
+                false
+            }
+            None => false,
         }
     }
 

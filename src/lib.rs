@@ -13,11 +13,13 @@
 //! they see validated requests and hand them on. `unsafe` code lives in [`sys`] and
 //! [`engine::uring`] only.
 
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod inflight;
+pub mod metrics;
 pub mod proxy;
 pub mod repl;
 pub mod request;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use ferrodisk::api::Manager;
 use ferrodisk::config::{Backing, DiskConfig};
 use ferrodisk::disk::Disk;
 use ferrodisk::repl::authority::Authority;
@@ -12,7 +13,9 @@ use ferrodisk::repl::primary::{ReplConfig, Replication};
 use ferrodisk::repl::replica::ReplicaServer;
 use ferrodisk::repl::tools;
 use ferrodisk::repl::wire::Key;
-use ferrodisk::server::{self, DiskServer};
+use ferrodisk::server::{self, DiskServer, SocketAccess};
+
+mod cli;
 use ferrodisk::sys;
 
 #[derive(Parser)]
@@ -32,8 +35,10 @@ enum Command {
     Serve {
         /// path=IMG,socket=SOCK[,queues=N][,queue-size=N][,readonly=on][,direct=on|off]
         /// [,serial=ID][,writeback=on|off]  or  engine=null,size=SIZE,socket=SOCK[,...]
-        #[arg(long = "disk", required = true, value_name = "SPEC")]
+        #[arg(long = "disk", value_name = "SPEC")]
         disks: Vec<String>,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         repl: ReplArgs,
         /// Serve `GET /health` (JSON) on this TCP address, e.g. 127.0.0.1:9100.
@@ -73,6 +78,31 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Manage volumes through the daemon's API.
+    Volume {
+        #[command(flatten)]
+        api: cli::ApiSocket,
+        #[command(subcommand)]
+        cmd: cli::VolumeCmd,
+    },
+    /// Serve a volume to an instance on a vhost-user socket.
+    Attach(cli::AttachArgs),
+    /// Drain and close an attachment (ID is VOLUME@INSTANCE).
+    Detach {
+        #[command(flatten)]
+        api: cli::ApiSocket,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters and latency of every disk (or of one attachment).
+    Stats {
+        #[command(flatten)]
+        api: cli::ApiSocket,
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare a volume's local copy with its replicas, by checksum ranges.
     Verify {
         /// The local copy (the primary's image).
@@ -92,6 +122,28 @@ enum Command {
 }
 
 const DEFAULT_AUTHORITY: &str = "file:/var/lib/ferrodisk/authority";
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// Serve the management API (HTTP/JSON) on this unix socket.
+    #[arg(long, value_name = "SOCK")]
+    api: Option<std::path::PathBuf>,
+    /// Where volumes and attachments are kept (with --api).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferrodisk")]
+    state: std::path::PathBuf,
+    /// Mode of the API socket (octal).
+    #[arg(long, value_name = "MODE", default_value = "600")]
+    api_mode: String,
+    /// Owner (uid) of the API socket.
+    #[arg(long, value_name = "UID")]
+    api_uid: Option<u32>,
+    /// Group (gid) of the API socket.
+    #[arg(long, value_name = "GID")]
+    api_gid: Option<u32>,
+    /// Also serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
 
 #[derive(clap::Args)]
 struct ReplArgs {
@@ -121,7 +173,12 @@ fn main() -> ExitCode {
             disks,
             repl,
             health,
-        } => serve(&disks, &repl, health.as_deref()),
+            api,
+        } => serve(&disks, &repl, health.as_deref(), &api),
+        Command::Volume { api, cmd } => cli::volume(&api, cmd),
+        Command::Attach(a) => cli::attach(&a),
+        Command::Detach { api, id, json } => cli::detach(&api, &id, json),
+        Command::Stats { api, id, json } => cli::stats(&api, id.as_deref(), json),
         Command::Replica { listen, data, key } => replica(&listen, &data, &key),
         Command::Promote {
             authority,
@@ -205,7 +262,7 @@ fn start_replication(disks: &[Arc<Disk>], args: &ReplArgs) -> Result<(), (String
             region_bytes: ferrodisk::repl::primary::DEFAULT_REGION,
             meta_dir: meta,
         };
-        let bytes = d.capacity_sectors << 9;
+        let bytes = d.capacity_bytes();
         let r = Replication::start(
             cfg,
             authority.clone(),
@@ -327,7 +384,13 @@ fn verify(
     }
 }
 
-fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>) -> ExitCode {
+fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs) -> ExitCode {
+    if specs.is_empty() && api.api.is_none() {
+        return fail(
+            "nothing to serve: give --disk SPEC (one or more) and/or --api SOCK",
+            2,
+        );
+    }
     let mut configs = Vec::new();
     let mut sockets = HashSet::new();
     for spec in specs {
@@ -375,28 +438,68 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>) -> ExitCode {
     if let Err(e) = sys::block_signals(&signals) {
         return fail(format!("cannot block signals: {e}"), 1);
     }
-    let mut servers = Vec::new();
+    let mut servers: Vec<Arc<DiskServer>> = Vec::new();
     for (disk, listener) in bound {
         tracing::info!(
             disk = %disk.config.socket.display(),
-            sectors = disk.capacity_sectors,
+            sectors = disk.capacity_sectors(),
             queues = disk.config.queues,
             readonly = disk.config.readonly,
             "serving"
         );
         match DiskServer::start(disk, listener) {
-            Ok(s) => servers.push(s),
+            Ok(s) => servers.push(Arc::new(s)),
             Err(e) => return fail(format!("cannot start a disk thread: {e}"), 1),
         }
     }
+    let manager = match &api.api {
+        Some(sock) => {
+            let m = match Manager::open(&api.state) {
+                Ok(m) => m,
+                Err(e) => return fail(e, 1),
+            };
+            for s in &servers {
+                m.add_static(Arc::clone(s));
+            }
+            let access = SocketAccess {
+                mode: match u32::from_str_radix(&api.api_mode, 8) {
+                    Ok(m) if m <= 0o777 => m,
+                    _ => return fail(format!("--api-mode {}: not an octal mode", api.api_mode), 2),
+                },
+                uid: api.api_uid,
+                gid: api.api_gid,
+            };
+            let metrics = match &api.metrics {
+                Some(addr) => match std::net::TcpListener::bind(addr) {
+                    Ok(l) => Some(l),
+                    Err(e) => return fail(format!("--metrics {addr}: {e}"), 1),
+                },
+                None => None,
+            };
+            if let Err(e) = ferrodisk::api::http::spawn(Arc::clone(&m), sock, access, metrics) {
+                return fail(e, 1);
+            }
+            tracing::info!(api = %sock.display(), state = %api.state.display(), "management API ready");
+            Some(m)
+        }
+        None => None,
+    };
     let sig = match sys::wait_signal(&signals) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot wait for signals: {e}"), 1),
     };
     tracing::info!(signal = sig, "shutting down: draining and flushing");
     let mut ok = true;
-    for s in &servers {
-        s.stop();
+    let all = match &manager {
+        Some(m) => m.stop_all(),
+        None => {
+            for s in &servers {
+                s.stop();
+            }
+            servers
+        }
+    };
+    for s in &all {
         if let Err(e) = s.disk.sync() {
             tracing::error!(disk = %s.disk.config.socket.display(), "flush failed: {e}");
             ok = false;

@@ -3,7 +3,8 @@
 //! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with "not supported".
 //! Ferrodisk accepts each frontend connection itself and relays messages, with their file
 //! descriptors, to the library over a private socket. The relay answers the two inflight
-//! messages itself and passes everything else through unchanged, both ways. Only the control
+//! messages itself, keeps the backend-request channel (SET_BACKEND_REQ_FD) for config-change
+//! messages, and passes everything else through unchanged, both ways. Only the control
 //! path crosses the relay: kicks, calls and guest memory are file descriptors that go
 //! straight to the library.
 
@@ -23,6 +24,7 @@ use crate::inflight::InflightRegion;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -160,6 +162,7 @@ impl Relay {
         library: UnixStream,
         slot: Arc<InflightSlot>,
         name: &str,
+        on_backend_channel: Box<dyn Fn(UnixStream) + Send>,
     ) -> io::Result<Relay> {
         let reply_ack = Arc::new(AtomicBool::new(false));
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
@@ -170,7 +173,14 @@ impl Relay {
             std::thread::Builder::new()
                 .name(format!("relay-{name}"))
                 .spawn(move || {
-                    let r = frontend_to_library(&f_in, &l_out, &to_frontend, &slot, &reply_ack);
+                    let r = frontend_to_library(
+                        &f_in,
+                        &l_out,
+                        &to_frontend,
+                        &slot,
+                        &reply_ack,
+                        &*on_backend_channel,
+                    );
                     if let Err(e) = r {
                         if e.kind() != io::ErrorKind::UnexpectedEof {
                             tracing::warn!(disk = %name, "vhost-user relay: {e}");
@@ -216,10 +226,28 @@ fn frontend_to_library(
     to_frontend: &Mutex<UnixStream>,
     slot: &InflightSlot,
     reply_ack: &AtomicBool,
+    on_backend_channel: &dyn Fn(UnixStream),
 ) -> io::Result<()> {
     loop {
-        let m = recv(from)?;
+        let mut m = recv(from)?;
         let answer = match m.request() {
+            SET_BACKEND_REQ_FD => {
+                let wants = m.flags() & FLAG_NEED_REPLY != 0 && reply_ack.load(Ordering::Acquire);
+                let ok = match m.fds.pop() {
+                    Some(f) => {
+                        on_backend_channel(UnixStream::from(std::os::fd::OwnedFd::from(f)));
+                        true
+                    }
+                    None => false,
+                };
+                wants.then(|| {
+                    Message::reply(
+                        SET_BACKEND_REQ_FD,
+                        u64::from(!ok).to_le_bytes().to_vec(),
+                        Vec::new(),
+                    )
+                })
+            }
             GET_INFLIGHT_FD => Some(get_inflight_fd(&m)?),
             SET_INFLIGHT_FD => {
                 let wants = m.flags() & FLAG_NEED_REPLY != 0 && reply_ack.load(Ordering::Acquire);

@@ -66,6 +66,35 @@ struct Control {
 pub struct DiskServer {
     pub disk: Arc<Disk>,
     control: Arc<(Mutex<Control>, Condvar)>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+/// Who may connect to a socket: its mode, and optionally its owner and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// Applies `access` to the socket file at `path`.
+pub fn restrict(path: &Path, access: SocketAccess) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
+    if access.uid.is_some() || access.gid.is_some() {
+        std::os::unix::fs::chown(path, access.uid, access.gid)?;
+    }
+    Ok(())
 }
 
 /// Binds the disk's socket, refusing a path another live process listens on.
@@ -94,10 +123,27 @@ impl DiskServer {
         let control = Arc::new((Mutex::new(Control::default()), Condvar::new()));
         let (d, c) = (Arc::clone(&disk), Arc::clone(&control));
         let name = format!("disk-{}", disk.config.socket.display());
-        thread::Builder::new()
+        let t = thread::Builder::new()
             .name(name)
             .spawn(move || accept_loop(d, listener, c))?;
-        Ok(DiskServer { disk, control })
+        Ok(DiskServer {
+            disk,
+            control,
+            thread: Mutex::new(Some(t)),
+        })
+    }
+
+    /// Stops serving for good (detach): winds the connection down as [`stop`](Self::stop)
+    /// does, ends the accept loop, and removes the socket file.
+    pub fn close(&self) {
+        self.stop();
+        // An idle accept loop is blocked in accept(): wake it with a connection of our own,
+        // which it drops once it sees that we are shutting down.
+        let _ = UnixStream::connect(&self.disk.config.socket);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.disk.config.socket);
     }
 
     /// Winds the current connection (if any) down: stop taking requests, let the ones taken
@@ -192,8 +238,27 @@ fn serve_one(
     // Accept the frontend ourselves and put the relay between it and the library, which
     // gets its end over a private socket (see `proxy`).
     let frontend = accept(listener)?;
+    if control
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutting_down
+    {
+        return Ok(false);
+    }
     let (mut private, library_end) = private_pair()?;
-    let relay = Relay::spawn(frontend, library_end, inflight, &socket)?;
+    *disk
+        .backend_channel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    let d = Arc::clone(disk);
+    let relay = Relay::spawn(
+        frontend,
+        library_end,
+        inflight,
+        &socket,
+        Box::new(move |s| *d.backend_channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(s)),
+    )?;
     daemon
         .start(&mut private)
         .map_err(|e| format!("cannot start the vhost-user handler: {e}"))?;

@@ -71,6 +71,17 @@ impl DiskStats {
             .sum()
     }
 
+    /// Every counter, summed over the queues, in declaration order.
+    pub fn totals(&self) -> Vec<(&'static str, u64)> {
+        let mut out = self.queues[0].snapshot();
+        for q in &self.queues[1..] {
+            for (o, (_, v)) in out.iter_mut().zip(q.snapshot()) {
+                o.1 += v;
+            }
+        }
+        out
+    }
+
     /// A JSON object with totals and per-queue counters.
     pub fn to_json(&self) -> String {
         let mut s = String::from("{\"totals\":{");

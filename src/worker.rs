@@ -21,6 +21,7 @@ use crate::disk::Disk;
 use crate::engine::uring::{UringError, UringQueue};
 use crate::engine::{Completion, QueueEngine};
 use crate::inflight::{InflightRegion, QueueTracker};
+use crate::metrics::OpKind;
 use crate::proxy::InflightSlot;
 use crate::repl::primary::{Delivery, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
@@ -63,6 +64,10 @@ pub struct QueueWorker {
     deliveries: Vec<Delivery>,
     write_copy: Vec<u8>,
     in_flight: Arc<AtomicUsize>,
+    /// When each head's request was taken from the ring (the start of its batch), and its
+    /// kind: completions feed the latency histograms.
+    started: Vec<(Instant, OpKind)>,
+    batch_start: Instant,
 }
 
 /// A replicated request: what it still waits for.
@@ -126,6 +131,8 @@ impl QueueWorker {
             deliveries: Vec::new(),
             write_copy: Vec::new(),
             in_flight,
+            started: vec![(Instant::now(), OpKind::Other); usize::from(size)],
+            batch_start: Instant::now(),
             disk,
         })
     }
@@ -366,6 +373,7 @@ impl QueueWorker {
             return;
         }
         let geo = self.disk.geometry();
+        self.batch_start = Instant::now();
         let mut iter = match queue.iter(&**mem) {
             Ok(iter) => iter,
             // Not ready (stopped by GET_VRING_BASE, or not set up yet) or a corrupt avail
@@ -392,6 +400,18 @@ impl QueueWorker {
 
     fn handle_parsed(&mut self, parsed: Result<Request, request::Rejected>, mem: &Arc<GuestMem>) {
         {
+            let head = match &parsed {
+                Ok(r) => r.head,
+                Err(r) => r.head,
+            };
+            if let Some(t) = self.started.get_mut(usize::from(head)) {
+                *t = (
+                    self.batch_start,
+                    parsed
+                        .as_ref()
+                        .map_or(OpKind::Other, |r| OpKind::from(r.op)),
+                );
+            }
             match parsed {
                 Ok(req) => self.dispatch(&req, mem),
                 Err(rej) => {
@@ -601,8 +621,14 @@ impl QueueWorker {
             return;
         }
         add(&self.stats().batches, 1);
+        let now = Instant::now();
+        let disk = Arc::clone(&self.disk);
+        let metrics = disk.metrics.queue(self.queue);
         for i in 0..self.done.len() {
             let c = self.done[i];
+            if let Some(&(t, op)) = self.started.get(usize::from(c.head)) {
+                metrics.observe(op, now.saturating_duration_since(t).as_nanos() as u64);
+            }
             if let Some(addr) = c.status_addr {
                 if let Err(e) = mem.write_obj(c.status, addr) {
                     self.log(format_args!(

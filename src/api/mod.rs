@@ -1,0 +1,752 @@
+//! The management plane: volumes and attachments, persisted, and served over an HTTP/JSON
+//! API on a unix socket (see `docs/api.md`).
+//!
+//! A *volume* is a backing (a file Ferrodisk created, or an existing file or block device)
+//! with the instances allowed to attach it. An *attachment* serves a volume to one instance
+//! on a vhost-user socket, with the instance's context (key/value pairs). Both are kept in
+//! `<state dir>/state.json`, replaced atomically on every change; after a daemon restart
+//! every attachment is served again on its socket, so a guest with reconnect carries on.
+
+pub mod client;
+pub mod http;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Backing, DiskConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::disk::Disk;
+use crate::server::{self, DiskServer, SocketAccess};
+
+/// An API error: an HTTP status and a message for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(m: impl Into<String>) -> ApiError {
+        ApiError::new(400, m)
+    }
+    fn forbidden(m: impl Into<String>) -> ApiError {
+        ApiError::new(403, m)
+    }
+    fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError::new(404, m)
+    }
+    fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError::new(409, m)
+    }
+    fn internal(m: impl Into<String>) -> ApiError {
+        ApiError::new(500, m)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+/// Metric labels of a disk: `(name, value)` pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// A volume as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// Ferrodisk created the file (and deletes it with the volume).
+    pub owned: bool,
+    /// Instances allowed to attach it; empty: any instance.
+    #[serde(default)]
+    pub allowed_instances: Vec<String>,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    /// Size of a new file: bytes, or with a K/M/G/T suffix.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// An existing file or block device to use (its size is its own), or where to create
+    /// the new file (default: `<state dir>/volumes/<name>.img`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub allowed_instances: Vec<String>,
+}
+
+/// Per-attachment options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachOptions {
+    #[serde(default)]
+    pub queues: Option<u16>,
+    #[serde(default)]
+    pub queue_size: Option<u16>,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub direct: Option<bool>,
+    #[serde(default)]
+    pub poll_us: Option<u32>,
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Mode of the socket file, as an octal string ("0600" by default).
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+    #[serde(default)]
+    pub socket_uid: Option<u32>,
+    #[serde(default)]
+    pub socket_gid: Option<u32>,
+    /// The fine latency buckets, `LO-HI[/STEPS]` (default `0-1ms/50`).
+    #[serde(default)]
+    pub latency_range: Option<String>,
+}
+
+/// `POST /v1/attachments`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    pub volume: String,
+    pub instance: String,
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub options: AttachOptions,
+    /// Allow the volume to be attached to more than one instance at a time.
+    #[serde(default)]
+    pub multi_attach: bool,
+}
+
+/// An attachment as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// `<volume>@<instance>`.
+    pub id: String,
+    pub volume: String,
+    pub instance: String,
+    pub context: BTreeMap<String, String>,
+    pub socket: PathBuf,
+    pub options: AttachOptions,
+    pub multi_attach: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    volumes: BTreeMap<String, Volume>,
+    attachments: BTreeMap<String, Attachment>,
+}
+
+struct Inner {
+    state: State,
+    /// Attachments being served, by id.
+    live: HashMap<String, Arc<DiskServer>>,
+    /// Attachments that could not be served again after a restart, with the reason.
+    failed: BTreeMap<String, String>,
+    /// Disks given with `--disk` (served, but not managed or persisted).
+    static_disks: Vec<Arc<DiskServer>>,
+}
+
+/// The daemon's volumes and attachments.
+pub struct Manager {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "{what} `{s}`: use 1-64 characters from [A-Za-z0-9._-], not starting with a dot"
+        )))
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, ApiError> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| ApiError::bad(format!("socket_mode `{s}` is not an octal mode")))?;
+    if m & !0o777 != 0 {
+        return Err(ApiError::bad(format!(
+            "socket_mode `{s}` has bits beyond 0777"
+        )));
+    }
+    Ok(m)
+}
+
+impl Manager {
+    /// Opens (or creates) the state in `dir` and serves every recorded attachment again.
+    /// An attachment that cannot be served (its backing is gone, its socket is taken) is
+    /// reported in `failed` and logged; the others are served.
+    pub fn open(dir: &Path) -> Result<Arc<Manager>, String> {
+        std::fs::create_dir_all(dir.join("volumes"))
+            .map_err(|e| format!("state directory {}: {e}", dir.display()))?;
+        let path = dir.join("state.json");
+        let state: State = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| format!("{} is corrupt: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let m = Arc::new(Manager {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                state,
+                live: HashMap::new(),
+                failed: BTreeMap::new(),
+                static_disks: Vec::new(),
+            }),
+        });
+        {
+            let mut inner = m.lock();
+            let atts: Vec<Attachment> = inner.state.attachments.values().cloned().collect();
+            for a in atts {
+                let vol = inner.state.volumes.get(&a.volume).cloned();
+                let served = match vol {
+                    Some(v) => serve(&v, &a),
+                    None => Err(ApiError::internal(format!("volume {} is gone", a.volume))),
+                };
+                match served {
+                    Ok(s) => {
+                        tracing::info!(attachment = %a.id, socket = %a.socket.display(), "attachment restored");
+                        inner.live.insert(a.id.clone(), s);
+                    }
+                    Err(e) => {
+                        tracing::error!(attachment = %a.id, "cannot serve the attachment again: {}", e.message);
+                        inner.failed.insert(a.id.clone(), e.message);
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `--disk` disks alongside the managed ones (in stats and metrics).
+    pub fn add_static(&self, s: Arc<DiskServer>) {
+        self.lock().static_disks.push(s);
+    }
+
+    fn save(&self, state: &State) -> Result<(), ApiError> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join(".state.json.tmp");
+        let bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| ApiError::internal(e.to_string()))?;
+        let io = |e: std::io::Error| ApiError::internal(format!("cannot save the state: {e}"));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Applies `change` to a copy of the state, saves it, and only then makes it current.
+    fn commit(&self, inner: &mut Inner, change: impl FnOnce(&mut State)) -> Result<(), ApiError> {
+        let mut next = inner.state.clone();
+        change(&mut next);
+        self.save(&next)?;
+        inner.state = next;
+        Ok(())
+    }
+
+    pub fn create_volume(&self, req: CreateVolume) -> Result<Volume, ApiError> {
+        valid_name("volume name", &req.name)?;
+        for i in &req.allowed_instances {
+            valid_name("instance id", i)?;
+        }
+        let mut inner = self.lock();
+        if inner.state.volumes.contains_key(&req.name) {
+            return Err(ApiError::conflict(format!("volume {} exists", req.name)));
+        }
+        let size = req
+            .size
+            .as_deref()
+            .map(|s| crate::config::parse_size("size", s).map_err(|e| ApiError::bad(e.to_string())))
+            .transpose()?;
+        let (path, size, owned) = match (&req.path, size) {
+            (Some(p), None) => {
+                let meta = std::fs::metadata(p)
+                    .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
+                let size = if meta.file_type().is_block_device() {
+                    let f = File::open(p)
+                        .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
+                    crate::sys::block_device_info(&f)
+                        .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?
+                        .size
+                } else if meta.is_file() {
+                    meta.len()
+                } else {
+                    return Err(ApiError::bad(format!(
+                        "{} is neither a regular file nor a block device",
+                        p.display()
+                    )));
+                };
+                if size == 0 || size % 512 != 0 {
+                    return Err(ApiError::bad(format!(
+                        "{} is {size} bytes: not a non-zero multiple of 512",
+                        p.display()
+                    )));
+                }
+                (p.clone(), size, false)
+            }
+            (p, Some(size)) => {
+                let path = p
+                    .clone()
+                    .unwrap_or_else(|| self.dir.join("volumes").join(format!("{}.img", req.name)));
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| {
+                        ApiError::conflict(format!("cannot create {}: {e}", path.display()))
+                    })?;
+                f.set_len(size)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+                (path, size, true)
+            }
+            (None, None) => {
+                return Err(ApiError::bad(
+                    "give `size` (a new file) or `path` (an existing file or block device)",
+                ))
+            }
+        };
+        let vol = Volume {
+            name: req.name.clone(),
+            path,
+            size,
+            owned,
+            allowed_instances: req.allowed_instances,
+        };
+        let v = vol.clone();
+        let r = self.commit(&mut inner, |s| {
+            s.volumes.insert(v.name.clone(), v);
+        });
+        if let Err(e) = r {
+            if owned {
+                let _ = std::fs::remove_file(&vol.path);
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = %vol.name, path = %vol.path.display(), size = vol.size, "volume created");
+        Ok(vol)
+    }
+
+    pub fn volumes(&self) -> Vec<serde_json::Value> {
+        let inner = self.lock();
+        inner
+            .state
+            .volumes
+            .values()
+            .map(|v| {
+                let attached: Vec<&String> = inner
+                    .state
+                    .attachments
+                    .values()
+                    .filter(|a| a.volume == v.name)
+                    .map(|a| &a.id)
+                    .collect();
+                let mut j = serde_json::to_value(v).unwrap_or_default();
+                j["attachments"] = serde_json::json!(attached);
+                j
+            })
+            .collect()
+    }
+
+    /// Grows a volume; attached guests see the new size through a config-change message.
+    pub fn resize_volume(&self, name: &str, size: &str) -> Result<Volume, ApiError> {
+        let bytes =
+            crate::config::parse_size("size", size).map_err(|e| ApiError::bad(e.to_string()))?;
+        let mut inner = self.lock();
+        let vol = inner
+            .state
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
+        if bytes < vol.size {
+            return Err(ApiError::bad(format!(
+                "shrinking {name} from {} to {bytes} bytes is refused (the guest may have data there)",
+                vol.size
+            )));
+        }
+        let live: Vec<Arc<DiskServer>> = inner
+            .state
+            .attachments
+            .values()
+            .filter(|a| a.volume == name)
+            .filter_map(|a| inner.live.get(&a.id).cloned())
+            .collect();
+        if live.is_empty() {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&vol.path)
+                .map_err(|e| ApiError::internal(format!("{}: {e}", vol.path.display())))?;
+            if f.metadata()
+                .map(|m| m.file_type().is_block_device())
+                .unwrap_or(false)
+            {
+                return Err(ApiError::bad("a block device has the size of the device"));
+            }
+            f.set_len(bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| ApiError::internal(format!("{}: {e}", vol.path.display())))?;
+        }
+        for s in &live {
+            s.disk.resize(bytes).map_err(ApiError::bad)?;
+        }
+        self.commit(&mut inner, |s| {
+            if let Some(v) = s.volumes.get_mut(name) {
+                v.size = bytes;
+            }
+        })?;
+        tracing::info!(
+            volume = name,
+            size = bytes,
+            attachments = live.len(),
+            "volume resized"
+        );
+        Ok(Volume { size: bytes, ..vol })
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let vol = inner
+            .state
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
+        if let Some(a) = inner.state.attachments.values().find(|a| a.volume == name) {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is attached ({}); detach it first",
+                a.id
+            )));
+        }
+        self.commit(&mut inner, |s| {
+            s.volumes.remove(name);
+        })?;
+        if vol.owned {
+            if let Err(e) = std::fs::remove_file(&vol.path) {
+                tracing::warn!(volume = name, "cannot remove {}: {e}", vol.path.display());
+            }
+        }
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    pub fn attach(&self, req: Attach) -> Result<Attachment, ApiError> {
+        valid_name("instance id", &req.instance)?;
+        if req.socket.as_os_str().is_empty() || !req.socket.is_absolute() {
+            return Err(ApiError::bad("`socket` must be an absolute path"));
+        }
+        for (k, v) in &req.context {
+            if k.is_empty() || k.len() > 64 || v.len() > 256 {
+                return Err(ApiError::bad(format!(
+                    "context `{k}`: keys are 1-64 bytes, values at most 256"
+                )));
+            }
+        }
+        let mut inner = self.lock();
+        let vol = inner
+            .state
+            .volumes
+            .get(&req.volume)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no volume {}", req.volume)))?;
+        if !vol.allowed_instances.is_empty() && !vol.allowed_instances.contains(&req.instance) {
+            return Err(ApiError::forbidden(format!(
+                "instance {} may not attach volume {} (allowed: {})",
+                req.instance,
+                vol.name,
+                vol.allowed_instances.join(", ")
+            )));
+        }
+        let id = format!("{}@{}", req.volume, req.instance);
+        if inner.state.attachments.contains_key(&id) {
+            return Err(ApiError::conflict(format!("{id} is already attached")));
+        }
+        let others: Vec<&Attachment> = inner
+            .state
+            .attachments
+            .values()
+            .filter(|a| a.volume == req.volume)
+            .collect();
+        if let Some(o) = others.first() {
+            if !req.multi_attach || others.iter().any(|a| !a.multi_attach) {
+                return Err(ApiError::conflict(format!(
+                    "volume {} is attached to {} already; multi-attach must be asked for by every attachment",
+                    req.volume, o.instance
+                )));
+            }
+        }
+        if inner
+            .state
+            .attachments
+            .values()
+            .any(|a| a.socket == req.socket)
+        {
+            return Err(ApiError::conflict(format!(
+                "socket {} serves another attachment",
+                req.socket.display()
+            )));
+        }
+        let att = Attachment {
+            id: id.clone(),
+            volume: req.volume,
+            instance: req.instance,
+            context: req.context,
+            socket: req.socket,
+            options: req.options,
+            multi_attach: req.multi_attach,
+        };
+        let served = serve(&vol, &att)?;
+        let a = att.clone();
+        if let Err(e) = self.commit(&mut inner, |s| {
+            s.attachments.insert(a.id.clone(), a);
+        }) {
+            served.close();
+            return Err(e);
+        }
+        inner.live.insert(id.clone(), served);
+        inner.failed.remove(&id);
+        tracing::info!(attachment = %id, socket = %att.socket.display(), context = ?att.context, "attached");
+        Ok(att)
+    }
+
+    /// Drains the attachment's requests, closes its connection and socket, and forgets it.
+    pub fn detach(&self, id: &str) -> Result<(), ApiError> {
+        let server = {
+            let mut inner = self.lock();
+            if !inner.state.attachments.contains_key(id) {
+                return Err(ApiError::not_found(format!("no attachment {id}")));
+            }
+            self.commit(&mut inner, |s| {
+                s.attachments.remove(id);
+            })?;
+            inner.failed.remove(id);
+            inner.live.remove(id)
+        };
+        if let Some(s) = server {
+            s.close();
+            if let Err(e) = s.disk.sync() {
+                tracing::error!(attachment = id, "flush at detach failed: {e}");
+            }
+        }
+        tracing::info!(attachment = id, "detached");
+        Ok(())
+    }
+
+    pub fn attachments(&self) -> Vec<serde_json::Value> {
+        let inner = self.lock();
+        inner
+            .state
+            .attachments
+            .values()
+            .map(|a| {
+                let mut j = serde_json::to_value(a).unwrap_or_default();
+                j["state"] = match (inner.live.get(&a.id), inner.failed.get(&a.id)) {
+                    (Some(_), _) => "serving".into(),
+                    (None, Some(why)) => format!("failed: {why}").into(),
+                    (None, None) => "stopped".into(),
+                };
+                j
+            })
+            .collect()
+    }
+
+    /// Counters (and latency histograms) per disk; `id` selects one attachment.
+    pub fn stats(&self, id: Option<&str>) -> Result<Vec<serde_json::Value>, ApiError> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (aid, s) in &inner.live {
+            if id.is_some_and(|i| i != aid) {
+                continue;
+            }
+            let a = inner.state.attachments.get(aid);
+            out.push(disk_stats(Some(aid), a, &s.disk));
+        }
+        if id.is_none() {
+            for s in &inner.static_disks {
+                out.push(disk_stats(None, None, &s.disk));
+            }
+        }
+        if let (Some(i), true) = (id, out.is_empty()) {
+            return Err(ApiError::not_found(format!(
+                "no attachment {i} is being served"
+            )));
+        }
+        out.sort_by(|a, b| a["socket"].as_str().cmp(&b["socket"].as_str()));
+        Ok(out)
+    }
+
+    /// Every disk being served: (labels, disk).
+    pub fn disks(&self) -> Vec<(Labels, Arc<Disk>)> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (id, s) in &inner.live {
+            let mut labels = vec![(
+                "disk".to_string(),
+                s.disk.config.socket.display().to_string(),
+            )];
+            if let Some(a) = inner.state.attachments.get(id) {
+                labels.push(("volume".into(), a.volume.clone()));
+                labels.push(("instance".into(), a.instance.clone()));
+            }
+            out.push((labels, Arc::clone(&s.disk)));
+        }
+        for s in &inner.static_disks {
+            out.push((
+                vec![(
+                    "disk".to_string(),
+                    s.disk.config.socket.display().to_string(),
+                )],
+                Arc::clone(&s.disk),
+            ));
+        }
+        out
+    }
+
+    /// Graceful stop: drain and close every attachment; the state stays, so the next
+    /// start serves them again.
+    pub fn stop_all(&self) -> Vec<Arc<DiskServer>> {
+        let inner = self.lock();
+        let all: Vec<Arc<DiskServer>> = inner
+            .live
+            .values()
+            .chain(inner.static_disks.iter())
+            .cloned()
+            .collect();
+        for s in &all {
+            s.stop();
+        }
+        all
+    }
+}
+
+fn disk_stats(id: Option<&str>, a: Option<&Attachment>, d: &Disk) -> serde_json::Value {
+    let stats: serde_json::Value =
+        serde_json::from_str(&d.stats.to_json()).unwrap_or(serde_json::Value::Null);
+    let repl = d
+        .repl
+        .get()
+        .map(|r| crate::repl::tools::health_json(&[Arc::clone(r)]).1);
+    serde_json::json!({
+        "attachment": id,
+        "socket": d.config.socket.display().to_string(),
+        "volume": a.map(|a| a.volume.clone()).or_else(|| d.config.volume.clone()),
+        "instance": a.map(|a| a.instance.clone()),
+        "context": a.map(|a| a.context.clone()),
+        "size": d.capacity_bytes(),
+        "stats": stats,
+        "latency": crate::metrics::to_json(&d.metrics),
+        "replication": repl.map(|r| r["volumes"][0].clone()),
+    })
+}
+
+/// Opens the volume for an attachment and serves it on its socket.
+fn serve(vol: &Volume, a: &Attachment) -> Result<Arc<DiskServer>, ApiError> {
+    let o = &a.options;
+    let mut cfg = DiskConfig::new(Backing::Path(vol.path.clone()), a.socket.clone());
+    if let Some(q) = o.queues {
+        if q == 0 || q > MAX_QUEUES {
+            return Err(ApiError::bad(format!("queues={q}: use 1..{MAX_QUEUES}")));
+        }
+        cfg.queues = q;
+    }
+    if let Some(q) = o.queue_size {
+        if !(2..=MAX_QUEUE_SIZE).contains(&q) || !q.is_power_of_two() {
+            return Err(ApiError::bad(format!(
+                "queue_size={q}: use a power of two in 2..{MAX_QUEUE_SIZE}"
+            )));
+        }
+        cfg.queue_size = q;
+    }
+    if let Some(p) = o.poll_us {
+        if u64::from(p) > crate::config::MAX_POLL_US {
+            return Err(ApiError::bad(format!("poll_us={p} is too large")));
+        }
+        cfg.poll_us = p;
+    }
+    if let Some(s) = &o.serial {
+        if s.len() > 20 || !s.is_ascii() {
+            return Err(ApiError::bad("serial: at most 20 ASCII characters"));
+        }
+        cfg.serial = Some(s.clone());
+    }
+    cfg.readonly = o.readonly;
+    cfg.direct = o.direct;
+    if let Some(r) = &o.latency_range {
+        cfg.latency_range = crate::metrics::FineRange::parse(r)
+            .map_err(|e| ApiError::bad(format!("latency_range: {e}")))?;
+    }
+    let access = SocketAccess {
+        mode: o
+            .socket_mode
+            .as_deref()
+            .map(parse_mode)
+            .transpose()?
+            .unwrap_or(0o600),
+        uid: o.socket_uid,
+        gid: o.socket_gid,
+    };
+    let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
+    let listener = server::bind(&a.socket).map_err(|e| ApiError::conflict(chain(&e)))?;
+    if let Err(e) = server::restrict(&a.socket, access) {
+        let _ = std::fs::remove_file(&a.socket);
+        return Err(ApiError::bad(format!(
+            "cannot set the socket's mode or owner: {e}"
+        )));
+    }
+    DiskServer::start(Arc::new(disk), listener)
+        .map(Arc::new)
+        .map_err(|e| ApiError::internal(format!("cannot start the disk thread: {e}")))
+}
+
+/// An error with its chain of sources.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}

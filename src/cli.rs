@@ -1,0 +1,350 @@
+//! The client subcommands: they call the daemon's API and print tables (or `--json`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ferrodisk::api::client::{request, Response};
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct ApiSocket {
+    /// The daemon's API socket.
+    #[arg(long, env = "FERRODISK_API", default_value = "/run/ferrodisk/api.sock")]
+    pub api: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume: a new file of --size, or an existing file or block device (--path).
+    Create {
+        name: String,
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// An instance allowed to attach it (repeat; default: any).
+        #[arg(long = "allow", value_name = "INSTANCE")]
+        allow: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume; attached guests see the new size at once.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume (it must not be attached).
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub api: ApiSocket,
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long)]
+    pub instance: String,
+    /// Instance context, KEY=VALUE (repeat), e.g. --context instance-type=m5.large --context os=linux.
+    #[arg(long = "context", value_name = "KEY=VALUE")]
+    pub context: Vec<String>,
+    /// The vhost-user socket to serve the disk on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub queues: Option<u16>,
+    #[arg(long)]
+    pub queue_size: Option<u16>,
+    #[arg(long)]
+    pub readonly: bool,
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Mode of the socket (octal, default 600).
+    #[arg(long)]
+    pub socket_mode: Option<String>,
+    #[arg(long)]
+    pub socket_uid: Option<u32>,
+    #[arg(long)]
+    pub socket_gid: Option<u32>,
+    /// Allow the volume to be attached to several instances at once.
+    #[arg(long)]
+    pub multi_attach: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the response (JSON or `human`), or the error; the exit code follows the status.
+fn finish(r: Result<Response, String>, json: bool, human: impl FnOnce(&Value)) -> ExitCode {
+    match r {
+        Err(e) => {
+            eprintln!("ferrodisk: {e}");
+            ExitCode::from(1)
+        }
+        Ok(r) if r.status >= 400 => {
+            if json {
+                println!("{}", r.body);
+            }
+            eprintln!("ferrodisk: {} (HTTP {})", r.error(), r.status);
+            ExitCode::from(if r.status < 500 { 2 } else { 1 })
+        }
+        Ok(r) => {
+            let v = r.json();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or(r.body));
+            } else {
+                human(&v);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Prints rows as an aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn human_size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 && (v / 1024.0).fract() == 0.0 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v}{}", UNITS[u])
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub fn volume(api: &ApiSocket, cmd: VolumeCmd) -> ExitCode {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            path,
+            allow,
+            json,
+        } => {
+            let body =
+                json!({ "name": name, "size": size, "path": path, "allowed_instances": allow });
+            let r = request(&api.api, "POST", "/v1/volumes", Some(&body));
+            finish(r, json, |v| {
+                println!(
+                    "volume {} created: {} at {}",
+                    s(&v["name"]),
+                    human_size(v["size"].as_u64().unwrap_or(0)),
+                    s(&v["path"])
+                )
+            })
+        }
+        VolumeCmd::List { json } => {
+            let r = request(&api.api, "GET", "/v1/volumes", None);
+            finish(r, json, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        let atts: Vec<String> = x["attachments"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(s)
+                            .collect();
+                        let allowed: Vec<String> = x["allowed_instances"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(s)
+                            .collect();
+                        vec![
+                            s(&x["name"]),
+                            human_size(x["size"].as_u64().unwrap_or(0)),
+                            s(&x["path"]),
+                            if allowed.is_empty() {
+                                "any".into()
+                            } else {
+                                allowed.join(",")
+                            },
+                            if atts.is_empty() {
+                                "-".into()
+                            } else {
+                                atts.join(",")
+                            },
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "SIZE", "PATH", "ALLOWED", "ATTACHED"], rows);
+            })
+        }
+        VolumeCmd::Resize { name, size, json } => {
+            let r = request(
+                &api.api,
+                "POST",
+                &format!("/v1/volumes/{name}/resize"),
+                Some(&json!({ "size": size })),
+            );
+            finish(r, json, |v| {
+                println!(
+                    "volume {} is now {}",
+                    s(&v["name"]),
+                    human_size(v["size"].as_u64().unwrap_or(0))
+                )
+            })
+        }
+        VolumeCmd::Delete { name, json } => {
+            let r = request(&api.api, "DELETE", &format!("/v1/volumes/{name}"), None);
+            finish(r, json, |_| println!("volume {name} deleted"))
+        }
+    }
+}
+
+pub fn attach(a: &AttachArgs) -> ExitCode {
+    let mut context = serde_json::Map::new();
+    for kv in &a.context {
+        let Some((k, v)) = kv.split_once('=') else {
+            eprintln!("ferrodisk: --context {kv}: expected KEY=VALUE");
+            return ExitCode::from(2);
+        };
+        context.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let body = json!({
+        "volume": a.volume,
+        "instance": a.instance,
+        "context": context,
+        "socket": a.socket,
+        "multi_attach": a.multi_attach,
+        "options": {
+            "queues": a.queues,
+            "queue_size": a.queue_size,
+            "readonly": a.readonly,
+            "serial": a.serial,
+            "socket_mode": a.socket_mode,
+            "socket_uid": a.socket_uid,
+            "socket_gid": a.socket_gid,
+        },
+    });
+    let r = request(&a.api.api, "POST", "/v1/attachments", Some(&body));
+    finish(r, a.json, |v| {
+        println!("attached {} on {}", s(&v["id"]), s(&v["socket"]))
+    })
+}
+
+pub fn detach(api: &ApiSocket, id: &str, json: bool) -> ExitCode {
+    let r = request(&api.api, "DELETE", &format!("/v1/attachments/{id}"), None);
+    finish(r, json, |_| println!("detached {id}"))
+}
+
+pub fn stats(api: &ApiSocket, id: Option<&str>, json: bool) -> ExitCode {
+    let path = match id {
+        Some(i) => format!("/v1/stats/{i}"),
+        None => "/v1/stats".to_string(),
+    };
+    let r = request(&api.api, "GET", &path, None);
+    finish(r, json, |v| {
+        let rows = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let t = &d["stats"]["totals"];
+                let lat = &d["latency"];
+                let p = |op: &str, q: &str| {
+                    lat[op][q]
+                        .as_f64()
+                        .map(|x| format!("{x:.0}"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let repl = &d["replication"];
+                let repl_s = if repl.is_null() {
+                    "-".to_string()
+                } else {
+                    let reps: Vec<String> = repl["replicas"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| match r["resync_progress"].as_f64() {
+                            Some(p) => {
+                                format!("{}:{} {:.0}%", s(&r["addr"]), s(&r["state"]), p * 100.0)
+                            }
+                            None => format!("{}:{}", s(&r["addr"]), s(&r["state"])),
+                        })
+                        .collect();
+                    format!(
+                        "{} e{} [{}]",
+                        s(&repl["status"]),
+                        s(&repl["epoch"]),
+                        reps.join(" ")
+                    )
+                };
+                vec![
+                    d["attachment"].as_str().unwrap_or("(--disk)").to_string(),
+                    s(&d["socket"]),
+                    human_size(d["size"].as_u64().unwrap_or(0)),
+                    s(&t["reads"]),
+                    s(&t["writes"]),
+                    s(&t["flushes"]),
+                    s(&t["read_bytes"]),
+                    s(&t["write_bytes"]),
+                    format!("{}/{}", s(&t["errors_ioerr"]), s(&t["errors_unsupp"])),
+                    format!("{}/{}", p("read", "p50_us"), p("read", "p99_us")),
+                    format!("{}/{}", p("write", "p50_us"), p("write", "p99_us")),
+                    repl_s,
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "ATTACHMENT",
+                "SOCKET",
+                "SIZE",
+                "READS",
+                "WRITES",
+                "FLUSHES",
+                "READ_B",
+                "WRITE_B",
+                "ERR(IO/UNSUP)",
+                "READ_P50/P99_US",
+                "WRITE_P50/P99_US",
+                "REPLICATION",
+            ],
+            rows,
+        );
+    })
+}
