@@ -503,3 +503,45 @@ const EXEMPT: &[&str] = &[
     "resubmitted",
     "op=\"other\"",
 ];
+
+#[test]
+fn a_disk_whose_backing_goes_away_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ApiDaemon::start(dir.path(), &[]);
+    for name in ["a", "b"] {
+        let (s, _) = d.call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": name, "size": "4M"})),
+        );
+        assert_eq!(s, 201);
+        let (s, _) = d.call(
+            "POST",
+            "/v1/attachments",
+            Some(json!({"volume": name, "instance": "i", "socket": dir.path().join(format!("{name}.sock"))})),
+        );
+        assert_eq!(s, 201);
+    }
+    let mut a = Client::connect(&dir.path().join("a.sock"), 1, false).unwrap();
+    let mut b = Client::connect(&dir.path().join("b.sock"), 1, false).unwrap();
+    assert_eq!(a.write(0, 1 << 20, &[1u8; 4096], ReqFlags::empty()), 0);
+    // The backing of `a` loses its data under the daemon (truncated by someone else).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("state/volumes/a.img"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert!(
+        a.read(0, 1 << 20, 4096).is_err(),
+        "reads past the end of the file fail"
+    );
+    assert_eq!(b.write(0, 0, &[2u8; 4096], ReqFlags::empty()), 0);
+    assert_eq!(
+        b.read(0, 0, 4096).unwrap(),
+        vec![2u8; 4096],
+        "the other disk is unaffected"
+    );
+    let (s, _) = d.call("GET", "/v1/stats", None);
+    assert_eq!(s, 200, "the daemon still answers");
+}
