@@ -1,0 +1,1 @@
+//! crypt image (being written).

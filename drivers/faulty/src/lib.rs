@@ -1,0 +1,1 @@
+//! faulty image (being written).

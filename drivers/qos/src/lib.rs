@@ -1,0 +1,1 @@
+//! qos image (being written).
