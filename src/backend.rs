@@ -83,6 +83,27 @@ impl BlkBackend {
             .collect()
     }
 
+    /// Each worker's timer (deferred requests, wake-ups).
+    pub fn timer_fds(&self) -> Vec<i32> {
+        (0..self.workers.len())
+            .map(|q| self.worker(q).timer_fd())
+            .collect()
+    }
+
+    /// Makes every worker look at its ring again soon (after a pause).
+    pub fn wake_all(&self) {
+        for q in 0..self.workers.len() {
+            self.worker(q).wake();
+        }
+    }
+
+    /// Waits until no worker is in the middle of a batch (each lock taken once).
+    pub fn barrier(&self) {
+        for q in 0..self.workers.len() {
+            drop(self.worker(q));
+        }
+    }
+
     pub fn num_queues_usize(&self) -> usize {
         self.workers.len()
     }
@@ -230,6 +251,8 @@ impl VhostUserBackend for BlkBackend {
             worker.process_completions(vring);
         } else if u64::from(device_event) == completion_event(self.workers.len()) + 1 {
             worker.process_replica_acks(vring);
+        } else if u64::from(device_event) == completion_event(self.workers.len()) + 2 {
+            worker.process_timer(vring);
         }
         worker.poll(vring);
         // Never return an error for what a guest did: an error ends the worker thread.

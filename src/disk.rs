@@ -66,6 +66,12 @@ pub struct Disk {
     /// The current frontend's backend-request channel (VHOST_USER_SET_BACKEND_REQ_FD), used
     /// to tell it that the configuration (the capacity) changed.
     pub backend_channel: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// The attachment's driver image (`None`: requests go straight on), swapped only at a
+    /// quiesce point; workers notice a swap by the generation.
+    driver: std::sync::Mutex<Option<std::sync::Arc<crate::driver::Driver>>>,
+    pub driver_generation: std::sync::atomic::AtomicU64,
+    /// While set, workers take nothing new from the rings (an upgrade is draining them).
+    pub paused: AtomicBool,
 }
 
 impl Disk {
@@ -90,6 +96,9 @@ impl Disk {
             config,
             repl: std::sync::OnceLock::new(),
             backend_channel: std::sync::Mutex::new(None),
+            driver: std::sync::Mutex::new(None),
+            driver_generation: std::sync::atomic::AtomicU64::new(0),
+            paused: AtomicBool::new(false),
         })
     }
 
@@ -119,6 +128,21 @@ impl Disk {
             num_queues: self.config.queues,
             writeback: self.writeback(),
         }
+    }
+
+    pub fn driver(&self) -> Option<std::sync::Arc<crate::driver::Driver>> {
+        self.driver.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs (or replaces) the driver image; returns the previous one. Call before the
+    /// disk serves, or with its queues drained and paused.
+    pub fn set_driver(
+        &self,
+        d: Option<std::sync::Arc<crate::driver::Driver>>,
+    ) -> Option<std::sync::Arc<crate::driver::Driver>> {
+        let old = std::mem::replace(&mut *self.driver.lock().unwrap_or_else(|p| p.into_inner()), d);
+        self.driver_generation.fetch_add(1, Ordering::AcqRel);
+        old
     }
 
     pub fn capacity_sectors(&self) -> u64 {

@@ -17,6 +17,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod disk;
+pub mod driver;
 pub mod engine;
 pub mod inflight;
 pub mod metrics;

@@ -133,6 +133,29 @@ impl DiskServer {
         })
     }
 
+    /// Runs `f` at a quiesce point: no new request is taken from the rings, and every request
+    /// already taken has completed. Requests the guest queues meanwhile wait in the rings and
+    /// are taken afterwards: none is lost. Returns `None` if the disk did not drain in time
+    /// (then `f` did not run).
+    pub fn quiesced<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        use std::sync::atomic::Ordering;
+        self.disk.paused.store(true, Ordering::Release);
+        let backend = match &self.control.0.lock().unwrap_or_else(|p| p.into_inner()).conn {
+            Conn::Connected(_, b) => Some(Arc::clone(b)),
+            _ => None,
+        };
+        let drained = backend.as_ref().is_none_or(|b| {
+            b.barrier();
+            b.wait_idle(DRAIN_TIMEOUT)
+        });
+        let r = drained.then(f);
+        self.disk.paused.store(false, Ordering::Release);
+        if let Some(b) = backend {
+            b.wake_all();
+        }
+        r
+    }
+
     /// Stops serving for good (detach): winds the connection down as [`stop`](Self::stop)
     /// does, ends the accept loop, and removes the socket file.
     pub fn close(&self) {
@@ -228,6 +251,14 @@ fn serve_one(
         if let Some(fd) = fd {
             handler.register_listener(fd, EventSet::IN, event)?;
         }
+    }
+    // Deferred requests and wake-ups.
+    for (handler, fd) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(backend.timer_fds())
+    {
+        handler.register_listener(fd, EventSet::IN, event + 2)?;
     }
     // Replica acknowledgements wake the same worker threads.
     if let Some(repl) = disk.repl.get() {

@@ -21,7 +21,9 @@ use crate::disk::Disk;
 use crate::engine::uring::{UringError, UringQueue};
 use crate::engine::{Completion, QueueEngine};
 use crate::inflight::{InflightRegion, QueueTracker};
+use crate::driver::{abi, Driver, Verdict};
 use crate::metrics::OpKind;
+use vmm_sys_util::timerfd::TimerFd;
 use crate::proxy::InflightSlot;
 use crate::repl::primary::{Delivery, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
@@ -68,6 +70,59 @@ pub struct QueueWorker {
     /// kind: completions feed the latency histograms.
     started: Vec<(Instant, OpKind)>,
     batch_start: Instant,
+    /// The attachment's driver image (refreshed when an upgrade swaps it), a request it
+    /// asked to delay, and the reads it transforms on completion (indexed by head).
+    driver: Option<Arc<Driver>>,
+    driver_generation: u64,
+    deferred: Option<Deferred>,
+    driver_reads: Vec<Option<DriverRead>>,
+    timer: TimerFd,
+}
+
+/// A request a driver image asked to retry later; nothing behind it is popped meanwhile.
+struct Deferred {
+    req: Request,
+    iov: Vec<libc::iovec>,
+    mem: Arc<GuestMem>,
+    until: Instant,
+}
+
+/// A read whose data the driver image transforms once it is in the guest's buffers.
+struct DriverRead {
+    offset: u64,
+    len: u64,
+    iov: Vec<libc::iovec>,
+    /// Keeps the mapping the iovecs point into alive until the read is published.
+    _mem: Arc<GuestMem>,
+}
+
+/// A write buffer for transformed data, aligned for O_DIRECT.
+struct Bounce {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Bounce {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> Bounce {
+        let buf = vec![0u8; len + Self::ALIGN];
+        let start = buf.as_ptr().align_offset(Self::ALIGN);
+        Bounce { buf, start }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf[self.start..].as_mut_ptr()
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.buf[self.start..].as_ptr()
+    }
+
+    /// The owning vector (its heap block, and so the aligned data, does not move).
+    fn into_vec(self) -> Vec<u8> {
+        self.buf
+    }
 }
 
 /// A replicated request: what it still waits for.
@@ -133,6 +188,13 @@ impl QueueWorker {
             in_flight,
             started: vec![(Instant::now(), OpKind::Other); usize::from(size)],
             batch_start: Instant::now(),
+            driver: disk.driver(),
+            driver_generation: disk
+                .driver_generation
+                .load(std::sync::atomic::Ordering::Acquire),
+            deferred: None,
+            driver_reads: (0..size).map(|_| None).collect(),
+            timer: TimerFd::new().map_err(|e| UringError::EventFd(e.into()))?,
             disk,
         })
     }
@@ -154,6 +216,7 @@ impl QueueWorker {
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         self.refresh_inflight();
+        self.refresh_driver();
         if self.needs_recovery {
             self.recover(&mut state, &mem);
         }
@@ -176,7 +239,7 @@ impl QueueWorker {
             }
             // Stopping: the avail ring may still hold chains, which stay there for the next
             // backend; re-enabling notifications would only report them again.
-            if self.backpressured || self.polling || self.stopping() {
+            if self.backpressured || self.polling || self.stopping() || self.held_back() {
                 break;
             }
             match state.get_queue_mut().enable_notification(&*mem) {
@@ -262,9 +325,16 @@ impl QueueWorker {
             n != 0 && n <= q.size()
         };
         !self.stopping()
+            && !self.held_back()
             && q.ready()
             && q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
                 .is_ok_and(pending)
+    }
+
+    /// Nothing new is taken while a request waits for its driver image, or while the disk
+    /// is paused for an upgrade.
+    fn held_back(&self) -> bool {
+        self.deferred.is_some() || self.disk.paused.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Set once the connection is being wound down: take nothing new from the rings.
@@ -369,7 +439,7 @@ impl QueueWorker {
     }
 
     fn pop_batch(&mut self, queue: &mut virtio_queue::Queue, mem: &Arc<GuestMem>) {
-        if self.stopping() {
+        if self.stopping() || self.held_back() {
             return;
         }
         let geo = self.disk.geometry();
@@ -387,6 +457,9 @@ impl QueueWorker {
             if !self.has_room() {
                 self.backpressured = true;
                 return;
+            }
+            if self.deferred.is_some() {
+                return; // a driver image asked to wait: keep the order
             }
             let Some(chain) = iter.next() else { return };
             if let Some((region, tracker)) = &mut self.tracker {
@@ -413,7 +486,10 @@ impl QueueWorker {
                 );
             }
             match parsed {
-                Ok(req) => self.dispatch(&req, mem),
+                Ok(req) => {
+                    self.count(&req);
+                    self.dispatch(&req, mem)
+                }
                 Err(rej) => {
                     let status = rej.error.status();
                     let st = self.stats();
@@ -510,8 +586,144 @@ impl QueueWorker {
         let _ = state.signal_used_queue();
     }
 
+    fn fail_now(&mut self, req: &Request) {
+        add(&self.stats().errors_ioerr, 1);
+        self.done.push(Completion {
+            head: req.head,
+            status_addr: Some(req.status),
+            status: S_IOERR,
+            used_len: 1,
+        });
+    }
+
+    /// The driver image stage: asks the image about `req`. Returns the bounce buffer that
+    /// replaces the guest's data for a transformed write, or `Err(())` when the request was
+    /// completed (failed) or deferred here.
+    fn driver_stage(
+        &mut self,
+        req: &Request,
+        mem: &Arc<GuestMem>,
+    ) -> Result<Option<Bounce>, ()> {
+        let Some(drv) = self.driver.clone() else {
+            return Ok(None);
+        };
+        if req.op == Op::GetId {
+            return Ok(None);
+        }
+        let (op, offset, len) = match req.op {
+            Op::Read { offset } => (abi::OP_READ, offset, u64::from(req.data_len)),
+            Op::Write { offset } => (abi::OP_WRITE, offset, u64::from(req.data_len)),
+            Op::Flush => (abi::OP_FLUSH, 0, 0),
+            Op::Discard { offset, len } => (abi::OP_DISCARD, offset, len),
+            Op::WriteZeroes { offset, len, .. } => (abi::OP_WRITE_ZEROES, offset, len),
+            Op::GetId => return Ok(None),
+        };
+        let mut bounce = (op == abi::OP_WRITE && drv.wants_write_data())
+            .then(|| Bounce::new(len as usize));
+        let r = abi::Request {
+            op,
+            queue: self.queue as u32,
+            offset,
+            len,
+            iov: self.iov.as_ptr(),
+            iovcnt: self.iov.len() as u32,
+            _reserved: 0,
+            bounce: bounce
+                .as_mut()
+                .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
+        };
+        match drv.submit(&r) {
+            Verdict::Pass => {}
+            Verdict::Fail | Verdict::Broken => {
+                self.fail_now(req);
+                return Err(());
+            }
+            Verdict::Delay(ns) => {
+                let until = Instant::now() + Duration::from_nanos(ns);
+                self.deferred = Some(Deferred {
+                    req: *req,
+                    iov: std::mem::take(&mut self.iov),
+                    mem: Arc::clone(mem),
+                    until,
+                });
+                self.in_flight
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                self.arm_timer(until);
+                return Err(());
+            }
+        }
+        if op == abi::OP_READ && drv.wants_read_data() {
+            if let Some(slot) = self.driver_reads.get_mut(usize::from(req.head)) {
+                *slot = Some(DriverRead {
+                    offset,
+                    len,
+                    iov: self.iov.clone(),
+                    _mem: Arc::clone(mem),
+                });
+            }
+        }
+        if let Some(b) = &bounce {
+            self.iov.clear();
+            self.iov.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: len as usize,
+            });
+        }
+        Ok(bounce)
+    }
+
+    fn arm_timer(&mut self, until: Instant) {
+        let d = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        if let Err(e) = self.timer.reset(d, None) {
+            self.log(format_args!("cannot arm the worker's timer: {e}"));
+        }
+    }
+
+    /// The eventfd-like timer of this worker (deferred requests, wake-ups).
+    pub fn timer_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.timer.as_raw_fd()
+    }
+
+    /// Wakes the worker up soon (after an upgrade, or to retry a deferred request).
+    pub fn wake(&mut self) {
+        self.arm_timer(Instant::now());
+    }
+
+    /// Handles the timer: retries a deferred request whose time has come, then goes on
+    /// taking requests from the ring.
+    pub fn process_timer(&mut self, vring: &Vring) {
+        let _ = self.timer.wait();
+        if let Some(d) = self.deferred.take() {
+            if Instant::now() < d.until {
+                self.arm_timer(d.until);
+                self.deferred = Some(d);
+                return;
+            }
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Release);
+            self.iov = d.iov;
+            self.dispatch(&d.req, &d.mem);
+            if let QueueEngine::Uring(u) = &mut self.engine {
+                if let Err(e) = u.submit() {
+                    self.log(format_args!("io_uring submit failed: {e}"));
+                }
+            }
+        }
+        self.process_queue(vring);
+    }
+
     fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
-        self.count(req);
+        if self.refresh_driver_failed() && req.op != Op::GetId {
+            self.fail_now(req);
+            return;
+        }
+        let bounce = match self.driver_stage(req, mem) {
+            Ok(b) => b,
+            Err(()) => return,
+        };
         if let Some(repl) = &self.repl {
             if repl.is_fenced() && req.op != Op::GetId {
                 add(&self.stats().errors_ioerr, 1);
@@ -589,9 +801,61 @@ impl QueueWorker {
                 self.done.push(complete_now(used));
             }
             (QueueEngine::Uring(u), _) => {
-                if u.push(req, &mut self.iov, mem, write_through) {
+                if u.push(req, &mut self.iov, mem, write_through, bounce.map(Bounce::into_vec)) {
                     add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1);
                 }
+            }
+        }
+    }
+
+    /// Whether the attachment's driver image has failed (then every request fails).
+    fn refresh_driver_failed(&self) -> bool {
+        self.driver.as_ref().is_some_and(|d| d.is_failed())
+    }
+
+    /// Picks up a driver image swapped in by an upgrade (at a quiesce point).
+    fn refresh_driver(&mut self) {
+        let g = self
+            .disk
+            .driver_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if g != self.driver_generation {
+            self.driver_generation = g;
+            self.driver = self.disk.driver();
+        }
+    }
+
+    /// Lets the driver image transform completed reads in place, before the guest sees them.
+    fn complete_driver_reads(&mut self) {
+        let Some(drv) = self.driver.clone() else {
+            return;
+        };
+        for i in 0..self.done.len() {
+            let c = self.done[i];
+            let Some(r) = self
+                .driver_reads
+                .get_mut(usize::from(c.head))
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            if c.status != S_OK {
+                continue;
+            }
+            let req = abi::Request {
+                op: abi::OP_READ,
+                queue: self.queue as u32,
+                offset: r.offset,
+                len: r.len,
+                iov: r.iov.as_ptr(),
+                iovcnt: r.iov.len() as u32,
+                _reserved: 0,
+                bounce: std::ptr::null_mut(),
+            };
+            if !drv.complete(&req, 0) {
+                self.done[i].status = S_IOERR;
+                self.done[i].used_len = 1;
+                add(&self.disk.stats.queues[self.queue].errors_ioerr, 1);
             }
         }
     }
@@ -616,6 +880,7 @@ impl QueueWorker {
 
     /// Writes status bytes and used entries for every completion, then signals once.
     fn publish(&mut self, state: &mut vhost_user_backend::VringState<GM>, mem: &GuestMem) {
+        self.complete_driver_reads();
         self.hold_replicated();
         if self.done.is_empty() {
             return;

@@ -67,6 +67,9 @@ struct Slot {
     used_len: u32,
     /// Which guest memory snapshot (see [`Snapshots`]) the iovecs point into.
     generation: u64,
+    /// For a write whose data a driver image transformed: the buffer the iovec points
+    /// into, owned by the slot until the CQE is reaped.
+    bounce: Option<Vec<u8>>,
 }
 
 // SAFETY: the raw pointers in `iov` point into guest memory kept alive by the queue's
@@ -90,6 +93,7 @@ impl Slot {
             total: 0,
             used_len: 0,
             generation: 0,
+            bounce: None,
         }
     }
 
@@ -252,6 +256,7 @@ impl UringQueue {
         iov: &mut Vec<libc::iovec>,
         mem: &Arc<GuestMem>,
         write_through: bool,
+        bounce: Option<Vec<u8>>,
     ) -> bool {
         let Some(idx) = self.free.pop() else {
             // Callers check `has_room`; keep the invariant visible in debug builds.
@@ -263,6 +268,7 @@ impl UringQueue {
         std::mem::swap(&mut slot.iov, iov);
         iov.clear();
         slot.head = req.head;
+        slot.bounce = bounce;
         slot.status = req.status;
         slot.op = req.op;
         slot.iov_start = 0;
@@ -337,7 +343,8 @@ impl UringQueue {
             // slot and neither moved nor freed until this SQE's CQE is reaped (the slot table
             // is never resized, and a slot is reused only after it is freed in `reap`). The
             // buffers the iovecs name are guest memory kept mapped by the `snapshots` entry
-            // of `slots[idx].generation` until this slot is released.
+            // of `slots[idx].generation` until this slot is released, or, for a write a
+            // driver image transformed, `slots[idx].bounce`, owned by the slot until then.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -407,6 +414,7 @@ impl UringQueue {
                 let s = &mut self.slots[usize::from(idx)];
                 self.snapshots.release(s.generation);
                 s.iov.clear();
+                s.bounce = None;
                 done.push(Completion {
                     head: s.head,
                     status_addr: Some(s.status),
@@ -568,7 +576,7 @@ mod tests {
             status: GuestAddress(0x3f_0000),
             data_len,
         };
-        let fallback = f.q.push(&req, &mut v, &f.mem, false);
+        let fallback = f.q.push(&req, &mut v, &f.mem, false, None);
         assert!(v.is_empty(), "push takes the iovecs");
         f.q.submit().unwrap();
         let mut done = Vec::new();
@@ -740,7 +748,7 @@ mod tests {
                 status: GuestAddress(0x3f_0000),
                 data_len: 512,
             };
-            f.q.push(&req, &mut v, &f.mem, false);
+            f.q.push(&req, &mut v, &f.mem, false, None);
             pushed += 1;
         }
         assert_eq!(pushed, 8);
