@@ -81,6 +81,9 @@ pub struct AttachArgs {
     /// Allow the volume to be attached to several instances at once.
     #[arg(long)]
     pub multi_attach: bool,
+    /// JSON config for the driver image the context selects (e.g. '{"key":"..."}').
+    #[arg(long)]
+    pub driver_config: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -244,7 +247,15 @@ pub fn attach(a: &AttachArgs) -> ExitCode {
         };
         context.insert(k.to_string(), Value::String(v.to_string()));
     }
+    let driver_config: Value = match a.driver_config.as_deref().map(serde_json::from_str).transpose() {
+        Ok(c) => c.unwrap_or(Value::Null),
+        Err(e) => {
+            eprintln!("ferrodisk: --driver-config: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let body = json!({
+        "driver_config": driver_config,
         "volume": a.volume,
         "instance": a.instance,
         "context": context,
@@ -262,8 +273,205 @@ pub fn attach(a: &AttachArgs) -> ExitCode {
     });
     let r = request(&a.api.api, "POST", "/v1/attachments", Some(&body));
     finish(r, a.json, |v| {
-        println!("attached {} on {}", s(&v["id"]), s(&v["socket"]))
+        let image = if v["image"].is_null() {
+            String::new()
+        } else {
+            format!(" with image {} {}", s(&v["image"]["name"]), s(&v["image"]["version"]))
+        };
+        println!("attached {} on {}{image}", s(&v["id"]), s(&v["socket"]))
     })
+}
+
+#[derive(clap::Subcommand)]
+pub enum ImageCmd {
+    /// Verify an image directory (manifest.json, module, manifest.sig) and store it.
+    Add {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List stored images and the attachments using each.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a stored image version (it must not be in use).
+    Remove {
+        name: String,
+        version: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an image directory from a module (local; no daemon needed).
+    Pack {
+        /// The shared object (e.g. target/release/libferrodisk_driver_crypt.so).
+        #[arg(long)]
+        module: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// A rule: KEY=VALUE[,KEY=VALUE...] that the instance context must all have
+        /// (VALUE `*`: any value). Repeat for alternatives.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        /// Use this image when no image's rules match.
+        #[arg(long)]
+        default: bool,
+        /// JSON config passed to the image (`config_json.image`).
+        #[arg(long)]
+        config: Option<String>,
+        /// Sign with this ed25519 secret key (from `ferrodisk image keygen`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create an ed25519 signing key (FILE) and its public key (FILE.pub).
+    Keygen { out: PathBuf },
+}
+
+#[derive(clap::Subcommand)]
+pub enum AttachmentCmd {
+    /// Switch a running attachment to the newest image its context selects, at a quiesce
+    /// point (in-flight requests drained, none lost).
+    Upgrade {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn image(api: &ApiSocket, cmd: ImageCmd) -> ExitCode {
+    match cmd {
+        ImageCmd::Add { dir, json } => {
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            let r = request(&api.api, "POST", "/v1/images", Some(&json!({ "path": dir })));
+            finish(r, json, |v| {
+                println!(
+                    "image {} {} added ({}signed)",
+                    s(&v["name"]),
+                    s(&v["version"]),
+                    if v["signed"] == true { "" } else { "not " }
+                )
+            })
+        }
+        ImageCmd::List { json } => {
+            let r = request(&api.api, "GET", "/v1/images", None);
+            finish(r, json, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        let users: Vec<String> =
+                            i["in_use_by"].as_array().into_iter().flatten().map(s).collect();
+                        vec![
+                            s(&i["name"]),
+                            s(&i["version"]),
+                            s(&i["abi"]),
+                            if i["signed"] == true { "yes".into() } else { "no".into() },
+                            i["rules"].to_string(),
+                            if i["default"] == true { "yes".into() } else { "-".into() },
+                            if users.is_empty() { "-".into() } else { users.join(",") },
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "VERSION", "ABI", "SIGNED", "RULES", "DEFAULT", "IN USE BY"], rows);
+            })
+        }
+        ImageCmd::Remove { name, version, json } => {
+            let r = request(&api.api, "DELETE", &format!("/v1/images/{name}/{version}"), None);
+            finish(r, json, |_| println!("image {name} {version} removed"))
+        }
+        ImageCmd::Pack {
+            module,
+            name,
+            version,
+            rules,
+            default,
+            config,
+            sign,
+            out,
+        } => {
+            let mut parsed = Vec::new();
+            for r in &rules {
+                let mut m = std::collections::BTreeMap::new();
+                for kv in r.split(',') {
+                    let Some((k, v)) = kv.split_once('=') else {
+                        eprintln!("ferrodisk: --rule {r}: expected KEY=VALUE[,KEY=VALUE...]");
+                        return ExitCode::from(2);
+                    };
+                    m.insert(k.to_string(), v.to_string());
+                }
+                parsed.push(m);
+            }
+            let config = match config.as_deref().map(serde_json::from_str).transpose() {
+                Ok(c) => c.unwrap_or(Value::Null),
+                Err(e) => {
+                    eprintln!("ferrodisk: --config: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let manifest = ferrodisk::driver::Manifest {
+                name: name.clone(),
+                version: version.clone(),
+                abi: ferrodisk::driver::abi::ABI_VERSION,
+                module: String::new(),
+                sha256: String::new(),
+                rules: parsed,
+                default,
+                config,
+            };
+            match ferrodisk::driver::pack(&module, manifest, &out, sign.as_deref()) {
+                Ok(()) => {
+                    println!(
+                        "packed {name} {version} into {}{}",
+                        out.display(),
+                        if sign.is_some() { " (signed)" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferrodisk: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ImageCmd::Keygen { out } => match ferrodisk::driver::keygen(&out) {
+            Ok(public) => {
+                println!("secret key: {} (keep it private)", out.display());
+                println!("public key: {}.pub = {public}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferrodisk: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+pub fn attachment(api: &ApiSocket, cmd: AttachmentCmd) -> ExitCode {
+    match cmd {
+        AttachmentCmd::Upgrade { id, json } => {
+            let r = request(&api.api, "POST", &format!("/v1/attachments/{id}/upgrade"), None);
+            finish(r, json, |v| {
+                let name = |x: &Value| {
+                    if x.is_null() {
+                        "no image".to_string()
+                    } else {
+                        format!("{} {}", s(&x["name"]), s(&x["version"]))
+                    }
+                };
+                if v["changed"] == true {
+                    println!("{id}: {} → {}", name(&v["from"]), name(&v["to"]));
+                } else {
+                    println!("{id}: already on {}", name(&v["to"]))
+                }
+            })
+        }
+    }
 }
 
 pub fn detach(api: &ApiSocket, id: &str, json: bool) -> ExitCode {
@@ -325,6 +533,10 @@ pub fn stats(api: &ApiSocket, id: Option<&str>, json: bool) -> ExitCode {
                     format!("{}/{}", s(&t["errors_ioerr"]), s(&t["errors_unsupp"])),
                     format!("{}/{}", p("read", "p50_us"), p("read", "p99_us")),
                     format!("{}/{}", p("write", "p50_us"), p("write", "p99_us")),
+                    match &d["driver"] {
+                        Value::Null => "-".to_string(),
+                        drv => format!("{} {} ({})", s(&drv["image"]), s(&drv["version"]), s(&drv["state"])),
+                    },
                     repl_s,
                 ]
             })
@@ -342,6 +554,7 @@ pub fn stats(api: &ApiSocket, id: Option<&str>, json: bool) -> ExitCode {
                 "ERR(IO/UNSUP)",
                 "READ_P50/P99_US",
                 "WRITE_P50/P99_US",
+                "IMAGE",
                 "REPLICATION",
             ],
             rows,

@@ -87,6 +87,20 @@ enum Command {
     },
     /// Serve a volume to an instance on a vhost-user socket.
     Attach(cli::AttachArgs),
+    /// Driver images: add, list, remove (through the API); pack and keygen (local).
+    Image {
+        #[command(flatten)]
+        api: cli::ApiSocket,
+        #[command(subcommand)]
+        cmd: cli::ImageCmd,
+    },
+    /// Operations on a running attachment.
+    Attachment {
+        #[command(flatten)]
+        api: cli::ApiSocket,
+        #[command(subcommand)]
+        cmd: cli::AttachmentCmd,
+    },
     /// Drain and close an attachment (ID is VOLUME@INSTANCE).
     Detach {
         #[command(flatten)]
@@ -143,6 +157,10 @@ struct ApiArgs {
     /// Also serve Prometheus metrics (`GET /metrics`) on this TCP address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Accept only driver images signed by this ed25519 public key (hex file, from
+    /// `ferrodisk image keygen`).
+    #[arg(long, value_name = "FILE")]
+    trusted_image_key: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -177,6 +195,8 @@ fn main() -> ExitCode {
         } => serve(&disks, &repl, health.as_deref(), &api),
         Command::Volume { api, cmd } => cli::volume(&api, cmd),
         Command::Attach(a) => cli::attach(&a),
+        Command::Image { api, cmd } => cli::image(&api, cmd),
+        Command::Attachment { api, cmd } => cli::attachment(&api, cmd),
         Command::Detach { api, id, json } => cli::detach(&api, &id, json),
         Command::Stats { api, id, json } => cli::stats(&api, id.as_deref(), json),
         Command::Replica { listen, data, key } => replica(&listen, &data, &key),
@@ -454,7 +474,14 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
     }
     let manager = match &api.api {
         Some(sock) => {
-            let m = match Manager::open(&api.state) {
+            let key = match &api.trusted_image_key {
+                Some(p) => match ferrodisk::driver::TrustedKey::from_file(p) {
+                    Ok(k) => Some(k),
+                    Err(e) => return fail(e, 2),
+                },
+                None => None,
+            };
+            let m = match Manager::open(&api.state, key) {
                 Ok(m) => m,
                 Err(e) => return fail(e, 1),
             };

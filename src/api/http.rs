@@ -52,6 +52,14 @@ struct Resize {
     size: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddImage {
+    /// A directory on the daemon's host with `manifest.json`, the module and, if signed,
+    /// `manifest.sig`.
+    path: std::path::PathBuf,
+}
+
 /// The routes (see `docs/api.md`).
 pub fn router(m: Arc<Manager>) -> Router {
     Router::new()
@@ -99,6 +107,32 @@ pub fn router(m: Arc<Manager>) -> Router {
             axum::routing::delete(
                 |State(m): State<Arc<Manager>>, UrlPath(id): UrlPath<String>| async move {
                     blocking(move || m.detach(&id).map(|()| serde_json::json!({})), false).await
+                },
+            ),
+        )
+        .route(
+            "/v1/attachments/{id}/upgrade",
+            post(
+                |State(m): State<Arc<Manager>>, UrlPath(id): UrlPath<String>| async move {
+                    blocking(move || m.upgrade(&id), false).await
+                },
+            ),
+        )
+        .route(
+            "/v1/images",
+            get(|State(m): State<Arc<Manager>>| async move { blocking(move || Ok(m.images()), false).await })
+                .post(
+                    |State(m): State<Arc<Manager>>, body: Result<Json<AddImage>, JsonRejection>| async move {
+                        let Json(req) = body.map_err(rejected)?;
+                        blocking(move || m.add_image(&req.path), true).await
+                    },
+                ),
+        )
+        .route(
+            "/v1/images/{name}/{version}",
+            axum::routing::delete(
+                |State(m): State<Arc<Manager>>, UrlPath((name, version)): UrlPath<(String, String)>| async move {
+                    blocking(move || m.remove_image(&name, &version).map(|()| serde_json::json!({})), false).await
                 },
             ),
         )

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Backing, DiskConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 use crate::disk::Disk;
+use crate::driver::{AttachInfo, Driver, ImageStore, StoredImage, TrustedKey};
 use crate::server::{self, DiskServer, SocketAccess};
 
 /// An API error: an HTTP status and a message for the operator.
@@ -134,6 +135,17 @@ pub struct Attach {
     /// Allow the volume to be attached to more than one instance at a time.
     #[serde(default)]
     pub multi_attach: bool,
+    /// Configuration for the driver image chosen by the context (e.g. `{"key": "..."}` for
+    /// `crypt`), passed to the image as `config_json.attach`.
+    #[serde(default)]
+    pub driver_config: serde_json::Value,
+}
+
+/// The driver image an attachment runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub name: String,
+    pub version: String,
 }
 
 /// An attachment as stored.
@@ -147,6 +159,11 @@ pub struct Attachment {
     pub socket: PathBuf,
     pub options: AttachOptions,
     pub multi_attach: bool,
+    #[serde(default)]
+    pub driver_config: serde_json::Value,
+    /// The image chosen at attach (or upgrade); kept across daemon restarts.
+    #[serde(default)]
+    pub image: Option<ImageRef>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -169,6 +186,7 @@ struct Inner {
 pub struct Manager {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    images: ImageStore,
 }
 
 fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
@@ -201,7 +219,7 @@ impl Manager {
     /// Opens (or creates) the state in `dir` and serves every recorded attachment again.
     /// An attachment that cannot be served (its backing is gone, its socket is taken) is
     /// reported in `failed` and logged; the others are served.
-    pub fn open(dir: &Path) -> Result<Arc<Manager>, String> {
+    pub fn open(dir: &Path, trusted_key: Option<TrustedKey>) -> Result<Arc<Manager>, String> {
         std::fs::create_dir_all(dir.join("volumes"))
             .map_err(|e| format!("state directory {}: {e}", dir.display()))?;
         let path = dir.join("state.json");
@@ -211,7 +229,9 @@ impl Manager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
+        let images = ImageStore::open(&dir.join("images"), trusted_key)?;
         let m = Arc::new(Manager {
+            images,
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 state,
@@ -226,7 +246,7 @@ impl Manager {
             for a in atts {
                 let vol = inner.state.volumes.get(&a.volume).cloned();
                 let served = match vol {
-                    Some(v) => serve(&v, &a),
+                    Some(v) => m.load_driver(&v, &a).and_then(|d| serve(&v, &a, d)),
                     None => Err(ApiError::internal(format!("volume {} is gone", a.volume))),
                 };
                 match served {
@@ -527,7 +547,7 @@ impl Manager {
                 req.socket.display()
             )));
         }
-        let att = Attachment {
+        let mut att = Attachment {
             id: id.clone(),
             volume: req.volume,
             instance: req.instance,
@@ -535,8 +555,15 @@ impl Manager {
             socket: req.socket,
             options: req.options,
             multi_attach: req.multi_attach,
+            driver_config: req.driver_config,
+            image: None,
         };
-        let served = serve(&vol, &att)?;
+        att.image = self.images.select(&att.context).map(|i| ImageRef {
+            name: i.manifest.name,
+            version: i.manifest.version,
+        });
+        let driver = self.load_driver(&vol, &att)?;
+        let served = serve(&vol, &att, driver)?;
         let a = att.clone();
         if let Err(e) = self.commit(&mut inner, |s| {
             s.attachments.insert(a.id.clone(), a);
@@ -660,6 +687,142 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Loads the attachment's recorded image for it (`None`: no image).
+    fn load_driver(&self, vol: &Volume, a: &Attachment) -> Result<Option<Arc<Driver>>, ApiError> {
+        let Some(r) = &a.image else { return Ok(None) };
+        let img = self.images.get(&r.name, &r.version).ok_or_else(|| {
+            ApiError::new(409, format!("image {} {} is not stored any more", r.name, r.version))
+        })?;
+        let info = AttachInfo {
+            queues: u32::from(a.options.queues.unwrap_or(crate::config::DEFAULT_QUEUES)),
+            capacity: vol.size,
+            volume: &a.volume,
+            instance: &a.instance,
+            context: &a.context,
+            attach_config: &a.driver_config,
+        };
+        let d = Driver::load(&img.dir, &img.manifest, &info).map_err(|e| {
+            ApiError::new(
+                e.status(),
+                format!("image {} {}: {e}", r.name, r.version),
+            )
+        })?;
+        tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded");
+        Ok(Some(Arc::new(d)))
+    }
+
+    /// Verifies and stores an image (`POST /v1/images`).
+    pub fn add_image(&self, dir: &Path) -> Result<serde_json::Value, ApiError> {
+        let img = self
+            .images
+            .add(dir)
+            .map_err(|e| ApiError::new(e.status(), format!("image refused: {e}")))?;
+        Ok(image_json(&img, &[]))
+    }
+
+    pub fn images(&self) -> Vec<serde_json::Value> {
+        let inner = self.lock();
+        self.images
+            .list()
+            .iter()
+            .map(|i| {
+                let users: Vec<&str> = inner
+                    .state
+                    .attachments
+                    .values()
+                    .filter(|a| {
+                        a.image.as_ref().is_some_and(|r| {
+                            r.name == i.manifest.name && r.version == i.manifest.version
+                        })
+                    })
+                    .map(|a| a.id.as_str())
+                    .collect();
+                image_json(i, &users)
+            })
+            .collect()
+    }
+
+    pub fn remove_image(&self, name: &str, version: &str) -> Result<(), ApiError> {
+        let inner = self.lock();
+        if let Some(a) = inner.state.attachments.values().find(|a| {
+            a.image
+                .as_ref()
+                .is_some_and(|r| r.name == name && r.version == version)
+        }) {
+            return Err(ApiError::conflict(format!(
+                "image {name} {version} is in use by {}; upgrade or detach it first",
+                a.id
+            )));
+        }
+        self.images
+            .remove(name, version)
+            .map_err(|e| ApiError::not_found(e.to_string()))
+    }
+
+    /// Switches a running attachment to the newest image its context selects, at a quiesce
+    /// point (`POST /v1/attachments/{id}/upgrade`).
+    pub fn upgrade(&self, id: &str) -> Result<serde_json::Value, ApiError> {
+        let mut inner = self.lock();
+        let a = inner
+            .state
+            .attachments
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no attachment {id}")))?;
+        let server = inner
+            .live
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::conflict(format!("{id} is not being served")))?;
+        let vol = inner
+            .state
+            .volumes
+            .get(&a.volume)
+            .cloned()
+            .ok_or_else(|| ApiError::internal(format!("volume {} is gone", a.volume)))?;
+        let target = self.images.select(&a.context).map(|i| ImageRef {
+            name: i.manifest.name,
+            version: i.manifest.version,
+        });
+        let from = a.image.clone();
+        if target == from && !server.disk.driver().is_some_and(|d| d.is_failed()) {
+            return Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": false}));
+        }
+        let next = Attachment {
+            image: target.clone(),
+            ..a.clone()
+        };
+        // Load and init the new image first: a bad image leaves the attachment as it was.
+        let driver = self.load_driver(&vol, &next)?;
+        let old = server
+            .quiesced(|| server.disk.set_driver(driver))
+            .ok_or_else(|| {
+                ApiError::new(503, format!("{id} did not drain within the timeout; nothing changed"))
+            })?;
+        drop(old); // fini of the old image, after every request that used it completed
+        let n = next.clone();
+        self.commit(&mut inner, |s| {
+            s.attachments.insert(n.id.clone(), n);
+        })?;
+        tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded");
+        Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": true}))
+    }
+}
+
+fn image_json(i: &StoredImage, users: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "name": i.manifest.name,
+        "version": i.manifest.version,
+        "abi": i.manifest.abi,
+        "sha256": i.manifest.sha256,
+        "rules": i.manifest.rules,
+        "default": i.manifest.default,
+        "signed": i.dir.join("manifest.sig").exists(),
+        "in_use_by": users,
+    })
+}
+
 fn disk_stats(id: Option<&str>, a: Option<&Attachment>, d: &Disk) -> serde_json::Value {
     let stats: serde_json::Value =
         serde_json::from_str(&d.stats.to_json()).unwrap_or(serde_json::Value::Null);
@@ -677,11 +840,17 @@ fn disk_stats(id: Option<&str>, a: Option<&Attachment>, d: &Disk) -> serde_json:
         "stats": stats,
         "latency": crate::metrics::to_json(&d.metrics),
         "replication": repl.map(|r| r["volumes"][0].clone()),
+        "driver": d.driver().map(|drv| serde_json::json!({
+            "image": drv.name(),
+            "version": drv.version(),
+            "state": if drv.is_failed() { "failed" } else { "ok" },
+            "failure": drv.failure(),
+        })),
     })
 }
 
-/// Opens the volume for an attachment and serves it on its socket.
-fn serve(vol: &Volume, a: &Attachment) -> Result<Arc<DiskServer>, ApiError> {
+/// Opens the volume for an attachment and serves it on its socket, with its driver image.
+fn serve(vol: &Volume, a: &Attachment, driver: Option<Arc<Driver>>) -> Result<Arc<DiskServer>, ApiError> {
     let o = &a.options;
     let mut cfg = DiskConfig::new(Backing::Path(vol.path.clone()), a.socket.clone());
     if let Some(q) = o.queues {
@@ -727,6 +896,7 @@ fn serve(vol: &Volume, a: &Attachment) -> Result<Arc<DiskServer>, ApiError> {
         gid: o.socket_gid,
     };
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
+    disk.set_driver(driver);
     let listener = server::bind(&a.socket).map_err(|e| ApiError::conflict(chain(&e)))?;
     if let Err(e) = server::restrict(&a.socket, access) {
         let _ = std::fs::remove_file(&a.socket);
