@@ -247,7 +247,12 @@ pub fn attach(a: &AttachArgs) -> ExitCode {
         };
         context.insert(k.to_string(), Value::String(v.to_string()));
     }
-    let driver_config: Value = match a.driver_config.as_deref().map(serde_json::from_str).transpose() {
+    let driver_config: Value = match a
+        .driver_config
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+    {
         Ok(c) => c.unwrap_or(Value::Null),
         Err(e) => {
             eprintln!("ferrodisk: --driver-config: {e}");
@@ -276,7 +281,11 @@ pub fn attach(a: &AttachArgs) -> ExitCode {
         let image = if v["image"].is_null() {
             String::new()
         } else {
-            format!(" with image {} {}", s(&v["image"]["name"]), s(&v["image"]["version"]))
+            format!(
+                " with image {} {}",
+                s(&v["image"]["name"]),
+                s(&v["image"]["version"])
+            )
         };
         println!("attached {} on {}{image}", s(&v["id"]), s(&v["socket"]))
     })
@@ -346,7 +355,12 @@ pub fn image(api: &ApiSocket, cmd: ImageCmd) -> ExitCode {
     match cmd {
         ImageCmd::Add { dir, json } => {
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-            let r = request(&api.api, "POST", "/v1/images", Some(&json!({ "path": dir })));
+            let r = request(
+                &api.api,
+                "POST",
+                "/v1/images",
+                Some(&json!({ "path": dir })),
+            );
             finish(r, json, |v| {
                 println!(
                     "image {} {} added ({}signed)",
@@ -364,24 +378,60 @@ pub fn image(api: &ApiSocket, cmd: ImageCmd) -> ExitCode {
                     .into_iter()
                     .flatten()
                     .map(|i| {
-                        let users: Vec<String> =
-                            i["in_use_by"].as_array().into_iter().flatten().map(s).collect();
+                        let users: Vec<String> = i["in_use_by"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(s)
+                            .collect();
                         vec![
                             s(&i["name"]),
                             s(&i["version"]),
                             s(&i["abi"]),
-                            if i["signed"] == true { "yes".into() } else { "no".into() },
+                            if i["signed"] == true {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
                             i["rules"].to_string(),
-                            if i["default"] == true { "yes".into() } else { "-".into() },
-                            if users.is_empty() { "-".into() } else { users.join(",") },
+                            if i["default"] == true {
+                                "yes".into()
+                            } else {
+                                "-".into()
+                            },
+                            if users.is_empty() {
+                                "-".into()
+                            } else {
+                                users.join(",")
+                            },
                         ]
                     })
                     .collect();
-                table(&["NAME", "VERSION", "ABI", "SIGNED", "RULES", "DEFAULT", "IN USE BY"], rows);
+                table(
+                    &[
+                        "NAME",
+                        "VERSION",
+                        "ABI",
+                        "SIGNED",
+                        "RULES",
+                        "DEFAULT",
+                        "IN USE BY",
+                    ],
+                    rows,
+                );
             })
         }
-        ImageCmd::Remove { name, version, json } => {
-            let r = request(&api.api, "DELETE", &format!("/v1/images/{name}/{version}"), None);
+        ImageCmd::Remove {
+            name,
+            version,
+            json,
+        } => {
+            let r = request(
+                &api.api,
+                "DELETE",
+                &format!("/v1/images/{name}/{version}"),
+                None,
+            );
             finish(r, json, |_| println!("image {name} {version} removed"))
         }
         ImageCmd::Pack {
@@ -455,7 +505,12 @@ pub fn image(api: &ApiSocket, cmd: ImageCmd) -> ExitCode {
 pub fn attachment(api: &ApiSocket, cmd: AttachmentCmd) -> ExitCode {
     match cmd {
         AttachmentCmd::Upgrade { id, json } => {
-            let r = request(&api.api, "POST", &format!("/v1/attachments/{id}/upgrade"), None);
+            let r = request(
+                &api.api,
+                "POST",
+                &format!("/v1/attachments/{id}/upgrade"),
+                None,
+            );
             finish(r, json, |v| {
                 let name = |x: &Value| {
                     if x.is_null() {
@@ -535,7 +590,12 @@ pub fn stats(api: &ApiSocket, id: Option<&str>, json: bool) -> ExitCode {
                     format!("{}/{}", p("write", "p50_us"), p("write", "p99_us")),
                     match &d["driver"] {
                         Value::Null => "-".to_string(),
-                        drv => format!("{} {} ({})", s(&drv["image"]), s(&drv["version"]), s(&drv["state"])),
+                        drv => format!(
+                            "{} {} ({})",
+                            s(&drv["image"]),
+                            s(&drv["version"]),
+                            s(&drv["state"])
+                        ),
                     },
                     repl_s,
                 ]

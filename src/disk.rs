@@ -131,7 +131,10 @@ impl Disk {
     }
 
     pub fn driver(&self) -> Option<std::sync::Arc<crate::driver::Driver>> {
-        self.driver.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Installs (or replaces) the driver image; returns the previous one. Call before the
@@ -140,7 +143,10 @@ impl Disk {
         &self,
         d: Option<std::sync::Arc<crate::driver::Driver>>,
     ) -> Option<std::sync::Arc<crate::driver::Driver>> {
-        let old = std::mem::replace(&mut *self.driver.lock().unwrap_or_else(|p| p.into_inner()), d);
+        let old = std::mem::replace(
+            &mut *self.driver.lock().unwrap_or_else(|p| p.into_inner()),
+            d,
+        );
         self.driver_generation.fetch_add(1, Ordering::AcqRel);
         old
     }

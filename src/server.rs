@@ -140,7 +140,13 @@ impl DiskServer {
     pub fn quiesced<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
         use std::sync::atomic::Ordering;
         self.disk.paused.store(true, Ordering::Release);
-        let backend = match &self.control.0.lock().unwrap_or_else(|p| p.into_inner()).conn {
+        let backend = match &self
+            .control
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .conn
+        {
             Conn::Connected(_, b) => Some(Arc::clone(b)),
             _ => None,
         };
@@ -253,11 +259,7 @@ fn serve_one(
         }
     }
     // Deferred requests and wake-ups.
-    for (handler, fd) in daemon
-        .get_epoll_handlers()
-        .iter()
-        .zip(backend.timer_fds())
-    {
+    for (handler, fd) in daemon.get_epoll_handlers().iter().zip(backend.timer_fds()) {
         handler.register_listener(fd, EventSet::IN, event + 2)?;
     }
     // Replica acknowledgements wake the same worker threads.

@@ -18,18 +18,18 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::disk::Disk;
+use crate::driver::{abi, Driver, Verdict};
 use crate::engine::uring::{UringError, UringQueue};
 use crate::engine::{Completion, QueueEngine};
 use crate::inflight::{InflightRegion, QueueTracker};
-use crate::driver::{abi, Driver, Verdict};
 use crate::metrics::OpKind;
-use vmm_sys_util::timerfd::TimerFd;
 use crate::proxy::InflightSlot;
 use crate::repl::primary::{Delivery, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
 use crate::virtio_blk::{ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
+use vmm_sys_util::timerfd::TimerFd;
 
 pub type GM = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringMutex<GM>;
@@ -599,11 +599,7 @@ impl QueueWorker {
     /// The driver image stage: asks the image about `req`. Returns the bounce buffer that
     /// replaces the guest's data for a transformed write, or `Err(())` when the request was
     /// completed (failed) or deferred here.
-    fn driver_stage(
-        &mut self,
-        req: &Request,
-        mem: &Arc<GuestMem>,
-    ) -> Result<Option<Bounce>, ()> {
+    fn driver_stage(&mut self, req: &Request, mem: &Arc<GuestMem>) -> Result<Option<Bounce>, ()> {
         let Some(drv) = self.driver.clone() else {
             return Ok(None);
         };
@@ -618,8 +614,8 @@ impl QueueWorker {
             Op::WriteZeroes { offset, len, .. } => (abi::OP_WRITE_ZEROES, offset, len),
             Op::GetId => return Ok(None),
         };
-        let mut bounce = (op == abi::OP_WRITE && drv.wants_write_data())
-            .then(|| Bounce::new(len as usize));
+        let mut bounce =
+            (op == abi::OP_WRITE && drv.wants_write_data()).then(|| Bounce::new(len as usize));
         let r = abi::Request {
             op,
             queue: self.queue as u32,
@@ -801,7 +797,13 @@ impl QueueWorker {
                 self.done.push(complete_now(used));
             }
             (QueueEngine::Uring(u), _) => {
-                if u.push(req, &mut self.iov, mem, write_through, bounce.map(Bounce::into_vec)) {
+                if u.push(
+                    req,
+                    &mut self.iov,
+                    mem,
+                    write_through,
+                    bounce.map(Bounce::into_vec),
+                ) {
                     add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1);
                 }
             }

@@ -5,96 +5,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use blkio::ReqFlags;
-use common::{signal, Client, BIN};
+use common::api_daemon::ApiDaemon;
+use common::Client;
 use ferrodisk::api::client::request;
 use serde_json::{json, Value};
-
-struct ApiDaemon {
-    child: Option<Child>,
-    api: PathBuf,
-    log: PathBuf,
-}
-
-impl ApiDaemon {
-    fn start(dir: &Path, extra: &[&str]) -> ApiDaemon {
-        let api = dir.join("api.sock");
-        let log = dir.join("daemon.log");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--api"])
-            .arg(&api)
-            .arg("--state")
-            .arg(dir.join("state"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let d = ApiDaemon {
-            child: Some(child),
-            api,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while request(&d.api, "GET", "/v1/volumes", None).is_err() {
-            assert!(Instant::now() < deadline, "API never came up:\n{}", d.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let r = request(&self.api, method, path, body.as_ref()).expect("request");
-        (r.status, r.json())
-    }
-
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .env("FERRODISK_API", &self.api)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, libc::SIGTERM);
-            let s = c.wait().unwrap();
-            assert!(s.success(), "exit {s}:\n{}", self.log());
-        }
-    }
-}
-
-impl Drop for ApiDaemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

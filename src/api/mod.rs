@@ -692,7 +692,10 @@ impl Manager {
     fn load_driver(&self, vol: &Volume, a: &Attachment) -> Result<Option<Arc<Driver>>, ApiError> {
         let Some(r) = &a.image else { return Ok(None) };
         let img = self.images.get(&r.name, &r.version).ok_or_else(|| {
-            ApiError::new(409, format!("image {} {} is not stored any more", r.name, r.version))
+            ApiError::new(
+                409,
+                format!("image {} {} is not stored any more", r.name, r.version),
+            )
         })?;
         let info = AttachInfo {
             queues: u32::from(a.options.queues.unwrap_or(crate::config::DEFAULT_QUEUES)),
@@ -703,10 +706,7 @@ impl Manager {
             attach_config: &a.driver_config,
         };
         let d = Driver::load(&img.dir, &img.manifest, &info).map_err(|e| {
-            ApiError::new(
-                e.status(),
-                format!("image {} {}: {e}", r.name, r.version),
-            )
+            ApiError::new(e.status(), format!("image {} {}: {e}", r.name, r.version))
         })?;
         tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded");
         Ok(Some(Arc::new(d)))
@@ -798,7 +798,10 @@ impl Manager {
         let old = server
             .quiesced(|| server.disk.set_driver(driver))
             .ok_or_else(|| {
-                ApiError::new(503, format!("{id} did not drain within the timeout; nothing changed"))
+                ApiError::new(
+                    503,
+                    format!("{id} did not drain within the timeout; nothing changed"),
+                )
             })?;
         drop(old); // fini of the old image, after every request that used it completed
         let n = next.clone();
@@ -850,7 +853,11 @@ fn disk_stats(id: Option<&str>, a: Option<&Attachment>, d: &Disk) -> serde_json:
 }
 
 /// Opens the volume for an attachment and serves it on its socket, with its driver image.
-fn serve(vol: &Volume, a: &Attachment, driver: Option<Arc<Driver>>) -> Result<Arc<DiskServer>, ApiError> {
+fn serve(
+    vol: &Volume,
+    a: &Attachment,
+    driver: Option<Arc<Driver>>,
+) -> Result<Arc<DiskServer>, ApiError> {
     let o = &a.options;
     let mut cfg = DiskConfig::new(Backing::Path(vol.path.clone()), a.socket.clone());
     if let Some(q) = o.queues {

@@ -83,9 +83,18 @@ pub struct Request {
 }
 
 pub type InfoFn = unsafe extern "C" fn() -> *const DriverInfo;
-pub type InitFn = unsafe extern "C" fn(host: *const Host, err: *mut c_char, errlen: usize) -> *mut std::ffi::c_void;
-pub type SubmitFn = unsafe extern "C" fn(inst: *mut std::ffi::c_void, req: *const Request, delay_ns: *mut u64) -> i32;
-pub type CompleteFn = unsafe extern "C" fn(inst: *mut std::ffi::c_void, req: *const Request, status: i32) -> i32;
+pub type InitFn = unsafe extern "C" fn(
+    host: *const Host,
+    err: *mut c_char,
+    errlen: usize,
+) -> *mut std::ffi::c_void;
+pub type SubmitFn = unsafe extern "C" fn(
+    inst: *mut std::ffi::c_void,
+    req: *const Request,
+    delay_ns: *mut u64,
+) -> i32;
+pub type CompleteFn =
+    unsafe extern "C" fn(inst: *mut std::ffi::c_void, req: *const Request, status: i32) -> i32;
 pub type FiniFn = unsafe extern "C" fn(inst: *mut std::ffi::c_void);
 
 /// The symbols an image must export.

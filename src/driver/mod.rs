@@ -140,7 +140,10 @@ impl Manifest {
             )));
         }
         if !valid_name(&self.module) {
-            return Err(ImageError::Invalid(format!("module file name `{}`", self.module)));
+            return Err(ImageError::Invalid(format!(
+                "module file name `{}`",
+                self.module
+            )));
         }
         if self.abi != abi::ABI_VERSION {
             return Err(ImageError::Abi {
@@ -171,13 +174,19 @@ pub fn verify_dir(dir: &Path, key: Option<&TrustedKey>) -> Result<(Manifest, Vec
         .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?;
     if let Some(k) = key {
         let spath = dir.join("manifest.sig");
-        let sig = std::fs::read_to_string(&spath)
-            .map_err(|e| ImageError::Signature(format!("{}: {e} (a trusted key is configured, so images must be signed)", spath.display())))?;
-        let sig: [u8; 64] = unhex(&sig)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| ImageError::Signature("manifest.sig is not 128 hex characters".into()))?;
+        let sig = std::fs::read_to_string(&spath).map_err(|e| {
+            ImageError::Signature(format!(
+                "{}: {e} (a trusted key is configured, so images must be signed)",
+                spath.display()
+            ))
+        })?;
+        let sig: [u8; 64] = unhex(&sig).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+            ImageError::Signature("manifest.sig is not 128 hex characters".into())
+        })?;
         k.0.verify_strict(&bytes, &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| ImageError::Signature("the signature does not match the trusted key".into()))?;
+            .map_err(|_| {
+                ImageError::Signature("the signature does not match the trusted key".into())
+            })?;
     }
     m.check()?;
     let module = dir.join(&m.module);
@@ -237,7 +246,9 @@ impl Module {
         // returns a pointer to static data (checked for NULL below) in the loaded library.
         let ip = unsafe { info() };
         if ip.is_null() {
-            return Err(ImageError::Invalid("ferrodisk_driver_info returned NULL".into()));
+            return Err(ImageError::Invalid(
+                "ferrodisk_driver_info returned NULL".into(),
+            ));
         }
         // SAFETY: non-NULL, points to the image's static `fd_driver_info`, valid while `lib`
         // is loaded; copied out at once.
@@ -308,11 +319,14 @@ impl Driver {
     /// Loads the module of a stored image and creates its instance for an attachment.
     pub fn load(dir: &Path, manifest: &Manifest, a: &AttachInfo<'_>) -> Result<Driver, ImageError> {
         let module = Module::open(&dir.join(&manifest.module))?;
-        let c = |s: String| CString::new(s).map_err(|_| ImageError::Invalid("NUL in a string".into()));
+        let c =
+            |s: String| CString::new(s).map_err(|_| ImageError::Invalid("NUL in a string".into()));
         let volume = c(a.volume.to_string())?;
         let instance = c(a.instance.to_string())?;
         let context = c(serde_json::to_string(a.context).unwrap_or_default())?;
-        let config = c(serde_json::json!({"image": manifest.config, "attach": a.attach_config}).to_string())?;
+        let config = c(
+            serde_json::json!({"image": manifest.config, "attach": a.attach_config}).to_string(),
+        )?;
         let host = abi::Host {
             abi_version: abi::ABI_VERSION,
             queues: a.queues,
@@ -365,7 +379,10 @@ impl Driver {
     }
 
     pub fn failure(&self) -> String {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn mark_failed(&self, why: String) {
@@ -393,7 +410,11 @@ impl Driver {
             e => {
                 self.mark_failed(format!(
                     "submit returned {e}{}",
-                    if e == abi::ERR_PANIC { " (a panic in the image)" } else { "" }
+                    if e == abi::ERR_PANIC {
+                        " (a panic in the image)"
+                    } else {
+                        ""
+                    }
                 ));
                 Verdict::Broken
             }
@@ -411,7 +432,11 @@ impl Driver {
         if r < 0 {
             self.mark_failed(format!(
                 "complete returned {r}{}",
-                if r == abi::ERR_PANIC { " (a panic in the image)" } else { "" }
+                if r == abi::ERR_PANIC {
+                    " (a panic in the image)"
+                } else {
+                    ""
+                }
             ));
             return false;
         }
@@ -473,7 +498,10 @@ impl ImageStore {
         std::fs::create_dir_all(dest.parent().unwrap_or(&self.dir)).map_err(io)?;
         std::fs::rename(&tmp, &dest).map_err(io)?;
         tracing::info!(image = %m.name, version = %m.version, "image added");
-        Ok(StoredImage { manifest: m, dir: dest })
+        Ok(StoredImage {
+            manifest: m,
+            dir: dest,
+        })
     }
 
     /// Every stored image, oldest version first within a name.

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
+pub mod api_daemon;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferrodisk");
 
 /// A running daemon. Dropping it kills the process.

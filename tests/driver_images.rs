@@ -1,0 +1,519 @@
+//! Driver images through the API (issue #8): selection by instance context, verification
+//! (checksum, signature, symbols, ABI), init failures, runtime failures, and hot update.
+//!
+//! Most images here are tiny C modules compiled by the test with `cc` (the ABI is C, and a
+//! broken module — a missing symbol, another ABI version — is easiest to make in C). The
+//! real images (`drivers/qos`, `drivers/crypt`, `drivers/faulty`) have their own tests and
+//! VM tests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blkio::ReqFlags;
+use common::api_daemon::ApiDaemon;
+use common::{Client, BIN};
+use serde_json::{json, Value};
+
+/// What a test C module does.
+#[derive(Clone, Copy, Default)]
+struct CModule<'a> {
+    name: &'a str,
+    version: &'a str,
+    abi: u32,
+    /// Leave `ferrodisk_driver_fini` out.
+    no_fini: bool,
+    /// Writes: 0 pass, 1 FAIL verdict, -1 internal error.
+    on_write: i32,
+}
+
+const C_TEMPLATE: &str = r#"
+#include <stdint.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+struct fd_driver_info { uint32_t abi_version, flags; const char *name, *version; };
+struct fd_host { uint32_t abi_version, queues; uint64_t capacity;
+                 const char *volume, *instance, *context_json, *config_json; };
+struct fd_request { uint32_t op, queue; uint64_t offset, len; const void *iov;
+                    uint32_t iovcnt, reserved; uint8_t *bounce; };
+static const struct fd_driver_info INFO = { ABI, 0, NAME, VERSION };
+const struct fd_driver_info *ferrodisk_driver_info(void) { return &INFO; }
+void *ferrodisk_driver_init(const struct fd_host *h, char *err, size_t n) {
+    if (strstr(h->config_json, "fail_init")) {
+        snprintf(err, n, "%s refuses instance %s as configured", NAME, h->instance);
+        return NULL;
+    }
+    return calloc(1, 16);
+}
+int32_t ferrodisk_driver_submit(void *inst, const struct fd_request *r, uint64_t *delay) {
+    (void)inst; (void)delay;
+    if (r->op == 1) return ON_WRITE;
+    return 0;
+}
+int32_t ferrodisk_driver_complete(void *inst, const struct fd_request *r, int32_t st) {
+    (void)inst; (void)r; (void)st; return 0;
+}
+#ifndef NO_FINI
+void ferrodisk_driver_fini(void *inst) { free(inst); }
+#endif
+"#;
+
+fn compile(dir: &Path, m: CModule<'_>) -> PathBuf {
+    let src = dir.join(format!("{}-{}.c", m.name, m.version));
+    std::fs::write(&src, C_TEMPLATE).unwrap();
+    let so = dir.join(format!("lib{}-{}.so", m.name, m.version));
+    let mut cmd = Command::new("cc");
+    cmd.args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg(format!("-DNAME=\"{}\"", m.name))
+        .arg(format!("-DVERSION=\"{}\"", m.version))
+        .arg(format!("-DABI={}", m.abi))
+        .arg(format!("-DON_WRITE={}", m.on_write));
+    if m.no_fini {
+        cmd.arg("-DNO_FINI");
+    }
+    let out = cmd
+        .output()
+        .expect("`cc` is needed to build test images: install Debian's gcc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    so
+}
+
+fn module(name: &str, version: &str) -> CModule<'static> {
+    CModule {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        version: Box::leak(version.to_string().into_boxed_str()),
+        abi: 1,
+        ..CModule::default()
+    }
+}
+
+/// `ferrodisk image pack` into `<dir>/img-<name>-<version>`; returns the image directory.
+fn pack(dir: &Path, so: &Path, name: &str, version: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("img-{name}-{version}"));
+    let o = Command::new(BIN)
+        .args(["image", "pack", "--module"])
+        .arg(so)
+        .args(["--name", name, "--version", version, "--out"])
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "pack: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn add(d: &ApiDaemon, img: &Path) -> (u16, Value) {
+    d.call("POST", "/v1/images", Some(json!({ "path": img })))
+}
+
+fn volume(d: &ApiDaemon, name: &str) {
+    let (s, v) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": name, "size": "8M"})),
+    );
+    assert_eq!(s, 201, "{v}");
+}
+
+fn attach(
+    d: &ApiDaemon,
+    dir: &Path,
+    vol: &str,
+    inst: &str,
+    ctx: Value,
+    cfg: Value,
+) -> (u16, Value) {
+    d.call(
+        "POST",
+        "/v1/attachments",
+        Some(
+            json!({"volume": vol, "instance": inst, "context": ctx, "driver_config": cfg,
+                    "socket": dir.join(format!("{vol}-{inst}.sock")), "multi_attach": true}),
+        ),
+    )
+}
+
+fn image_of(d: &ApiDaemon, id: &str) -> (String, String, String) {
+    let (_, st) = d.call("GET", &format!("/v1/stats/{id}"), None);
+    let drv = &st[0]["driver"];
+    (
+        drv["image"].as_str().unwrap_or("-").to_string(),
+        drv["version"].as_str().unwrap_or("-").to_string(),
+        drv["state"].as_str().unwrap_or("-").to_string(),
+    )
+}
+
+#[test]
+fn the_newest_matching_image_is_chosen_with_a_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let linux1 = compile(p, module("linux", "1.0.0"));
+    let linux2 = compile(p, module("linux", "1.10.0"));
+    let big = compile(p, module("big", "3.0.0"));
+    let base = compile(p, module("base", "1.0.0"));
+    for (so, name, ver, rule) in [
+        (&linux1, "linux", "1.0.0", "os=linux"),
+        (&linux2, "linux", "1.10.0", "os=linux"),
+        (&big, "big", "3.0.0", "instance-type=m5.24xlarge,os=*"),
+    ] {
+        let (s, v) = add(&d, &pack(p, so, name, ver, &["--rule", rule]));
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = add(&d, &pack(p, &base, "base", "1.0.0", &["--default"]));
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "v");
+    let cases = [
+        ("a", json!({"os": "linux"}), ("linux", "1.10.0")),
+        (
+            "b",
+            json!({"os": "linux", "instance-type": "m5.24xlarge"}),
+            ("big", "3.0.0"),
+        ),
+        ("c", json!({"os": "windows"}), ("base", "1.0.0")),
+        (
+            "e",
+            json!({"instance-type": "m5.24xlarge"}),
+            ("base", "1.0.0"),
+        ),
+    ];
+    for (inst, ctx, (name, ver)) in cases {
+        let (s, v) = attach(&d, p, "v", inst, ctx.clone(), json!({}));
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(v["image"]["name"], name, "context {ctx}");
+        assert_eq!(
+            v["image"]["version"], ver,
+            "context {ctx}: 1.10.0 is newer than 1.9"
+        );
+        let (n, ver2, state) = image_of(&d, &format!("v@{inst}"));
+        assert_eq!(
+            (n.as_str(), ver2.as_str(), state.as_str()),
+            (name, ver, "ok")
+        );
+    }
+    let (rc, out, _) = d.cli(&["image", "list"]);
+    assert_eq!(rc, 0);
+    assert!(out.contains("v@a") && out.contains("1.10.0"), "{out}");
+    // An image in use cannot be removed; an unused one can.
+    let (s, _) = d.call("DELETE", "/v1/images/base/1.0.0", None);
+    assert_eq!(s, 409);
+    let (s, _) = d.call("DELETE", "/v1/images/linux/1.0.0", None);
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn bad_images_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    // Checksum mismatch: the module changed after packing.
+    let img = pack(
+        p,
+        &compile(p, module("sum", "1.0.0")),
+        "sum",
+        "1.0.0",
+        &["--default"],
+    );
+    let so = std::fs::read_dir(&img)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "so"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&so).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&so, bytes).unwrap();
+    let (s, v) = add(&d, &img);
+    assert_eq!(s, 400);
+    assert!(
+        v["error"].as_str().unwrap().contains("checksum mismatch"),
+        "{v}"
+    );
+    // Missing symbol.
+    let m = CModule {
+        no_fini: true,
+        ..module("nofini", "1.0.0")
+    };
+    let (s, v) = add(&d, &pack(p, &compile(p, m), "nofini", "1.0.0", &[]));
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("lacks the symbol `ferrodisk_driver_fini`"),
+        "{v}"
+    );
+    // ABI mismatch in the module (the manifest claims 1).
+    let m = CModule {
+        abi: 2,
+        ..module("abi2", "1.0.0")
+    };
+    let (s, v) = add(&d, &pack(p, &compile(p, m), "abi2", "1.0.0", &[]));
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("ABI mismatch"), "{v}");
+    // Not a shared object at all.
+    let junk = p.join("junk.so");
+    std::fs::write(&junk, b"not an ELF file").unwrap();
+    let (s, v) = add(&d, &pack(p, &junk, "junk", "1.0.0", &[]));
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("cannot load"), "{v}");
+    // A manifest for another ABI.
+    let img = pack(p, &compile(p, module("man", "1.0.0")), "man", "1.0.0", &[]);
+    let mpath = img.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath)
+        .unwrap()
+        .replace("\"abi\": 1", "\"abi\": 7");
+    std::fs::write(&mpath, text).unwrap();
+    let (s, v) = add(&d, &img);
+    assert_eq!(s, 400);
+    assert!(
+        v["error"].as_str().unwrap().contains("built for ABI 7"),
+        "{v}"
+    );
+    // Nothing was stored, and the daemon still works.
+    let (_, list) = d.call("GET", "/v1/images", None);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    volume(&d, "ok");
+    let (s, v) = attach(&d, p, "ok", "i", json!({}), json!({}));
+    assert_eq!(s, 201, "{v}");
+}
+
+#[test]
+fn signatures_are_checked_when_a_key_is_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for k in ["good", "evil"] {
+        let o = Command::new(BIN)
+            .args(["image", "keygen"])
+            .arg(p.join(k))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    let pubkey = p.join("good.pub");
+    let d = ApiDaemon::start(p, &["--trusted-image-key", pubkey.to_str().unwrap()]);
+    let so = compile(p, module("s", "1.0.0"));
+    let good = p.join("good").display().to_string();
+    let evil = p.join("evil").display().to_string();
+    let (s, v) = add(&d, &pack(p, &so, "s", "1.0.0", &[]));
+    assert_eq!(s, 400, "unsigned: {v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("bad signature"),
+        "{v}"
+    );
+    let (s, v) = add(&d, &pack(p, &so, "s", "1.0.0", &["--sign", &evil]));
+    assert_eq!(s, 400, "signed by another key: {v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the trusted key"),
+        "{v}"
+    );
+    // A signed manifest that was edited afterwards (e.g. its rules widened).
+    let img = pack(
+        p,
+        &so,
+        "s",
+        "1.0.0",
+        &["--sign", &good, "--rule", "os=linux"],
+    );
+    let mpath = img.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath)
+        .unwrap()
+        .replace("linux", "*");
+    std::fs::write(&mpath, text).unwrap();
+    let (s, v) = add(&d, &img);
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = add(&d, &pack(p, &so, "s", "1.0.0", &["--sign", &good]));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["signed"], true);
+}
+
+#[test]
+fn init_failure_refuses_the_attach_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let (s, v) = add(
+        &d,
+        &pack(
+            p,
+            &compile(p, module("picky", "1.0.0")),
+            "picky",
+            "1.0.0",
+            &["--default"],
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "a");
+    volume(&d, "b");
+    let (s, v) = attach(&d, p, "a", "good", json!({}), json!({}));
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = attach(&d, p, "b", "bad", json!({}), json!({"mode": "fail_init"}));
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("init failed") && msg.contains("picky refuses instance bad"),
+        "{msg}"
+    );
+    assert!(
+        !p.join("b-bad.sock").exists(),
+        "nothing is served for a refused attach"
+    );
+    let mut c = Client::connect(&p.join("a-good.sock"), 1, false).unwrap();
+    assert_eq!(c.write(0, 0, &[3u8; 4096], ReqFlags::empty()), 0);
+}
+
+#[test]
+fn an_image_error_at_runtime_fails_the_attachment_not_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let broken = CModule {
+        on_write: -1,
+        ..module("broken", "1.0.0")
+    };
+    let gate = CModule {
+        on_write: 1,
+        ..module("gate", "1.0.0")
+    };
+    for (m, rule) in [(broken, "role=broken"), (gate, "role=gate")] {
+        let (s, v) = add(
+            &d,
+            &pack(p, &compile(p, m), m.name, m.version, &["--rule", rule]),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    volume(&d, "v");
+    volume(&d, "w");
+    volume(&d, "x");
+    assert_eq!(
+        attach(&d, p, "v", "b", json!({"role": "broken"}), json!({})).0,
+        201
+    );
+    assert_eq!(
+        attach(&d, p, "w", "g", json!({"role": "gate"}), json!({})).0,
+        201
+    );
+    assert_eq!(attach(&d, p, "x", "plain", json!({}), json!({})).0, 201);
+    let mut b = Client::connect(&p.join("v-b.sock"), 1, false).unwrap();
+    assert!(b.read(0, 0, 4096).is_ok(), "reads pass");
+    assert_ne!(
+        b.write(0, 0, &[1u8; 4096], ReqFlags::empty()),
+        0,
+        "the image's error fails the request"
+    );
+    assert!(
+        b.read(0, 0, 4096).is_err(),
+        "the attachment is failed from then on"
+    );
+    let (_, _, state) = image_of(&d, "v@b");
+    assert_eq!(state, "failed");
+    // A gate that refuses writes: IOERR, but the attachment stays healthy.
+    let mut g = Client::connect(&p.join("w-g.sock"), 1, false).unwrap();
+    assert_ne!(g.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
+    assert!(g.read(0, 0, 4096).is_ok());
+    assert_eq!(image_of(&d, "w@g").2, "ok");
+    // The disk without an image is untouched.
+    let mut x = Client::connect(&p.join("x-plain.sock"), 1, false).unwrap();
+    assert_eq!(x.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
+    assert!(d.log().contains("driver image failed"), "{}", d.log());
+}
+
+#[test]
+fn a_new_version_applies_on_reattach_or_upgrade_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let mut d = ApiDaemon::start(p, &[]);
+    let (s, _) = add(
+        &d,
+        &pack(
+            p,
+            &compile(p, module("drv", "1.0.0")),
+            "drv",
+            "1.0.0",
+            &["--rule", "os=linux"],
+        ),
+    );
+    assert_eq!(s, 201);
+    volume(&d, "v");
+    volume(&d, "w");
+    let (s, _) = attach(&d, p, "v", "old", json!({"os": "linux"}), json!({}));
+    assert_eq!(s, 201);
+    // I/O in flight across the upgrade: a writer keeps going while v2 is added and applied.
+    let sock = p.join("v-old.sock");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = std::sync::Arc::clone(&done);
+    const WRITES: u64 = 20_000;
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 1, false).unwrap();
+        let mut errors = 0;
+        for i in 0..WRITES {
+            let data = [(i % 251) as u8; 4096];
+            if c.write(0, (i % 64) * 4096, &data, ReqFlags::empty()) != 0 {
+                errors += 1;
+            }
+            progress.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+        errors
+    });
+    while done.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let (s, _) = add(
+        &d,
+        &pack(
+            p,
+            &compile(p, module("drv", "2.0.0")),
+            "drv",
+            "2.0.0",
+            &["--rule", "os=linux"],
+        ),
+    );
+    assert_eq!(s, 201);
+    assert_eq!(
+        image_of(&d, "v@old").1,
+        "1.0.0",
+        "a running attachment stays on v1"
+    );
+    let (s, v) = attach(&d, p, "w", "new", json!({"os": "linux"}), json!({}));
+    assert_eq!(s, 201);
+    assert_eq!(v["image"]["version"], "2.0.0", "a new attach runs v2");
+    let (rc, out, err) = d.cli(&["attachment", "upgrade", "v@old"]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("drv 1.0.0 → drv 2.0.0"), "{out}");
+    let at = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        at < WRITES,
+        "the upgrade must happen while the writer runs ({at} of {WRITES} done)"
+    );
+    assert_eq!(
+        writer.join().unwrap(),
+        0,
+        "no request failed or was lost across the upgrade"
+    );
+    assert_eq!(image_of(&d, "v@old").1, "2.0.0");
+    let (rc, out, _) = d.cli(&["attachment", "upgrade", "v@old"]);
+    assert_eq!(rc, 0);
+    assert!(out.contains("already on drv 2.0.0"), "{out}");
+    // The choice is kept across a daemon restart (a restart is not a re-attach).
+    d.terminate();
+    let d = ApiDaemon::start(p, &[]);
+    assert_eq!(image_of(&d, "v@old").1, "2.0.0");
+    assert_eq!(image_of(&d, "w@new").1, "2.0.0");
+}
