@@ -6,9 +6,11 @@
 set -euo pipefail
 
 # etcd-server: the cluster authority in the replication tests; protobuf-compiler: the etcd
-# client crate compiles etcd's protobufs; iproute2: network namespaces for the partition test.
+# client crate compiles etcd's protobufs; iproute2: network namespaces for the partition test;
+# libvirt-clients + libxml2-utils: virt-xml-validate for the libvirt example; systemd:
+# systemd-analyze for the unit files.
 pkgs=(qemu-system-x86 busybox-static fio cpio e2fsprogs util-linux gcc libc6-dev xz-utils
-      etcd-server protobuf-compiler iproute2)
+      etcd-server protobuf-compiler iproute2 libvirt-clients libxml2-utils systemd)
 
 sudo=""
 if [[ $(id -u) -ne 0 ]]; then

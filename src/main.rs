@@ -180,6 +180,7 @@ struct ReplArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRODISK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -539,6 +540,9 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             s.disk.stats.to_json()
         );
         let _ = std::fs::remove_file(&s.disk.config.socket);
+    }
+    if let Some(sock) = &api.api {
+        let _ = std::fs::remove_file(sock);
     }
     if ok {
         ExitCode::SUCCESS
