@@ -876,3 +876,40 @@ fn partitioned_replica_degrades_then_heals_and_resyncs() {
         model.check(r, &read_file(&env.path(r).join(format!("{VOLUME}.img"))));
     }
 }
+
+#[test]
+fn promote_refuses_a_replica_it_cannot_fence() {
+    let env = Env::new(false);
+    let (p1, hp) = (free_port(), free_port());
+    let mut r1 = env.replica("r1", p1);
+    let img = env.path("img");
+    make_image(&img, None);
+    let sock = env.path("s.sock");
+    let mut a = env.primary("a", &img, &sock, &[p1], hp, "");
+    wait_in_sync(hp, &[p1], Duration::from_secs(30));
+    assert!(a.terminate().success());
+    r1.kill();
+    let auth = ferrodisk::repl::authority::Authority::open(&env.authority).unwrap();
+    let before = auth.load(VOLUME).unwrap().unwrap();
+    let (code, out) = env.ferrodisk(&[
+        "promote",
+        "--authority",
+        &env.authority,
+        "--volume",
+        VOLUME,
+        "--replica",
+        &format!("127.0.0.1:{p1}"),
+        "--node",
+        "b",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cannot fence the replica to promote, nothing changed"),
+        "{out}"
+    );
+    assert_eq!(
+        auth.load(VOLUME).unwrap().unwrap(),
+        before,
+        "the authority is unchanged"
+    );
+}

@@ -242,10 +242,27 @@ impl Authority {
         addr: &str,
         node: &str,
     ) -> Result<VolumeRecord, AuthorityError> {
+        self.promote_from(volume, addr, node, None)
+    }
+
+    /// [`promote`](Self::promote), only if the volume is still at epoch `from` (when given).
+    pub fn promote_from(
+        &self,
+        volume: &str,
+        addr: &str,
+        node: &str,
+        from: Option<u64>,
+    ) -> Result<VolumeRecord, AuthorityError> {
         self.update(volume, |cur| {
             let Some(r) = cur else {
                 return Err(AuthorityError::NoVolume(volume.to_string()));
             };
+            if from.is_some_and(|e| e != r.epoch) {
+                return Err(AuthorityError::Refused(format!(
+                    "volume {volume} moved to epoch {} while promoting; check its state and retry",
+                    r.epoch
+                )));
+            }
             match r.member(addr) {
                 Some(m) if m.in_sync => {}
                 Some(_) => {

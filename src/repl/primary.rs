@@ -318,16 +318,25 @@ impl Replication {
         };
         std::fs::create_dir_all(&config.meta_dir).map_err(meta)?;
         let marker = config.meta_dir.join(CLEAN_MARKER);
-        let first_start = !config.meta_dir.join("started").exists();
-        let clean = marker.exists() || first_start;
+        // A start is clean only if this node stopped cleanly as the volume's primary at the
+        // epoch the authority still holds: then every write was drained to every in-sync
+        // replica. A promoted node, a node whose metadata is new, or a node whose epoch was
+        // superseded meanwhile is not (found by the simulation, tests/replication_sim.rs).
+        let before = authority.load(&config.volume)?;
+        let marker_epoch: Option<u64> = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let clean = match &before {
+            None => true, // a new volume: no copy can differ yet
+            Some(v) => v.record.primary == config.node && marker_epoch == Some(v.record.epoch),
+        };
         // From now until a clean stop, a crash counts as unclean.
         if marker.exists() {
             std::fs::remove_file(&marker).map_err(meta)?;
+            File::open(&config.meta_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(meta)?;
         }
-        std::fs::write(config.meta_dir.join("started"), b"1").map_err(meta)?;
-        File::open(&config.meta_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(meta)?;
 
         let record = authority.take_over(&config.volume, &config.node, &config.replicas, !clean)?;
         tracing::info!(
@@ -350,8 +359,17 @@ impl Replication {
                     }
                 })?;
             let in_sync = record.member(addr).is_some_and(|m| m.in_sync);
-            if !in_sync && (!existed || !clean) {
-                // A new replica (full rebuild), or an unclean stop: any region may differ.
+            let was_member = before
+                .as_ref()
+                .is_some_and(|v| v.record.member(addr).is_some());
+            if in_sync {
+                // Clean start of an in-sync replica: nothing differs.
+                for r in 0..map.regions() {
+                    map.clear(r);
+                }
+            } else if !was_member || !existed || !clean {
+                // A new or re-added replica (its old bitmap missed what was written while
+                // it was not a member), or an unclean stop: any region may differ.
                 map.set_all();
             }
             map.persist().map_err(|source| ReplError::Meta {
@@ -506,8 +524,11 @@ impl Replication {
         };
         let span = self.regions.span(offset, len);
         for r in span.clone() {
-            self.regions.generation[r].fetch_add(1, Ordering::SeqCst);
+            // In-flight first, then the generation: a resync reads the generation first and
+            // the in-flight count second, so it sees at least one of them move (found by
+            // the simulation, tests/replication_sim.rs).
             self.regions.in_flight[r].fetch_add(1, Ordering::SeqCst);
+            self.regions.generation[r].fetch_add(1, Ordering::SeqCst);
         }
         // Dekker-style handshake with a link that starts resyncing: it waits for this
         // counter to drop to zero after switching state, so a write that saw the old state
@@ -1034,6 +1055,8 @@ impl Replication {
                 return Ok(());
             };
             rs.cursor = region + 1;
+            // The generation before the in-flight count (see `begin`).
+            let generation = self.regions.generation[region].load(Ordering::SeqCst);
             if self.regions.in_flight[region].load(Ordering::SeqCst) > 0 {
                 skipped += 1;
                 if skipped >= remaining {
@@ -1048,7 +1071,6 @@ impl Replication {
                 }
                 rs.allowance -= len;
             }
-            let generation = self.regions.generation[region].load(Ordering::SeqCst);
             self.maps[link.idx]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

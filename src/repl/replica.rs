@@ -49,30 +49,43 @@ struct Volume {
     direct: Option<File>,
     dio_align: u64,
     size: u64,
-    epoch: RwLock<u64>,
+    /// The highest epoch seen, and the writable session: each primary `Open` starts a new
+    /// session, and writes still queued on an older connection of the volume are refused.
+    epoch: RwLock<EpochState>,
     meta: PathBuf,
     dir: PathBuf,
 }
 
 impl Volume {
-    /// Raises the stored epoch to `epoch` (durably) if it is higher; returns the stored one.
-    /// Fails with `Stale` if `epoch` is older.
-    fn raise_epoch(&self, epoch: u64) -> Result<u64, (Code, String)> {
+    /// Raises the stored epoch to `epoch` (durably) if it is higher; returns the stored one
+    /// and, with `new_session`, the number of the session this call starts. Fails with
+    /// `Stale` if `epoch` is older.
+    fn raise_epoch(&self, epoch: u64, new_session: bool) -> Result<(u64, u64), (Code, String)> {
         let mut cur = self.epoch.write().unwrap_or_else(|p| p.into_inner());
-        if epoch < *cur {
+        if epoch < cur.epoch {
             return Err((
                 Code::Stale,
-                format!("epoch {epoch} is older than {} (fenced)", *cur),
+                format!("epoch {epoch} is older than {} (fenced)", cur.epoch),
             ));
         }
-        if epoch > *cur {
+        if epoch > cur.epoch {
             write_epoch(&self.dir, &self.meta, epoch)
                 .map_err(|e| (Code::Io, format!("cannot persist epoch {epoch}: {e}")))?;
-            tracing::info!(volume = %self.name, epoch, previous = *cur, "epoch raised");
-            *cur = epoch;
+            tracing::info!(volume = %self.name, epoch, previous = cur.epoch, "epoch raised");
+            cur.epoch = epoch;
         }
-        Ok(*cur)
+        if new_session {
+            cur.session += 1;
+        }
+        Ok((cur.epoch, cur.session))
     }
+}
+
+/// A volume's fencing state (see [`Volume::epoch`]).
+#[derive(Debug, Clone, Copy)]
+struct EpochState {
+    epoch: u64,
+    session: u64,
 }
 
 fn write_epoch(dir: &Path, meta: &Path, epoch: u64) -> io::Result<()> {
@@ -195,7 +208,7 @@ impl ReplicaServer {
             dio_align,
             size: file.metadata().map_err(io)?.len(),
             file,
-            epoch: RwLock::new(epoch),
+            epoch: RwLock::new(EpochState { epoch, session: 0 }),
             meta,
             dir: self.data.clone(),
         });
@@ -225,20 +238,20 @@ impl ReplicaServer {
             }) => {
                 let opened = self.volume(&volume, size).and_then(|v| {
                     // Epoch 0 opens for checksums only (verify): no epoch change, no writes.
-                    let stored = if epoch == 0 {
-                        *v.epoch.read().unwrap_or_else(|p| p.into_inner())
+                    let (stored, session) = if epoch == 0 {
+                        (v.epoch.read().unwrap_or_else(|p| p.into_inner()).epoch, 0)
                     } else {
-                        v.raise_epoch(epoch)?
+                        v.raise_epoch(epoch, true)?
                     };
-                    Ok((v, stored))
+                    Ok((v, stored, session))
                 });
                 match opened {
-                    Ok((v, stored)) => {
+                    Ok((v, stored, session)) => {
                         if tx.send(&Msg::Ack { seq, value: stored }).is_err() {
                             return;
                         }
                         tracing::info!(%peer, volume = %v.name, epoch, "connection opened");
-                        (v, epoch != 0)
+                        (v, (epoch != 0).then_some(session))
                     }
                     Err((code, message)) => {
                         tracing::warn!(%peer, volume = %volume, "open refused: {message}");
@@ -331,7 +344,8 @@ struct Applier {
     vol: Arc<Volume>,
     tx: wire::Sender,
     ring: IoUring,
-    writable: bool,
+    /// The session this connection opened (`None`: checksums and fencing only).
+    writable: Option<u64>,
     batch: Vec<Op>,
     replies: Vec<Msg>,
     /// A discard or write-zeroes in the batch: its metadata needs an fdatasync.
@@ -339,7 +353,7 @@ struct Applier {
 }
 
 impl Applier {
-    fn new(vol: Arc<Volume>, tx: wire::Sender, writable: bool) -> io::Result<Applier> {
+    fn new(vol: Arc<Volume>, tx: wire::Sender, writable: Option<u64>) -> io::Result<Applier> {
         Ok(Applier {
             vol,
             tx,
@@ -362,7 +376,7 @@ impl Applier {
                         // Everything before the fence lands first; then no older write can.
                         self.commit();
                         drop(epoch.take()); // the raise needs the write lock
-                        let r = self.vol.raise_epoch(e);
+                        let r = self.vol.raise_epoch(e, false).map(|(e, _)| e);
                         epoch = Some(vol.epoch.read().unwrap_or_else(|p| p.into_inner()));
                         self.replies.push(match r {
                             Ok(value) => Msg::Ack { seq, value },
@@ -370,7 +384,7 @@ impl Applier {
                         });
                     }
                     m => {
-                        let current = epoch.as_deref().copied().unwrap_or(0);
+                        let current = epoch.as_deref().copied();
                         self.apply(m, current);
                     }
                 }
@@ -388,14 +402,33 @@ impl Applier {
         }
     }
 
-    fn check(&self, epoch: u64, current: u64, offset: u64, len: u64) -> Result<(), (Code, String)> {
-        if !self.writable {
+    fn check(
+        &self,
+        epoch: u64,
+        current: Option<EpochState>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), (Code, String)> {
+        let Some(session) = self.writable else {
             return Err((
                 Code::Protocol,
                 "connection opened for checksums only".into(),
             ));
+        };
+        let current = current.unwrap_or(EpochState {
+            epoch: u64::MAX,
+            session: u64::MAX,
+        });
+        admit(current.epoch, epoch)?;
+        // A newer connection of this volume took over (the primary reconnected and may be
+        // resyncing): what is still queued here must not land on top of its copies (found
+        // by the simulation, tests/replication_sim.rs).
+        if current.session != session {
+            return Err((
+                Code::Protocol,
+                "superseded by a newer connection of this volume".into(),
+            ));
         }
-        admit(current, epoch)?;
         if offset
             .checked_add(len)
             .is_none_or(|end| end > self.vol.size)
@@ -417,7 +450,7 @@ impl Applier {
             .any(|o| o.offset < offset + len && offset < o.offset + o.len)
     }
 
-    fn apply(&mut self, m: Msg, current: u64) {
+    fn apply(&mut self, m: Msg, current: Option<EpochState>) {
         match m {
             Msg::Write {
                 seq,
@@ -801,6 +834,42 @@ mod tests {
         // Wrong size, unknown volume for an observer.
         let (_, _, reply) = open(addr, 10, 2 << 20);
         assert_eq!(code(&reply), Some(Code::Range));
+    }
+
+    #[test]
+    fn a_newer_connection_supersedes_writes_queued_on_an_older_one() {
+        let (dir, addr) = server();
+        let (mut old_tx, mut old_rx, _) = open(addr, 4, 1 << 20);
+        let data = [5u8; 4096];
+        let crc = crc32c::crc32c(&data);
+        assert_eq!(
+            write(&mut old_tx, &mut old_rx, 1, 4, 0, &data, crc),
+            Msg::Ack { seq: 1, value: 0 }
+        );
+        // The primary reconnects (same epoch): the old connection's writes no longer land.
+        let (mut tx, mut rx, reply) = open(addr, 4, 1 << 20);
+        assert_eq!(reply, Msg::Ack { seq: 0, value: 4 });
+        let stale = [6u8; 4096];
+        let m = write(
+            &mut old_tx,
+            &mut old_rx,
+            2,
+            4,
+            4096,
+            &stale,
+            crc32c::crc32c(&stale),
+        );
+        assert_eq!(code(&m), Some(Code::Protocol), "{m:?}");
+        assert_eq!(
+            write(&mut tx, &mut rx, 1, 4, 8192, &data, crc),
+            Msg::Ack { seq: 1, value: 0 }
+        );
+        let on_disk = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert_eq!(
+            &on_disk[4096..8192],
+            &[0u8; 4096][..],
+            "the superseded write did not land"
+        );
     }
 
     #[test]

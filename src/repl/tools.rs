@@ -200,8 +200,23 @@ pub fn promote(
         .load(volume)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("volume {volume} is not known to {}", authority.describe()))?;
+    let next = before.record.epoch + 1;
+    match before.record.member(replica) {
+        Some(m) if m.in_sync => {}
+        Some(_) => {
+            return Err(format!(
+                "replica {replica} of {volume} is not in sync: promoting it could lose acknowledged writes"
+            ))
+        }
+        None => return Err(format!("{replica} is not a replica of {volume}")),
+    }
+    // The promoted copy becomes the new primary's backing: fence it first, so that the old
+    // primary can never write into it again. If that fails, nothing is changed (found by
+    // the simulation, tests/replication_sim.rs).
+    fence(replica, key, volume, next)
+        .map_err(|e| format!("cannot fence the replica to promote, nothing changed: {e}"))?;
     let rec = authority
-        .promote(volume, replica, node)
+        .promote_from(volume, replica, node, Some(before.record.epoch))
         .map_err(|e| e.to_string())?;
     let mut out = Promoted {
         epoch: rec.epoch,

@@ -34,7 +34,13 @@ fn attach_with_the_cli_boot_resize_live_then_detach() {
         "--state".into(),
         dir.join("state").display().to_string(),
     ];
-    let daemon = Daemon::start_program(&dir, "ferrodisk", &ferrodisk_bin(), &args, &[api.clone()]);
+    let daemon = Daemon::start_program(
+        &dir,
+        "ferrodisk",
+        &ferrodisk_bin(),
+        &args,
+        std::slice::from_ref(&api),
+    );
     cli(&api, &["volume", "create", "vol1", "--size", "64M"]);
     let sock = dir.join("vol1.sock");
     let out = cli(

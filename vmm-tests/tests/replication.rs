@@ -102,7 +102,13 @@ fn guest_fio_verify_survives_a_replica_kill_and_resync() {
             sock.display()
         ),
     ];
-    let primary = Daemon::start_program(&dir, "primary", &ferrodisk_bin(), &args, &[sock.clone()]);
+    let primary = Daemon::start_program(
+        &dir,
+        "primary",
+        &ferrodisk_bin(),
+        &args,
+        std::slice::from_ref(&sock),
+    );
     wait_until(Duration::from_secs(60), "both replicas in sync", || {
         replica_state(hp, &a1) == "in-sync" && replica_state(hp, &a2) == "in-sync"
     });
