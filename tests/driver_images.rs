@@ -28,38 +28,8 @@ struct CModule<'a> {
     on_write: i32,
 }
 
-const C_TEMPLATE: &str = r#"
-#include <stdint.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-struct fd_driver_info { uint32_t abi_version, flags; const char *name, *version; };
-struct fd_host { uint32_t abi_version, queues; uint64_t capacity;
-                 const char *volume, *instance, *context_json, *config_json; };
-struct fd_request { uint32_t op, queue; uint64_t offset, len; const void *iov;
-                    uint32_t iovcnt, reserved; uint8_t *bounce; };
-static const struct fd_driver_info INFO = { ABI, 0, NAME, VERSION };
-const struct fd_driver_info *ferrodisk_driver_info(void) { return &INFO; }
-void *ferrodisk_driver_init(const struct fd_host *h, char *err, size_t n) {
-    if (strstr(h->config_json, "fail_init")) {
-        snprintf(err, n, "%s refuses instance %s as configured", NAME, h->instance);
-        return NULL;
-    }
-    return calloc(1, 16);
-}
-int32_t ferrodisk_driver_submit(void *inst, const struct fd_request *r, uint64_t *delay) {
-    (void)inst; (void)delay;
-    if (r->op == 1) return ON_WRITE;
-    return 0;
-}
-int32_t ferrodisk_driver_complete(void *inst, const struct fd_request *r, int32_t st) {
-    (void)inst; (void)r; (void)st; return 0;
-}
-#ifndef NO_FINI
-void ferrodisk_driver_fini(void *inst) { free(inst); }
-#endif
-"#;
+/// The C source of the test images (parameters as `-D` macros).
+const C_TEMPLATE: &str = include_str!("data/passthrough_driver.c");
 
 fn compile(dir: &Path, m: CModule<'_>) -> PathBuf {
     let src = dir.join(format!("{}-{}.c", m.name, m.version));
