@@ -487,3 +487,102 @@ fn a_new_version_applies_on_reattach_or_upgrade_only() {
     assert_eq!(image_of(&d, "v@old").1, "2.0.0");
     assert_eq!(image_of(&d, "w@new").1, "2.0.0");
 }
+
+/// The workspace's `faulty` image (built by `cargo build --workspace`, which
+/// `scripts/test.sh` runs first).
+fn faulty_module() -> PathBuf {
+    let so = Path::new(BIN)
+        .parent()
+        .unwrap()
+        .join("libferrodisk_driver_faulty.so");
+    assert!(
+        so.exists(),
+        "{} is missing: build the images with `cargo build --workspace`",
+        so.display()
+    );
+    so
+}
+
+#[test]
+fn a_panic_inside_a_rust_image_is_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let (s, v) = add(
+        &d,
+        &pack(
+            p,
+            &faulty_module(),
+            "faulty",
+            "1.0.0",
+            &["--rule", "test=faulty"],
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "p");
+    volume(&d, "c");
+    volume(&d, "i");
+    let ctx = json!({"test": "faulty"});
+    assert_eq!(
+        attach(
+            &d,
+            p,
+            "p",
+            "w",
+            ctx.clone(),
+            json!({"mode": "panic_on_write"})
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        attach(
+            &d,
+            p,
+            "c",
+            "r",
+            ctx.clone(),
+            json!({"mode": "panic_in_complete"})
+        )
+        .0,
+        201
+    );
+    let (s, v) = attach(&d, p, "i", "x", ctx, json!({"mode": "fail_init"}));
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("init refused as configured"),
+        "{v}"
+    );
+
+    let mut w = Client::connect(&p.join("p-w.sock"), 1, false).unwrap();
+    assert!(w.read(0, 0, 4096).is_ok());
+    assert_ne!(
+        w.write(0, 0, &[1u8; 4096], ReqFlags::empty()),
+        0,
+        "the panicking write fails"
+    );
+    assert!(w.read(0, 0, 4096).is_err(), "then the attachment is failed");
+    let (_, st) = d.call("GET", "/v1/stats/p@w", None);
+    assert_eq!(st[0]["driver"]["state"], "failed", "{st}");
+    assert!(
+        st[0]["driver"]["failure"]
+            .as_str()
+            .unwrap()
+            .contains("panic"),
+        "{st}"
+    );
+    let mut r = Client::connect(&p.join("c-r.sock"), 1, false).unwrap();
+    assert!(
+        r.read(0, 0, 4096).is_err(),
+        "a panic in complete fails the read"
+    );
+    assert_eq!(image_of(&d, "c@r").2, "failed");
+    // The daemon is alive and other disks work.
+    volume(&d, "ok");
+    assert_eq!(attach(&d, p, "ok", "z", json!({}), json!({})).0, 201);
+    let mut z = Client::connect(&p.join("ok-z.sock"), 1, false).unwrap();
+    assert_eq!(z.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
+}
