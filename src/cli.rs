@@ -25,6 +25,9 @@ pub enum VolumeCmd {
         /// An instance allowed to attach it (repeat; default: any).
         #[arg(long = "allow", value_name = "INSTANCE")]
         allow: Vec<String>,
+        /// A replica server, HOST:PORT (repeat): the volume is replicated while attached.
+        #[arg(long = "replica", value_name = "HOST:PORT")]
+        replicas: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -162,10 +165,11 @@ pub fn volume(api: &ApiSocket, cmd: VolumeCmd) -> ExitCode {
             size,
             path,
             allow,
+            replicas,
             json,
         } => {
-            let body =
-                json!({ "name": name, "size": size, "path": path, "allowed_instances": allow });
+            let body = json!({ "name": name, "size": size, "path": path,
+                               "allowed_instances": allow, "replicas": replicas });
             let r = request(&api.api, "POST", "/v1/volumes", Some(&body));
             finish(r, json, |v| {
                 println!(
@@ -210,10 +214,26 @@ pub fn volume(api: &ApiSocket, cmd: VolumeCmd) -> ExitCode {
                             } else {
                                 atts.join(",")
                             },
+                            {
+                                let r: Vec<String> = x["replicas"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .map(s)
+                                    .collect();
+                                if r.is_empty() {
+                                    "-".into()
+                                } else {
+                                    r.join(",")
+                                }
+                            },
                         ]
                     })
                     .collect();
-                table(&["NAME", "SIZE", "PATH", "ALLOWED", "ATTACHED"], rows);
+                table(
+                    &["NAME", "SIZE", "PATH", "ALLOWED", "ATTACHED", "REPLICAS"],
+                    rows,
+                );
             })
         }
         VolumeCmd::Resize { name, size, json } => {

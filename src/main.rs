@@ -482,7 +482,25 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
                 },
                 None => None,
             };
-            let m = match Manager::open(&api.state, key) {
+            let repl_ctx = match &repl.key {
+                Some(k) => {
+                    let key = match Key::from_file(k) {
+                        Ok(k) => k,
+                        Err(e) => return fail(e, 2),
+                    };
+                    let authority = match Authority::open(&repl.authority) {
+                        Ok(a) => a,
+                        Err(e) => return fail(chain(&e), 1),
+                    };
+                    Some(ferrodisk::api::ReplContext {
+                        authority,
+                        key,
+                        node: repl.node.clone().unwrap_or_else(hostname),
+                    })
+                }
+                None => None,
+            };
+            let m = match Manager::open(&api.state, key, repl_ctx) {
                 Ok(m) => m,
                 Err(e) => return fail(e, 1),
             };

@@ -75,6 +75,19 @@ pub struct Volume {
     /// Instances allowed to attach it; empty: any instance.
     #[serde(default)]
     pub allowed_instances: Vec<String>,
+    /// Replica servers (`HOST:PORT`): the volume is replicated while attached (see
+    /// `docs/replication.md`); the daemon needs `--replication-key`.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// What the daemon needs to serve replicated volumes (`serve --authority --node
+/// --replication-key`).
+#[derive(Clone)]
+pub struct ReplContext {
+    pub authority: crate::repl::authority::Authority,
+    pub key: crate::repl::wire::Key,
+    pub node: String,
 }
 
 /// `POST /v1/volumes`.
@@ -91,6 +104,9 @@ pub struct CreateVolume {
     pub path: Option<PathBuf>,
     #[serde(default)]
     pub allowed_instances: Vec<String>,
+    /// Replica servers, `HOST:PORT` each: the volume is replicated.
+    #[serde(default)]
+    pub replicas: Vec<String>,
 }
 
 /// Per-attachment options.
@@ -187,6 +203,7 @@ pub struct Manager {
     dir: PathBuf,
     inner: Mutex<Inner>,
     images: ImageStore,
+    repl: Option<ReplContext>,
 }
 
 fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
@@ -219,7 +236,11 @@ impl Manager {
     /// Opens (or creates) the state in `dir` and serves every recorded attachment again.
     /// An attachment that cannot be served (its backing is gone, its socket is taken) is
     /// reported in `failed` and logged; the others are served.
-    pub fn open(dir: &Path, trusted_key: Option<TrustedKey>) -> Result<Arc<Manager>, String> {
+    pub fn open(
+        dir: &Path,
+        trusted_key: Option<TrustedKey>,
+        repl: Option<ReplContext>,
+    ) -> Result<Arc<Manager>, String> {
         std::fs::create_dir_all(dir.join("volumes"))
             .map_err(|e| format!("state directory {}: {e}", dir.display()))?;
         let path = dir.join("state.json");
@@ -231,6 +252,7 @@ impl Manager {
         };
         let images = ImageStore::open(&dir.join("images"), trusted_key)?;
         let m = Arc::new(Manager {
+            repl,
             images,
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -246,7 +268,7 @@ impl Manager {
             for a in atts {
                 let vol = inner.state.volumes.get(&a.volume).cloned();
                 let served = match vol {
-                    Some(v) => m.load_driver(&v, &a).and_then(|d| serve(&v, &a, d)),
+                    Some(v) => m.load_driver(&v, &a).and_then(|d| m.serve(&v, &a, d)),
                     None => Err(ApiError::internal(format!("volume {} is gone", a.volume))),
                 };
                 match served {
@@ -308,6 +330,14 @@ impl Manager {
         valid_name("volume name", &req.name)?;
         for i in &req.allowed_instances {
             valid_name("instance id", i)?;
+        }
+        for r in &req.replicas {
+            let ok = r
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !ok {
+                return Err(ApiError::bad(format!("replica `{r}`: expected HOST:PORT")));
+            }
         }
         let mut inner = self.lock();
         if inner.state.volumes.contains_key(&req.name) {
@@ -373,6 +403,7 @@ impl Manager {
             size,
             owned,
             allowed_instances: req.allowed_instances,
+            replicas: req.replicas,
         };
         let v = vol.clone();
         let r = self.commit(&mut inner, |s| {
@@ -563,7 +594,7 @@ impl Manager {
             version: i.manifest.version,
         });
         let driver = self.load_driver(&vol, &att)?;
-        let served = serve(&vol, &att, driver)?;
+        let served = self.serve(&vol, &att, driver)?;
         let a = att.clone();
         if let Err(e) = self.commit(&mut inner, |s| {
             s.attachments.insert(a.id.clone(), a);
@@ -592,8 +623,14 @@ impl Manager {
         };
         if let Some(s) = server {
             s.close();
-            if let Err(e) = s.disk.sync() {
-                tracing::error!(attachment = id, "flush at detach failed: {e}");
+            match s.disk.sync() {
+                Err(e) => tracing::error!(attachment = id, "flush at detach failed: {e}"),
+                // A replicated volume records a clean stop (no resync at the next attach).
+                Ok(()) => {
+                    if let Some(r) = s.disk.repl.get() {
+                        r.shutdown();
+                    }
+                }
             }
         }
         tracing::info!(attachment = id, "detached");
@@ -853,10 +890,33 @@ fn disk_stats(id: Option<&str>, a: Option<&Attachment>, d: &Disk) -> serde_json:
 }
 
 /// Opens the volume for an attachment and serves it on its socket, with its driver image.
+impl Manager {
+    /// Opens the volume for an attachment and serves it on its socket, with its driver
+    /// image and, for a replicated volume, its replication stage.
+    fn serve(
+        &self,
+        vol: &Volume,
+        a: &Attachment,
+        driver: Option<Arc<Driver>>,
+    ) -> Result<Arc<DiskServer>, ApiError> {
+        if vol.replicas.is_empty() {
+            return serve(vol, a, driver, None);
+        }
+        let ctx = self.repl.as_ref().ok_or_else(|| {
+            ApiError::bad(format!(
+                "volume {} is replicated: start the daemon with --replication-key (and --authority, --node)",
+                vol.name
+            ))
+        })?;
+        serve(vol, a, driver, Some((ctx, &self.dir)))
+    }
+}
+
 fn serve(
     vol: &Volume,
     a: &Attachment,
     driver: Option<Arc<Driver>>,
+    repl: Option<(&ReplContext, &Path)>,
 ) -> Result<Arc<DiskServer>, ApiError> {
     let o = &a.options;
     let mut cfg = DiskConfig::new(Backing::Path(vol.path.clone()), a.socket.clone());
@@ -902,6 +962,10 @@ fn serve(
         uid: o.socket_uid,
         gid: o.socket_gid,
     };
+    if repl.is_some() {
+        cfg.volume = Some(vol.name.clone());
+        cfg.replicas = vol.replicas.clone();
+    }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
     disk.set_driver(driver);
     let listener = server::bind(&a.socket).map_err(|e| ApiError::conflict(chain(&e)))?;
@@ -910,6 +974,36 @@ fn serve(
         return Err(ApiError::bad(format!(
             "cannot set the socket's mode or owner: {e}"
         )));
+    }
+    if let Some((ctx, dir)) = repl {
+        let local = File::open(&vol.path).map_err(|e| {
+            let _ = std::fs::remove_file(&a.socket);
+            ApiError::internal(format!("{}: {e}", vol.path.display()))
+        })?;
+        let cfg = crate::repl::primary::ReplConfig {
+            volume: vol.name.clone(),
+            replicas: vol.replicas.clone(),
+            node: ctx.node.clone(),
+            timeout: std::time::Duration::from_millis(u64::from(
+                crate::config::DEFAULT_REPLICA_TIMEOUT_MS,
+            )),
+            resync_rate: u64::from(crate::config::DEFAULT_RESYNC_MBPS) << 20,
+            region_bytes: crate::repl::primary::DEFAULT_REGION,
+            meta_dir: dir.join("replication").join(&vol.name),
+        };
+        let r = crate::repl::primary::Replication::start(
+            cfg,
+            ctx.authority.clone(),
+            ctx.key.clone(),
+            local,
+            disk.capacity_bytes(),
+            usize::from(disk.config.queues),
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&a.socket);
+            ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e)))
+        })?;
+        let _ = disk.repl.set(r);
     }
     DiskServer::start(Arc::new(disk), listener)
         .map(Arc::new)
