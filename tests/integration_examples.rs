@@ -515,19 +515,24 @@ fn doc_invocations() -> Vec<Invocation> {
     let mut all = Vec::new();
     let none = HashMap::new();
 
-    let md = read("docs/integration.md");
-    let (blocks, inline) = markdown_shell(&md);
-    for b in blocks {
-        all.extend(invocations_in(
-            "docs/integration.md",
-            shell_commands(&b, &none),
-        ));
-    }
-    for s in inline {
-        all.extend(invocations_in(
-            "docs/integration.md (inline)",
-            shell_commands(&s, &none),
-        ));
+    for doc in [
+        "docs/integration.md",
+        "README.md",
+        "docs/api.md",
+        "docs/replication.md",
+        "docs/driver-images.md",
+    ] {
+        let md = read(doc);
+        let (blocks, inline) = markdown_shell(&md);
+        for b in blocks {
+            all.extend(invocations_in(doc, shell_commands(&b, &none)));
+        }
+        for s in inline {
+            all.extend(invocations_in(
+                &format!("{doc} (inline)"),
+                shell_commands(&s, &none),
+            ));
+        }
     }
 
     let rel = "docs/examples/cloud-hypervisor.sh";
@@ -625,6 +630,14 @@ fn every_ferrodisk_command_in_the_docs_exists() {
         "{}",
         count("docs/integration.md")
     );
+    for doc in [
+        "README.md",
+        "docs/api.md",
+        "docs/replication.md",
+        "docs/driver-images.md",
+    ] {
+        assert!(count(doc) >= 3, "{doc}: {}", count(doc));
+    }
     assert_eq!(count("docs/examples/cloud-hypervisor.sh"), 3);
     assert_eq!(count("ferrodisk.service"), 1);
     assert_eq!(count("ferrodisk-replica@.service"), 1);
