@@ -303,10 +303,16 @@ impl LatencyHistogram {
     /// Records one request that took `nanos` nanoseconds. O(1), no allocation or lock.
     #[inline]
     pub fn observe(&self, nanos: u64) {
-        self.coarse[coarse_index(nanos)].fetch_add(1, Relaxed);
+        self.observe_n(nanos, 1);
+    }
+
+    /// Records `n` observations of the same latency (a batch of requests that started and
+    /// completed together) for the cost of one.
+    pub fn observe_n(&self, nanos: u64, n: u64) {
+        self.coarse[coarse_index(nanos)].fetch_add(n, Relaxed);
         let j = self.fine_index(nanos);
-        self.fine[j >> 4].0[j & 15].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(nanos, Relaxed);
+        self.fine[j >> 4].0[j & 15].fetch_add(n, Relaxed);
+        self.sum_ns.fetch_add(nanos.saturating_mul(n), Relaxed);
     }
 
     /// The fine slot of `nanos`: 0 for `≤ lo`, `1 + i` for `(lo + i·w, lo + (i+1)·w]`,
@@ -553,6 +559,11 @@ impl QueueMetrics {
     #[inline]
     pub fn observe(&self, op: OpKind, nanos: u64) {
         self.ops[op.index()].observe(nanos);
+    }
+
+    /// `n` requests of kind `op` with the same latency.
+    pub fn observe_n(&self, op: OpKind, nanos: u64, n: u64) {
+        self.ops[op.index()].observe_n(nanos, n);
     }
 
     /// The histogram of one kind of request.

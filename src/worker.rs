@@ -888,14 +888,34 @@ impl QueueWorker {
             return;
         }
         add(&self.stats().batches, 1);
-        let now = Instant::now();
-        let disk = Arc::clone(&self.disk);
-        let metrics = disk.metrics.queue(self.queue);
+        // Latency: requests taken in one batch and completed in this one share their start
+        // and end, so runs of them are recorded at once (one set of atomic adds per run, not
+        // per request).
+        {
+            let now = Instant::now();
+            let metrics = self.disk.metrics.queue(self.queue);
+            let mut run: Option<(Instant, OpKind, u64)> = None;
+            for c in &self.done {
+                let Some(&(t, op)) = self.started.get(usize::from(c.head)) else {
+                    continue;
+                };
+                match &mut run {
+                    Some((rt, rop, n)) if *rt == t && *rop == op => *n += 1,
+                    _ => {
+                        if let Some((rt, rop, n)) = run.take() {
+                            let ns = now.saturating_duration_since(rt).as_nanos() as u64;
+                            metrics.observe_n(rop, ns, n);
+                        }
+                        run = Some((t, op, 1));
+                    }
+                }
+            }
+            if let Some((rt, rop, n)) = run {
+                metrics.observe_n(rop, now.saturating_duration_since(rt).as_nanos() as u64, n);
+            }
+        }
         for i in 0..self.done.len() {
             let c = self.done[i];
-            if let Some(&(t, op)) = self.started.get(usize::from(c.head)) {
-                metrics.observe(op, now.saturating_duration_since(t).as_nanos() as u64);
-            }
             if let Some(addr) = c.status_addr {
                 if let Err(e) = mem.write_obj(c.status, addr) {
                     self.log(format_args!(
