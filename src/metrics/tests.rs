@@ -624,3 +624,25 @@ fn never_updated_reads_the_text_format_robustly() {
     assert_eq!(sample("a{x=\"unterminated} 1"), None);
     assert!(never_updated("", "").is_empty());
 }
+
+#[test]
+fn observe_n_equals_n_observations() {
+    let a = LatencyHistogram::new(FineRange::default());
+    let b = LatencyHistogram::new(FineRange::default());
+    for ns in [
+        0u64,
+        999,
+        1_000,
+        1_001,
+        35_000,
+        999_999,
+        1_000_001,
+        7_000_000_000,
+    ] {
+        a.observe_n(ns, 5);
+        for _ in 0..5 {
+            b.observe(ns);
+        }
+    }
+    assert_eq!(a.snapshot(), b.snapshot());
+}
