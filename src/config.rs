@@ -172,21 +172,18 @@ impl DiskConfig {
                 "inflight" => cfg.inflight = parse_bool("inflight", value)?,
                 "poll-us" => cfg.poll_us = parse_in_range("poll-us", value, 0, MAX_POLL_US)? as u32,
                 "volume" => {
-                    crate::repl::authority::check_volume_name(value).map_err(|_| {
-                        bad(
+                    if !valid_name(value) {
+                        return Err(bad(
                             "volume",
                             value,
                             "1-64 characters from [A-Za-z0-9._-], not starting with a dot",
-                        )
-                    })?;
+                        ));
+                    }
                     cfg.volume = Some(value.to_string());
                 }
                 "replicas" => {
                     for r in value.split('+') {
-                        let ok = r.rsplit_once(':').is_some_and(|(h, p)| {
-                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)
-                        });
-                        if !ok {
+                        if !valid_host_port(r) {
                             return Err(bad(
                                 "replicas",
                                 value,
@@ -292,6 +289,22 @@ fn parse_in_range(key: &'static str, value: &str, min: u64, max: u64) -> Result<
         return Err(bad(key, value, "out of range"));
     }
     Ok(n)
+}
+
+/// The rule for names that become file names and keys (volumes, instances, images): 1-64
+/// characters from `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Whether `s` is `HOST:PORT` with a non-zero port (a replica address).
+pub fn valid_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
 /// Parses a byte size with an optional binary suffix (K, M, G, T). Must be a multiple of 512.

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use ferrodisk::api::chain;
 use ferrodisk::api::Manager;
 use ferrodisk::config::{Backing, DiskConfig};
 use ferrodisk::disk::Disk;
 use ferrodisk::repl::authority::Authority;
-use ferrodisk::repl::primary::{ReplConfig, Replication};
+use ferrodisk::repl::primary::ReplContext;
 use ferrodisk::repl::replica::ReplicaServer;
 use ferrodisk::repl::tools;
 use ferrodisk::repl::wire::Key;
@@ -233,66 +234,42 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Formats an error with its chain of sources.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
+/// What replication needs, from `--replication-key`, `--authority` and `--node`: `None`
+/// without a key (then no disk may be replicated).
+fn repl_context(args: &ReplArgs) -> Result<Option<ReplContext>, (String, u8)> {
+    let Some(key_path) = &args.key else {
+        return Ok(None);
+    };
+    Ok(Some(ReplContext {
+        key: Key::from_file(key_path).map_err(|e| (e, 2))?,
+        authority: Authority::open(&args.authority).map_err(|e| (chain(&e), 1))?,
+        node: args.node.clone().unwrap_or_else(hostname),
+    }))
+}
+
 /// Starts replication for the disks that have a volume.
-fn start_replication(disks: &[Arc<Disk>], args: &ReplArgs) -> Result<(), (String, u8)> {
-    if !disks.iter().any(|d| d.config.volume.is_some()) {
-        return Ok(());
-    }
-    let key_path = args.key.as_ref().ok_or((
-        "a replicated disk (volume=) needs --replication-key FILE".to_string(),
-        2,
-    ))?;
-    let key = Key::from_file(key_path).map_err(|e| (e, 2))?;
-    let authority = Authority::open(&args.authority).map_err(|e| (chain(&e), 1))?;
-    let node = args.node.clone().unwrap_or_else(hostname);
+fn start_replication(disks: &[Arc<Disk>], ctx: Option<&ReplContext>) -> Result<(), (String, u8)> {
     for d in disks {
         let (Some(volume), Backing::Path(path)) = (&d.config.volume, &d.config.backing) else {
             continue;
         };
-        let local =
-            std::fs::File::open(path).map_err(|e| (format!("{}: {e}", path.display()), 1))?;
+        let ctx = ctx.ok_or((
+            "a replicated disk (volume=) needs --replication-key FILE".to_string(),
+            2,
+        ))?;
         let meta = d.config.meta.clone().unwrap_or_else(|| {
             let mut p = path.clone().into_os_string();
             p.push(".ferrodisk");
             p.into()
         });
-        let cfg = ReplConfig {
-            volume: volume.clone(),
-            replicas: d.config.replicas.clone(),
-            node: node.clone(),
-            timeout: std::time::Duration::from_millis(u64::from(d.config.replica_timeout_ms)),
-            resync_rate: u64::from(d.config.resync_mbps) << 20,
-            region_bytes: ferrodisk::repl::primary::DEFAULT_REGION,
-            meta_dir: meta,
-        };
-        let bytes = d.capacity_bytes();
-        let r = Replication::start(
-            cfg,
-            authority.clone(),
-            key.clone(),
-            local,
-            bytes,
-            usize::from(d.config.queues),
-        )
-        .map_err(|e| (format!("volume {volume}: {}", chain(&e)), 1))?;
+        let r = ferrodisk::repl::primary::start_for_disk(d, path, ctx, meta)
+            .map_err(|e| (format!("volume {volume}: {}", chain(&e)), 1))?;
         let _ = d.repl.set(r);
     }
     Ok(())
@@ -439,7 +416,15 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
         }
     }
     let disks: Vec<Arc<Disk>> = bound.iter().map(|(d, _)| Arc::clone(d)).collect();
-    if let Err((msg, code)) = start_replication(&disks, repl) {
+    let repl_ctx = if disks.iter().any(|d| d.config.volume.is_some()) || api.api.is_some() {
+        match repl_context(repl) {
+            Ok(c) => c,
+            Err((msg, code)) => return fail(msg, code),
+        }
+    } else {
+        None
+    };
+    if let Err((msg, code)) = start_replication(&disks, repl_ctx.as_ref()) {
         return fail(msg, code);
     }
     if let Some(addr) = health {
@@ -480,24 +465,6 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
                     Ok(k) => Some(k),
                     Err(e) => return fail(e, 2),
                 },
-                None => None,
-            };
-            let repl_ctx = match &repl.key {
-                Some(k) => {
-                    let key = match Key::from_file(k) {
-                        Ok(k) => k,
-                        Err(e) => return fail(e, 2),
-                    };
-                    let authority = match Authority::open(&repl.authority) {
-                        Ok(a) => a,
-                        Err(e) => return fail(chain(&e), 1),
-                    };
-                    Some(ferrodisk::api::ReplContext {
-                        authority,
-                        key,
-                        node: repl.node.clone().unwrap_or_else(hostname),
-                    })
-                }
                 None => None,
             };
             let m = match Manager::open(&api.state, key, repl_ctx) {

@@ -203,6 +203,24 @@ impl Env {
         )
     }
 
+    /// `ferrodisk promote` of the replica on `port` to node `node`, with `extra` options.
+    fn promote(&self, port: u16, node: &str, extra: &[&str]) -> (i32, String) {
+        let replica = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "promote",
+            "--authority",
+            &self.authority,
+            "--volume",
+            VOLUME,
+            "--replica",
+            &replica,
+            "--node",
+            node,
+        ];
+        args.extend_from_slice(extra);
+        self.ferrodisk(&args)
+    }
+
     fn verify(&self, image: &Path, replicas: &[u16]) -> (i32, String) {
         let list: Vec<String> = replicas.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         self.ferrodisk(&[
@@ -475,20 +493,7 @@ fn primary_killed_then_promoted(use_etcd: bool) {
     // gone); it is abandoned, and its model snapshot is what was acknowledged.
     std::mem::forget(w);
 
-    let r1addr = format!("127.0.0.1:{p1}");
-    let (code, out) = env.ferrodisk(&[
-        "promote",
-        "--authority",
-        &env.authority,
-        "--volume",
-        VOLUME,
-        "--replica",
-        &r1addr,
-        "--node",
-        "b",
-        "--primary-health",
-        &format!("127.0.0.1:{hp}"),
-    ]);
+    let (code, out) = env.promote(p1, "b", &["--primary-health", &format!("127.0.0.1:{hp}")]);
     assert_eq!(code, 0, "promote: {out}");
     assert!(out.contains("fenced 127.0.0.1:"), "{out}");
     // Every acknowledged write is on the promoted copy.
@@ -547,17 +552,7 @@ fn stale_primary_is_fenced(use_etcd: bool) {
     assert_eq!(c.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
 
     // Promote r1 while the old primary keeps running (a partition from the operator's view).
-    let (code, out) = env.ferrodisk(&[
-        "promote",
-        "--authority",
-        &env.authority,
-        "--volume",
-        VOLUME,
-        "--replica",
-        &format!("127.0.0.1:{p1}"),
-        "--node",
-        "b",
-    ]);
+    let (code, out) = env.promote(p1, "b", &[]);
     assert_eq!(code, 0, "promote: {out}");
     // The old primary's next write is refused by the fenced replicas: the guest sees IOERR.
     let stale = [0xEEu8; 4096];
@@ -891,17 +886,7 @@ fn promote_refuses_a_replica_it_cannot_fence() {
     r1.kill();
     let auth = ferrodisk::repl::authority::Authority::open(&env.authority).unwrap();
     let before = auth.load(VOLUME).unwrap().unwrap();
-    let (code, out) = env.ferrodisk(&[
-        "promote",
-        "--authority",
-        &env.authority,
-        "--volume",
-        VOLUME,
-        "--replica",
-        &format!("127.0.0.1:{p1}"),
-        "--node",
-        "b",
-    ]);
+    let (code, out) = env.promote(p1, "b", &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("cannot fence the replica to promote, nothing changed"),

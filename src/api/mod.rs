@@ -81,14 +81,7 @@ pub struct Volume {
     pub replicas: Vec<String>,
 }
 
-/// What the daemon needs to serve replicated volumes (`serve --authority --node
-/// --replication-key`).
-#[derive(Clone)]
-pub struct ReplContext {
-    pub authority: crate::repl::authority::Authority,
-    pub key: crate::repl::wire::Key,
-    pub node: String,
-}
+pub use crate::repl::primary::ReplContext;
 
 /// `POST /v1/volumes`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -207,12 +200,7 @@ pub struct Manager {
 }
 
 fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
+    if crate::config::valid_name(s) {
         Ok(())
     } else {
         Err(ApiError::bad(format!(
@@ -332,10 +320,7 @@ impl Manager {
             valid_name("instance id", i)?;
         }
         for r in &req.replicas {
-            let ok = r
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-            if !ok {
+            if !crate::config::valid_host_port(r) {
                 return Err(ApiError::bad(format!("replica `{r}`: expected HOST:PORT")));
             }
         }
@@ -976,32 +961,13 @@ fn serve(
         )));
     }
     if let Some((ctx, dir)) = repl {
-        let local = File::open(&vol.path).map_err(|e| {
+        let meta = dir.join("replication").join(&vol.name);
+        let r = crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta).map_err(|e| {
             let _ = std::fs::remove_file(&a.socket);
-            ApiError::internal(format!("{}: {e}", vol.path.display()))
-        })?;
-        let cfg = crate::repl::primary::ReplConfig {
-            volume: vol.name.clone(),
-            replicas: vol.replicas.clone(),
-            node: ctx.node.clone(),
-            timeout: std::time::Duration::from_millis(u64::from(
-                crate::config::DEFAULT_REPLICA_TIMEOUT_MS,
-            )),
-            resync_rate: u64::from(crate::config::DEFAULT_RESYNC_MBPS) << 20,
-            region_bytes: crate::repl::primary::DEFAULT_REGION,
-            meta_dir: dir.join("replication").join(&vol.name),
-        };
-        let r = crate::repl::primary::Replication::start(
-            cfg,
-            ctx.authority.clone(),
-            ctx.key.clone(),
-            local,
-            disk.capacity_bytes(),
-            usize::from(disk.config.queues),
-        )
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&a.socket);
-            ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e)))
+            match e {
+                crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
+                e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
+            }
         })?;
         let _ = disk.repl.set(r);
     }

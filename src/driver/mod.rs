@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::valid_name;
 use sha2::{Digest, Sha256};
 
 /// An image's manifest.
@@ -80,14 +82,6 @@ pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     let mut it = v.split('.').map(|p| p.parse::<u64>().ok());
     let r = (it.next()??, it.next()??, it.next()??);
     it.next().is_none().then_some(r)
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

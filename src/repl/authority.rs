@@ -353,13 +353,7 @@ impl FileStore {
 
 /// Checks a volume name: it becomes a file name here and a key in etcd.
 pub fn check_volume_name(volume: &str) -> Result<(), String> {
-    let ok = !volume.is_empty()
-        && volume.len() <= 64
-        && volume
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !volume.starts_with('.');
-    if ok {
+    if crate::config::valid_name(volume) {
         Ok(())
     } else {
         Err(format!(

@@ -254,6 +254,53 @@ pub enum ReplError {
     },
     #[error("cannot start replication: {0}")]
     Start(io::Error),
+    #[error("cannot open the local copy {path}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a daemon needs to serve replicated disks (`serve --authority --node
+/// --replication-key`), shared by its `--disk` disks and its API attachments.
+#[derive(Clone)]
+pub struct ReplContext {
+    pub authority: Authority,
+    pub key: Key,
+    pub node: String,
+}
+
+/// Starts replication for `disk` (its `volume=`, `replicas=` and timing keys), reading the
+/// local copy from `path` and keeping the bitmaps in `meta_dir`.
+pub fn start_for_disk(
+    disk: &crate::disk::Disk,
+    path: &std::path::Path,
+    ctx: &ReplContext,
+    meta_dir: PathBuf,
+) -> Result<Arc<Replication>, ReplError> {
+    let c = &disk.config;
+    let local = File::open(path).map_err(|source| ReplError::Local {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cfg = ReplConfig {
+        volume: c.volume.clone().unwrap_or_default(),
+        replicas: c.replicas.clone(),
+        node: ctx.node.clone(),
+        timeout: Duration::from_millis(u64::from(c.replica_timeout_ms)),
+        resync_rate: u64::from(c.resync_mbps) << 20,
+        region_bytes: DEFAULT_REGION,
+        meta_dir,
+    };
+    Replication::start(
+        cfg,
+        ctx.authority.clone(),
+        ctx.key.clone(),
+        local,
+        disk.capacity_bytes(),
+        usize::from(c.queues),
+    )
 }
 
 /// A request the replication stage cannot take (fenced, or a bitmap could not be made

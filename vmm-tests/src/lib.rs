@@ -46,6 +46,23 @@ pub fn ferrodisk_bin() -> PathBuf {
     p
 }
 
+/// Runs a `ferrodisk` client subcommand against the daemon API at `api`, asserts that it
+/// succeeded, and returns its stdout and stderr.
+pub fn ferrodisk_cli(api: &Path, args: &[&str]) -> String {
+    let out = Command::new(ferrodisk_bin())
+        .args(args)
+        .env("FERRODISK_API", api)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ferrodisk {}: {text}", args.join(" "));
+    text
+}
+
 /// The guest kernel and initramfs, built (or taken from cache) by `guest-images/build.sh`.
 pub fn guest_image() -> &'static (PathBuf, PathBuf) {
     static IMAGE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();

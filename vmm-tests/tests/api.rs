@@ -3,25 +3,9 @@
 //! `docs/integration.md`), the volume is resized while the guest runs and the guest sees the
 //! new size, and the attachment is detached after the guest shut down.
 
-use std::process::Command;
 use std::time::Duration;
 
 use ferrodisk_vmm_tests::*;
-
-fn cli(api: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(ferrodisk_bin())
-        .args(args)
-        .env("FERRODISK_API", api)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ferrodisk {}: {text}", args.join(" "));
-    text
-}
 
 #[test]
 fn attach_with_the_cli_boot_resize_live_then_detach() {
@@ -41,9 +25,9 @@ fn attach_with_the_cli_boot_resize_live_then_detach() {
         &args,
         std::slice::from_ref(&api),
     );
-    cli(&api, &["volume", "create", "vol1", "--size", "64M"]);
+    ferrodisk_cli(&api, &["volume", "create", "vol1", "--size", "64M"]);
     let sock = dir.join("vol1.sock");
-    let out = cli(
+    let out = ferrodisk_cli(
         &api,
         &[
             "attach",
@@ -86,7 +70,7 @@ dmesg | grep -i "capacity change" | tail -n 2
 "#,
     );
     running.wait_for_console("READY-FOR-RESIZE", Duration::from_secs(120));
-    let out = cli(&api, &["volume", "resize", "vol1", "--size", "96M"]);
+    let out = ferrodisk_cli(&api, &["volume", "resize", "vol1", "--size", "96M"]);
     assert!(out.contains("96MiB"), "{out}");
     let report = running.wait();
     report.assert_all_ok();
@@ -97,17 +81,17 @@ dmesg | grep -i "capacity change" | tail -n 2
         "the guest sees 96 MiB without a reboot"
     );
 
-    let stats = cli(&api, &["stats", "vol1@vm-1", "--json"]);
+    let stats = ferrodisk_cli(&api, &["stats", "vol1@vm-1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert!(
         v[0]["stats"]["totals"]["writes"].as_u64().unwrap() >= 6,
         "{stats}"
     );
     // The guest is gone: detach drains and removes the socket.
-    let out = cli(&api, &["detach", "vol1@vm-1"]);
+    let out = ferrodisk_cli(&api, &["detach", "vol1@vm-1"]);
     assert!(out.contains("detached"), "{out}");
     assert!(!sock.exists());
-    let out = cli(&api, &["volume", "list"]);
+    let out = ferrodisk_cli(&api, &["volume", "list"]);
     assert!(out.contains("vol1") && out.contains("96MiB"), "{out}");
     daemon.stop();
 }

@@ -17,21 +17,6 @@ use ferrodisk_vmm_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-fn cli(api: &Path, args: &[&str]) -> String {
-    let out = Command::new(ferrodisk_bin())
-        .args(args)
-        .env("FERRODISK_API", api)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ferrodisk {}: {text}", args.join(" "));
-    text
-}
-
 /// A built image module of the workspace (`target/<profile>/lib<name>.so`, next to the
 /// ferrodisk binary under test).
 fn module(name: &str) -> PathBuf {
@@ -88,8 +73,8 @@ fn pack_add(a: &Api, dir: &WorkDir, so: &Path, name: &str, version: &str, extra:
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    cli(&a.api, &args);
-    let text = cli(&a.api, &["image", "add", out.to_str().unwrap()]);
+    ferrodisk_cli(&a.api, &args);
+    let text = ferrodisk_cli(&a.api, &["image", "add", out.to_str().unwrap()]);
     assert!(text.contains("added"), "{text}");
 }
 
@@ -115,11 +100,11 @@ fn crypt_stores_ciphertext_and_a_reattached_guest_reads_plaintext() {
         "1.0.0",
         &["--rule", "encryption=aes-xts"],
     );
-    cli(&a.api, &["volume", "create", "secret", "--size", "64M"]);
+    ferrodisk_cli(&a.api, &["volume", "create", "secret", "--size", "64M"]);
     let sock = dir.join("secret.sock");
     let cfg = format!("{{\"key\":\"{KEY}\"}}");
     let attach = |inst: &str| {
-        cli(
+        ferrodisk_cli(
             &a.api,
             &[
                 "attach",
@@ -150,7 +135,7 @@ kv sha "$(sha256sum /tmp/plain | cut -d' ' -f1)"
     );
     r.assert_all_ok();
     let sha = r.kv("sha").to_string();
-    cli(&a.api, &["detach", "secret@vm-1"]);
+    ferrodisk_cli(&a.api, &["detach", "secret@vm-1"]);
 
     // The backing file holds no plaintext, and the written range is not zeros.
     let backing = std::fs::read(dir.join("state/volumes/secret.img")).unwrap();
@@ -181,9 +166,9 @@ kv marker "$(dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | head -c 26)
         "the re-attached guest reads the plaintext"
     );
     assert_eq!(r.kv("marker"), "FERRODISK-PLAINTEXT-MARKER");
-    let stats = cli(&a.api, &["stats", "secret@vm-2"]);
+    let stats = ferrodisk_cli(&a.api, &["stats", "secret@vm-2"]);
     assert!(stats.contains("crypt 1.0.0 (ok)"), "{stats}");
-    cli(&a.api, &["detach", "secret@vm-2"]);
+    ferrodisk_cli(&a.api, &["detach", "secret@vm-2"]);
     a.daemon.unwrap().stop();
 }
 
@@ -205,9 +190,9 @@ fn qos_limits_guest_iops_within_ten_percent() {
             r#"{"limits":{"t.small":{"iops":400},"default":{"iops":100000}}}"#,
         ],
     );
-    cli(&a.api, &["volume", "create", "q", "--size", "64M"]);
+    ferrodisk_cli(&a.api, &["volume", "create", "q", "--size", "64M"]);
     let sock = dir.join("q.sock");
-    cli(
+    ferrodisk_cli(
         &a.api,
         &[
             "attach",
@@ -277,10 +262,10 @@ fn hot_update_new_attach_gets_v2_running_one_upgrades_under_load() {
         "1.0.0",
         &["--rule", "os=linux"],
     );
-    cli(&a.api, &["volume", "create", "a", "--size", "128M"]);
-    cli(&a.api, &["volume", "create", "b", "--size", "16M"]);
+    ferrodisk_cli(&a.api, &["volume", "create", "a", "--size", "128M"]);
+    ferrodisk_cli(&a.api, &["volume", "create", "b", "--size", "16M"]);
     let sock = dir.join("a.sock");
-    cli(
+    ferrodisk_cli(
         &a.api,
         &[
             "attach",
@@ -327,7 +312,7 @@ kv ioerrors "$(dmesg | grep -ciE 'I/O error|blk_update_request|error, dev vd')"
         "2.0.0",
         &["--rule", "os=linux"],
     );
-    let out = cli(
+    let out = ferrodisk_cli(
         &a.api,
         &[
             "attach",
@@ -342,18 +327,18 @@ kv ioerrors "$(dmesg | grep -ciE 'I/O error|blk_update_request|error, dev vd')"
         ],
     );
     assert!(out.contains("pass 2.0.0"), "a new attach runs v2: {out}");
-    let stats = cli(&a.api, &["stats", "a@vm-a"]);
+    let stats = ferrodisk_cli(&a.api, &["stats", "a@vm-a"]);
     assert!(
         stats.contains("pass 1.0.0 (ok)"),
         "the running attachment stays on v1: {stats}"
     );
     std::thread::sleep(Duration::from_secs(3));
-    let out = cli(&a.api, &["attachment", "upgrade", "a@vm-a"]);
+    let out = ferrodisk_cli(&a.api, &["attachment", "upgrade", "a@vm-a"]);
     assert!(out.contains("pass 1.0.0 → pass 2.0.0"), "{out}");
     let r = running.wait();
     r.assert_all_ok();
     assert_eq!(r.kv("ioerrors"), "0");
-    let stats = cli(&a.api, &["stats", "a@vm-a"]);
+    let stats = ferrodisk_cli(&a.api, &["stats", "a@vm-a"]);
     assert!(stats.contains("pass 2.0.0 (ok)"), "{stats}");
     a.daemon.unwrap().stop();
 }

@@ -1,9 +1,9 @@
-//! The C types and constants of driver image ABI version 1, re-declared for images.
+//! The C types and constants of driver image ABI version 1.
 //!
-//! `docs/driver-abi.md` is the reference and `src/driver/abi.rs` is the host's mirror. Images
-//! must not depend on the `ferrodisk` crate, so these declarations repeat the host's field for
-//! field; the test at the bottom pins their layout to hard-coded numbers (stated in the crate
-//! docs) so that a drift on either side is caught by comparing the two.
+//! `docs/driver-abi.md` is the reference. These are the only Rust definitions: images use
+//! them through this SDK, and the host (`ferrodisk::driver::abi`) re-exports them. The test
+//! at the bottom pins their layout to hard-coded numbers (stated in the crate docs), so an
+//! accidental change of the ABI fails it.
 
 use std::ffi::c_char;
 
@@ -139,7 +139,7 @@ mod layout {
     use super::*;
     use std::mem::{align_of, offset_of, size_of};
 
-    // These numbers are stated in the crate docs ("Layout"); the host mirror must agree.
+    // These numbers are stated in the crate docs ("Layout") and in docs/driver-abi.md's C.
 
     #[test]
     fn driver_info_layout() {

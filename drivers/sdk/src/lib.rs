@@ -44,7 +44,7 @@
 //!
 //! # Layout
 //!
-//! The `#[repr(C)]` types in [`abi`] repeat the host's (`src/driver/abi.rs`) field for field.
+//! The `#[repr(C)]` types in [`abi`] are the ones the host uses too (it re-exports them).
 //! On 64-bit targets (x86_64, aarch64) their layout is, and a unit test pins it:
 //!
 //! | type | size | align | field offsets |
