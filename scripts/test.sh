@@ -28,7 +28,7 @@ else
 fi
 # No doc-tests: there are none, and their empty summary would close the run.
 set +e
-cargo test "${scope[@]}" --lib --bins --tests 2>&1 | tee "$log"
+cargo test "${scope[@]}" --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\nall test binaries: %d passed, %d failed\n", p, f }' "$log"

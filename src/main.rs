@@ -410,7 +410,7 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             Ok(d) => Arc::new(d),
             Err(e) => return fail(chain(&e), 1),
         };
-        match server::bind(&socket) {
+        match server::bind(&socket, SocketAccess::default()) {
             Ok(l) => bound.push((disk, l)),
             Err(e) => return fail(chain(&e), 1),
         }

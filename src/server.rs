@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -25,6 +25,9 @@ use crate::backend::{completion_event, BlkBackend};
 use crate::disk::Disk;
 use crate::proxy::{InflightSlot, Relay};
 
+/// The longest socket path the kernel takes, not counting the NUL (`sun_path` is 108 bytes).
+const SUN_PATH_MAX: usize = 107;
+
 /// How long a connection's in-flight requests may take to drain after it ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,7 +41,13 @@ pub enum ServeError {
     Listen {
         path: PathBuf,
         #[source]
-        source: vhost::vhost_user::Error,
+        source: io::Error,
+    },
+    #[error("cannot set the mode or owner of {path}")]
+    Access {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot remove the stale socket {path}")]
     RemoveStale {
@@ -97,8 +106,21 @@ pub fn restrict(path: &Path, access: SocketAccess) -> io::Result<()> {
     Ok(())
 }
 
-/// Binds the disk's socket, refusing a path another live process listens on.
-pub fn bind(path: &Path) -> Result<Listener, ServeError> {
+/// Binds the disk's socket, refusing a path another live process listens on, and gives it
+/// `access`. See [`listen_unix`].
+pub fn bind(path: &Path, access: SocketAccess) -> Result<Listener, ServeError> {
+    listen_unix(path, access).map(Listener::from)
+}
+
+/// Listens on the unix socket `path` with `access`, refusing a path another live process
+/// listens on and replacing a stale one.
+///
+/// The socket is bound, given its mode and owner, and put into the listening state under a
+/// temporary name in the same directory, then renamed to `path`. So `path` never names a
+/// socket that refuses connections (between bind and listen) or that has the wrong mode:
+/// a hypervisor or script that waits for the file to appear and then connects always
+/// reaches the daemon.
+pub fn listen_unix(path: &Path, access: SocketAccess) -> Result<UnixListener, ServeError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServeError::NotASocket(path.to_path_buf()));
@@ -111,10 +133,37 @@ pub fn bind(path: &Path) -> Result<Listener, ServeError> {
             source,
         })?;
     }
-    Listener::new(path, false).map_err(|source| ServeError::Listen {
+    let listen_err = |source: io::Error| ServeError::Listen {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| listen_err(io::Error::other("the path has no file name")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let mut tmp = path.with_file_name(tmp_name);
+    if tmp.as_os_str().len() > SUN_PATH_MAX {
+        // No room for a longer name: bind in place (the brief window described above is
+        // then possible, as with most servers).
+        tmp = path.to_path_buf();
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
+    let published = restrict(&tmp, access)
+        .map_err(|source| ServeError::Access {
+            path: path.to_path_buf(),
+            source,
+        })
+        .and_then(|()| match tmp == path {
+            true => Ok(()),
+            false => std::fs::rename(&tmp, path).map_err(listen_err),
+        });
+    if published.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    published.map(|()| listener)
 }
 
 impl DiskServer {
@@ -347,4 +396,70 @@ fn private_pair() -> io::Result<(Listener, UnixStream)> {
     let listener = UnixListener::bind_addr(&addr)?;
     let stream = UnixStream::connect_addr(&addr)?;
     Ok((Listener::from(listener), stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn socket_appears_listening_with_its_mode_and_no_temporary_is_left() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("d.sock");
+        let access = SocketAccess {
+            mode: 0o640,
+            uid: None,
+            gid: None,
+        };
+        let l = listen_unix(&path, access).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        UnixStream::connect(&path).expect("the published path accepts connections");
+        assert!(l.accept().is_ok());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("d.sock")]);
+    }
+
+    #[test]
+    fn live_socket_is_refused_stale_one_replaced_file_kept() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("d.sock");
+        let live = listen_unix(&path, SocketAccess::default()).unwrap();
+        assert!(matches!(
+            listen_unix(&path, SocketAccess::default()),
+            Err(ServeError::SocketInUse(_))
+        ));
+        drop(live);
+        // The file is left behind, as after a crash: it is stale and gets replaced.
+        assert!(path.exists());
+        let _l = listen_unix(&path, SocketAccess::default()).unwrap();
+        UnixStream::connect(&path).unwrap();
+
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(matches!(
+            listen_unix(&file, SocketAccess::default()),
+            Err(ServeError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_path_with_no_room_for_the_temporary_name_is_bound_in_place() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let base = dir.path().as_os_str().len() + 1;
+        assert!(base < 90, "temporary directory path too long for this test");
+        let path = dir.path().join("s".repeat(SUN_PATH_MAX - base));
+        assert_eq!(path.as_os_str().len(), SUN_PATH_MAX);
+        let _l = listen_unix(&path, SocketAccess::default()).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        UnixStream::connect(&path).unwrap();
+    }
 }

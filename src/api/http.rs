@@ -189,14 +189,8 @@ pub fn spawn(
     access: SocketAccess,
     metrics: Option<std::net::TcpListener>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(format!("{} is in use by a live process", path.display()));
-    }
-    let _ = std::fs::remove_file(path);
-    let std_listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    crate::server::restrict(path, access)
-        .map_err(|e| format!("cannot set the mode or owner of {}: {e}", path.display()))?;
+    let std_listener =
+        crate::server::listen_unix(path, access).map_err(|e| crate::api::chain(&e))?;
     std_listener
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;

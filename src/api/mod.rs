@@ -953,13 +953,10 @@ fn serve(
     }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
     disk.set_driver(driver);
-    let listener = server::bind(&a.socket).map_err(|e| ApiError::conflict(chain(&e)))?;
-    if let Err(e) = server::restrict(&a.socket, access) {
-        let _ = std::fs::remove_file(&a.socket);
-        return Err(ApiError::bad(format!(
-            "cannot set the socket's mode or owner: {e}"
-        )));
-    }
+    let listener = server::bind(&a.socket, access).map_err(|e| match e {
+        server::ServeError::Access { .. } => ApiError::bad(chain(&e)),
+        e => ApiError::conflict(chain(&e)),
+    })?;
     if let Some((ctx, dir)) = repl {
         let meta = dir.join("replication").join(&vol.name);
         let r = crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta).map_err(|e| {
