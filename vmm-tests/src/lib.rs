@@ -391,7 +391,18 @@ impl Daemon {
     }
 
     /// For each unix socket of this process bound to one of `sockets`: whether it listens.
+    ///
+    /// Ferrodisk binds under a temporary name (`.NAME.PID.tmp` next to the socket) and
+    /// renames the file once it listens; the kernel keeps reporting the name it was bound
+    /// to. A listener under that name counts once the temporary file is gone (renamed).
     fn unix_sockets(&self) -> Vec<bool> {
+        let pid = self.pid();
+        let temporary = |s: &Path| {
+            let mut n = std::ffi::OsString::from(".");
+            n.push(s.file_name().unwrap_or_default());
+            n.push(format!(".{pid}.tmp"));
+            s.with_file_name(n)
+        };
         let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
             return Vec::new();
         };
@@ -410,11 +421,23 @@ impl Daemon {
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 let path = Path::new(*f.get(7)?);
-                if !inodes.contains(f[6]) || !self.sockets.iter().any(|s| s == path) {
+                if !inodes.contains(f[6]) {
                     return None;
                 }
+                let mut published = None;
+                for s in &self.sockets {
+                    let tmp = temporary(s);
+                    if s == path {
+                        published = Some(true);
+                    } else if tmp == path {
+                        published = Some(!tmp.exists() && s.exists());
+                    }
+                }
+                let published = published?;
                 let flags = u32::from_str_radix(f[3], 16).ok()?;
-                Some(flags & 0x10000 != 0)
+                let listening = flags & 0x10000 != 0;
+                // An unpublished listener is not ready yet; an accepted connection is one.
+                (published || !listening).then_some(listening)
             })
             .collect()
     }
