@@ -61,6 +61,8 @@ pub struct QueueWorker {
     /// Replication: the disk's stage, this connection's number, and the requests waiting
     /// for replica acknowledgements (indexed by head).
     repl: Option<Arc<Replication>>,
+    /// Replication frames were queued since the last [`Replication::flush`].
+    repl_queued: bool,
     connection: u64,
     held: Vec<Option<Held>>,
     deliveries: Vec<Delivery>,
@@ -182,6 +184,7 @@ impl QueueWorker {
                 Vec::new()
             },
             repl,
+            repl_queued: false,
             connection,
             deliveries: Vec::new(),
             write_copy: Vec::new(),
@@ -225,6 +228,8 @@ impl QueueWorker {
             let queue = state.get_queue_mut();
             let _ = queue.disable_notification(&*mem);
             self.pop_batch(queue, &mem);
+            // The replicas get the batch's writes first: their round trip is the long pole.
+            self.flush_replication();
             let (submit_error, ready) = match &mut self.engine {
                 QueueEngine::Uring(u) => (u.submit().err(), u.has_completions()),
                 QueueEngine::Null => (None, false),
@@ -702,6 +707,7 @@ impl QueueWorker {
                 .fetch_sub(1, std::sync::atomic::Ordering::Release);
             self.iov = d.iov;
             self.dispatch(&d.req, &d.mem);
+            self.flush_replication();
             if let QueueEngine::Uring(u) = &mut self.engine {
                 if let Err(e) = u.submit() {
                     self.log(format_args!("io_uring submit failed: {e}"));
@@ -709,6 +715,15 @@ impl QueueWorker {
             }
         }
         self.process_queue(vring);
+    }
+
+    /// Sends the replication frames queued by this batch's requests (one send per replica).
+    fn flush_replication(&mut self) {
+        if std::mem::take(&mut self.repl_queued) {
+            if let Some(r) = &self.repl {
+                r.flush();
+            }
+        }
     }
 
     fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
@@ -745,6 +760,7 @@ impl QueueWorker {
                     &self.write_copy,
                 ) {
                     Ok(replicas) => {
+                        self.repl_queued |= replicas > 0;
                         if let Some(h) = self.held.get_mut(usize::from(req.head)) {
                             *h = Some(Held {
                                 remaining: replicas + 1,
@@ -882,6 +898,7 @@ impl QueueWorker {
 
     /// Writes status bytes and used entries for every completion, then signals once.
     fn publish(&mut self, state: &mut vhost_user_backend::VringState<GM>, mem: &GuestMem) {
+        debug_assert!(!self.repl_queued, "replication frames left unsent");
         self.complete_driver_reads();
         self.hold_replicated();
         if self.done.is_empty() {

@@ -113,8 +113,13 @@ impl Mailbox {
 
     fn post(&self, d: Delivery) {
         self.items.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-        self.ready.store(true, Ordering::Release);
-        let _ = self.event.write(1);
+        // One wake-up per batch: the eventfd is written only when the mailbox goes from
+        // taken to non-empty. `take` clears `ready` before it locks the items, so a post
+        // that finds `ready` set has pushed before that lock and is taken with the rest
+        // (both sides SeqCst).
+        if !self.ready.swap(true, Ordering::SeqCst) {
+            let _ = self.event.write(1);
+        }
     }
 
     /// Whether deliveries are waiting (no system call).
@@ -125,7 +130,7 @@ impl Mailbox {
     /// Takes every delivery.
     pub fn take(&self, out: &mut Vec<Delivery>) {
         let _ = self.event.read();
-        self.ready.store(false, Ordering::Release);
+        self.ready.store(false, Ordering::SeqCst);
         out.append(&mut self.items.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
@@ -548,10 +553,11 @@ impl Replication {
             .count()
     }
 
-    /// Starts a mutating request (write, discard, write-zeroes). Sends it to the replicas
+    /// Starts a mutating request (write, discard, write-zeroes). Queues it for the replicas
     /// that get it and marks the bitmaps of those that do not. Returns how many replica
     /// acknowledgements the request must wait for, or `Err` if it must fail (fenced, or a
     /// bitmap could not be made durable). After `Ok`, the caller must call
+    /// [`flush`](Self::flush) (once for a batch of requests) and
     /// [`end_local`](Self::end_local) when the local I/O is done.
     pub fn begin(
         &self,
@@ -633,15 +639,15 @@ impl Replication {
             let epoch = self.epoch;
             if let Some(s) = &mut tx.sender {
                 let sent = match op {
-                    Op::Write { .. } => s.send_write(seq, epoch, offset, crc, data),
-                    Op::Discard { .. } => s.send(&Msg::Zero {
+                    Op::Write { .. } => s.queue_write(seq, epoch, offset, crc, data),
+                    Op::Discard { .. } => s.queue(&Msg::Zero {
                         seq,
                         epoch,
                         offset,
                         len,
                         unmap: true,
                     }),
-                    Op::WriteZeroes { unmap, .. } => s.send(&Msg::Zero {
+                    Op::WriteZeroes { unmap, .. } => s.queue(&Msg::Zero {
                         seq,
                         epoch,
                         offset,
@@ -659,6 +665,20 @@ impl Replication {
             }
         }
         Ok(nf as u32)
+    }
+
+    /// Writes the frames [`begin`](Self::begin) queued, on every link: a queue worker calls
+    /// it once per batch of requests, so a batch costs one send per replica.
+    pub fn flush(&self) {
+        for link in &self.links {
+            let mut tx = link.tx();
+            let Some(s) = &mut tx.sender else { continue };
+            if s.has_queued() && s.flush().is_err() {
+                // As in `begin`: the link thread sees the closed socket.
+                s.shutdown();
+                tx.sender = None;
+            }
+        }
     }
 
     /// The local part of a request started with [`begin`](Self::begin) is done.

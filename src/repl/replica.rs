@@ -394,10 +394,14 @@ impl Applier {
             }
             self.commit();
             drop(epoch);
+            // One send for the batch's replies.
             for r in self.replies.drain(..) {
-                if self.tx.send(&r).is_err() {
+                if self.tx.queue(&r).is_err() {
                     return;
                 }
+            }
+            if self.tx.flush().is_err() {
+                return;
             }
         }
     }

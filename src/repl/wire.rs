@@ -493,17 +493,45 @@ fn halves(
     ))
 }
 
+/// Queued frames are written once they reach this many bytes, whether or not the caller has
+/// flushed: it bounds the memory a burst of large writes holds.
+const FLUSH_AT: usize = 512 << 10;
+/// The buffer is given back after a flush when it grew beyond this.
+const KEEP_CAPACITY: usize = 4 << 20;
+
 impl Sender {
-    /// Sends one message.
+    /// Sends one message, after the frames queued before it.
     pub fn send(&mut self, msg: &Msg) -> io::Result<()> {
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0; 5]);
-        msg.encode(&mut self.buf);
-        self.seal(msg.kind());
-        self.stream.write_all(&self.buf)
+        self.queue(msg)?;
+        self.flush()
     }
 
-    /// Sends a write straight from `data` (no intermediate message value).
+    /// Seals `msg` and queues it; it is written by the next [`flush`](Self::flush) (or
+    /// sooner, once the queue is large).
+    pub fn queue(&mut self, msg: &Msg) -> io::Result<()> {
+        let start = self.begin_frame();
+        msg.encode(&mut self.buf);
+        self.seal(start, msg.kind());
+        self.flush_if_large()
+    }
+
+    /// Queues a write straight from `data` (no intermediate message value).
+    pub fn queue_write(
+        &mut self,
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        crc: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let start = self.begin_frame();
+        encode_write_header(&mut self.buf, seq, epoch, offset, crc);
+        self.buf.extend_from_slice(data);
+        self.seal(start, 2);
+        self.flush_if_large()
+    }
+
+    /// Sends a write straight from `data`, after the frames queued before it.
     pub fn send_write(
         &mut self,
         seq: u64,
@@ -512,23 +540,55 @@ impl Sender {
         crc: u32,
         data: &[u8],
     ) -> io::Result<()> {
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0; 5]);
-        encode_write_header(&mut self.buf, seq, epoch, offset, crc);
-        self.buf.extend_from_slice(data);
-        self.seal(2);
-        self.stream.write_all(&self.buf)
+        self.queue_write(seq, epoch, offset, crc, data)?;
+        self.flush()
     }
 
-    /// Fills in the frame header of `buf` (which starts with 5 placeholder bytes followed by
-    /// the body) and appends the tag.
-    fn seal(&mut self, kind: u8) {
-        let len = (self.buf.len() - 5) as u32;
-        self.buf[..4].copy_from_slice(&len.to_le_bytes());
-        self.buf[4] = kind;
+    /// Writes every queued frame, in the order they were sealed: one system call for a
+    /// whole batch when the socket takes it. After an error the connection is unusable
+    /// (a frame may be cut), and the caller closes it.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.buf);
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf.shrink_to(KEEP_CAPACITY);
+        }
+        r
+    }
+
+    /// Whether frames are queued and not written yet.
+    pub fn has_queued(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    fn flush_if_large(&mut self) -> io::Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends the 5 placeholder bytes of a frame header; returns where the frame starts.
+    fn begin_frame(&mut self) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 5]);
+        start
+    }
+
+    /// Fills in the header of the frame at `start` (5 placeholder bytes followed by the
+    /// body, up to the end of `buf`) and appends its tag.
+    fn seal(&mut self, start: usize, kind: u8) {
+        let frame = &mut self.buf[start..];
+        let len = (frame.len() - 5) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        frame[4] = kind;
         let mut m = self.mac.clone();
         m.update(&self.counter.to_le_bytes());
-        m.update(&self.buf);
+        m.update(&self.buf[start..]);
         self.counter += 1;
         let tag = m.finalize().into_bytes();
         self.buf.extend_from_slice(&tag);
@@ -729,6 +789,42 @@ mod tests {
         let (first, second) = t.join().unwrap();
         assert_eq!(first.unwrap(), Msg::Fence { seq: 1, epoch: 1 });
         assert!(matches!(second, Err(WireError::BadTag)), "{second:?}");
+    }
+
+    #[test]
+    fn queued_frames_go_out_in_order_on_flush_or_when_large() {
+        let (c, s) = pair(&key(1), &key(1));
+        let ((mut tx, _), (_, mut rx)) = (c.unwrap(), s.unwrap());
+        rx.set_timeout(Some(Duration::from_millis(200))).unwrap();
+        tx.queue_write(1, 3, 0, 7, &[1; 512]).unwrap();
+        tx.queue(&Msg::Fence { seq: 2, epoch: 3 }).unwrap();
+        assert!(tx.has_queued());
+        let e = rx.recv().expect_err("nothing is written before the flush");
+        assert!(e.is_timeout(), "{e:?}");
+        // A plain send goes out after what was queued before it, under the next counters.
+        tx.send(&Msg::Ack { seq: 3, value: 0 }).unwrap();
+        assert!(!tx.has_queued());
+        assert!(matches!(rx.recv().unwrap(), Msg::Write { seq: 1, .. }));
+        assert_eq!(rx.recv().unwrap(), Msg::Fence { seq: 2, epoch: 3 });
+        assert_eq!(rx.recv().unwrap(), Msg::Ack { seq: 3, value: 0 });
+        // A queue that reaches FLUSH_AT bytes is written without a flush.
+        let big = vec![9u8; 64 << 10];
+        let n = (FLUSH_AT / big.len() + 1) as u64;
+        rx.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        let reader = std::thread::spawn(move || {
+            (0..n - 1)
+                .map(|_| match rx.recv().unwrap() {
+                    Msg::Write { seq, .. } => seq,
+                    m => panic!("{m:?}"),
+                })
+                .collect::<Vec<_>>()
+        });
+        for seq in 0..n {
+            tx.queue_write(10 + seq, 3, 0, 0, &big).unwrap();
+        }
+        assert!(tx.buf.len() < FLUSH_AT, "the queue was written out");
+        assert_eq!(reader.join().unwrap(), (10..10 + n - 1).collect::<Vec<_>>());
+        assert!(tx.has_queued(), "the last frame waits for a flush");
     }
 
     #[test]
