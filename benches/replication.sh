@@ -18,6 +18,7 @@ for each round:
   A  ferrodisk serve, unreplicated, write-back cache (default)
   B  ferrodisk serve, unreplicated, writeback=off,direct=on (write-through, O_DIRECT + RWF_DSYNC)
   C  ferrodisk serve with 2 replicas (ferrodisk replica) on 127.0.0.1
+  D  as C, with adaptive polling off (poll-us=0)
 Defaults: 3 rounds, 5 s measured after 1 s of warm-up, 1 s idle before each run
 (--settle), span 256M of a 1G image.
 --quick: 1 round, 1 s, 0.5 s warm-up, no settle, span 64M; --out and --results default to '-' (stdout
@@ -254,8 +255,11 @@ mkdir -p "$work/r1" "$work/r2"
 SPEC_A="path=$PLAIN,socket=$work/a.sock"
 SPEC_B="path=$PLAIN,socket=$work/b.sock,writeback=off,direct=on"
 SPEC_C="path=$PRIM,socket=$work/c.sock,volume=vol1,replicas=127.0.0.1:$P1+127.0.0.1:$P2"
+SPEC_D="path=$PRIM,socket=$work/d.sock,volume=vol1,replicas=127.0.0.1:$P1+127.0.0.1:$P2,poll-us=0"
 declare -A NAME=([A]="unreplicated, write-back" [B]="unreplicated, write-through (O_DIRECT)"
-    [C]="replicated, 2 replicas on loopback")
+    [C]="replicated, 2 replicas on loopback" [D]="replicated as C, poll-us=0")
+# replicated CONFIG: whether the configuration has replicas.
+replicated() { [[ $1 == C || $1 == D ]]; }
 
 backend_pid="" rpid1="" rpid2=""
 # up CONFIG: starts the backend(s) of a configuration and waits until it can be measured.
@@ -269,7 +273,9 @@ up() {
         sock="$work/${1,,}.sock"
         wait_socket "$sock" "$backend_pid" "serve-$1.log"
         ;;
-    C)
+    C | D)
+        local spec
+        [[ $1 == C ]] && spec=$SPEC_C || spec=$SPEC_D
         start "$work/replica1.log" "$BIN" replica --listen "127.0.0.1:$P1" --data "$work/r1" \
             --replication-key "$work/key"
         rpid1=$started
@@ -278,14 +284,14 @@ up() {
         rpid2=$started
         wait_port "$P1" "$rpid1" replica1.log
         wait_port "$P2" "$rpid2" replica2.log
-        start "$work/serve-C.log" "$BIN" serve --authority "file:$work/authority" --node a \
-            --replication-key "$work/key" --health "127.0.0.1:$PH" --disk "$SPEC_C"
+        start "$work/serve-$1.log" "$BIN" serve --authority "file:$work/authority" --node a \
+            --replication-key "$work/key" --health "127.0.0.1:$PH" --disk "$spec"
         backend_pid=$started
-        sock="$work/c.sock"
-        wait_socket "$sock" "$backend_pid" serve-C.log
+        sock="$work/${1,,}.sock"
+        wait_socket "$sock" "$backend_pid" "serve-$1.log"
         local t0=$SECONDS h=""
         while :; do
-            alive "$backend_pid" || die "the replicated primary exited (log: serve-C.log)"
+            alive "$backend_pid" || die "the replicated primary exited (log: serve-$1.log)"
             h=$(health)
             if [[ -n $h ]] && jq -e '.volumes[0].replicas | length == 2 and all(.state == "in-sync")' \
                 >/dev/null 2>&1 <<<"$h"; then
@@ -300,7 +306,7 @@ up() {
 }
 down() {
     stop "$backend_pid"
-    if [[ $1 == C ]]; then
+    if replicated "$1"; then
         stop "$rpid1"
         stop "$rpid2"
     fi
@@ -383,7 +389,7 @@ done
 workloads=("4k-randwrite-qd32:32" "4k-randwrite-qd1:1")
 rec=""
 for ((r = 1; r <= rounds; r++)); do
-    for cfg in A B C; do
+    for cfg in A B C D; do
         note "round $r/$rounds: $cfg (${NAME[$cfg]})"
         up "$cfg"
         for w in "${workloads[@]}"; do
@@ -393,14 +399,14 @@ for ((r = 1; r <= rounds; r++)); do
             bg=null
             if [[ $settle != 0 ]]; then bg=$(busy_pct "$settle"); fi
             extra=$(jq -nc --argjson bg "$bg" '{background_cpu_pct: $bg}')
-            if [[ $cfg == C ]]; then
+            if replicated "$cfg"; then
                 h0=$(health_doc)
                 w0=$(jq '[.volumes[0].replicas[].writes] | min' <<<"$h0")
                 c0=$(($(cpu_ticks "$rpid1") + $(cpu_ticks "$rpid2")))
             fi
             loadgen rec --rw randwrite --bs 4k --qd "$qd" --queues 1 --duration "$duration" \
                 --ramp "$ramp" --span "$span" --label "$cfg-$wname-r$r"
-            if [[ $cfg == C ]]; then
+            if replicated "$cfg"; then
                 c1=$(($(cpu_ticks "$rpid1") + $(cpu_ticks "$rpid2")))
                 h1=$(health_doc)
                 w1=$(jq '[.volumes[0].replicas[].writes] | min' <<<"$h1")
@@ -416,7 +422,7 @@ for ((r = 1; r <= rounds; r++)); do
             fi
             add_record "$rec" measure "$wname" "$r" "$extra"
             note "  $wname: $(jq -r '"\(.iops | floor) IOPS, p50 \(.lat_us.p50) µs, p99 \(.lat_us.p99) µs, backend \(.backend_cpu_us_per_io) µs/IO"' <<<"$rec")$(
-                [[ $cfg != C ]] || jq -r '", replicas \(.replica_cpu_us_per_io * 100 | round / 100) µs/IO"' <<<"$extra")"
+                ! replicated "$cfg" || jq -r '", replicas \(.replica_cpu_us_per_io * 100 | round / 100) µs/IO"' <<<"$extra")"
         done
         down "$cfg"
     done
@@ -460,12 +466,12 @@ table() {
     echo "| config | workload | IOPS (median; min–max) | p50 µs | p99 µs | p99.9 µs | primary CPU µs/IO | replicas CPU µs/IO (both) |"
     echo "|---|---|--:|--:|--:|--:|--:|--:|"
     for w in 4k-randwrite-qd32 4k-randwrite-qd1; do
-        for c in A B C; do
+        for c in A B C D; do
             local k=".\"$c/$w\""
             printf '| %s %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n' "$c" "${NAME[$c]}" "$w" \
                 "$(fmt iops "$(v "$k.iops")")" "$(fmt iops "$(v "$k.iops_min")")" "$(fmt iops "$(v "$k.iops_max")")" \
                 "$(fmt lat "$(v "$k.p50")")" "$(fmt lat "$(v "$k.p99")")" "$(fmt lat "$(v "$k.p99_9")")" \
-                "$(fmt cpu "$(v "$k.cpu")")" "$(if [[ $c == C ]]; then fmt cpu "$(v "$k.rcpu")"; else printf '–'; fi)"
+                "$(fmt cpu "$(v "$k.cpu")")" "$(if replicated "$c"; then fmt cpu "$(v "$k.rcpu")"; else printf '–'; fi)"
         done
     done
 }
@@ -481,6 +487,10 @@ dB50=$(calc 'a - b' "$(v ".\"C/$q1\".p50")" "$(v ".\"B/$q1\".p50")")
 dB99=$(calc 'a - b' "$(v ".\"C/$q1\".p99")" "$(v ".\"B/$q1\".p99")")
 durable=$(calc 'a * 2 / b' "$iC32" "$iB32")
 cpuC=$(v ".\"C/$q32\".cpu") cpuA=$(v ".\"A/$q32\".cpu") rcpuC=$(v ".\"C/$q32\".rcpu")
+iD32=$(v ".\"D/$q32\".iops") iD1=$(v ".\"D/$q1\".iops") cpuD=$(v ".\"D/$q32\".cpu") rcpuD=$(v ".\"D/$q32\".rcpu")
+rDC32=$(calc 'a / b' "$iD32" "$iC32") rDA32=$(calc 'a / b' "$iD32" "$iA32")
+dDC50=$(calc 'a - b' "$(v ".\"D/$q1\".p50")" "$(v ".\"C/$q1\".p50")")
+cpuD1=$(v ".\"D/$q1\".cpu") cpuC1=$(v ".\"C/$q1\".cpu")
 target=$(awk -v r="$rCA32" 'BEGIN { if (r == "null") print "not measured"; else if (r >= 0.70) print "**MET**"; else print "**NOT MET**" }')
 cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 fs=$(findmnt -no FSTYPE,SOURCE -T "$work" 2>/dev/null | awk '{print $1 " on " $2}')
@@ -504,7 +514,7 @@ section="$work/section.md"
     fi
     echo "- Ferrodisk: commit $commit$dirty"
     echo "- Images, replica files and sockets in \`$base\` (${fs:-unknown filesystem}): the primary image and both replica files share one virtual disk"
-    echo "- $rounds round(s); each run ${duration} s measured after ${ramp} s of warm-up (and ${settle} s idle before it); 4k random writes over the first $span of a $size image, 1 queue; configurations alternate A, B, C within each round and every run gets freshly started daemons; numbers are medians over the rounds.$(
+    echo "- $rounds round(s); each run ${duration} s measured after ${ramp} s of warm-up (and ${settle} s idle before it); 4k random writes over the first $span of a $size image, 1 queue; configurations alternate A, B, C, D within each round and every run gets freshly started daemons; numbers are medians over the rounds.$(
         [[ $results == - ]] || echo " Raw records: \`$results\` (\`kind\`: \`fill\` or \`measure\`; each with the load average when it was written).")"
     echo
     echo "Backends as started (\`\$DIR\` is the temp dir, \`\$P1\`, \`\$P2\`, \`\$PH\` free local ports; \`key\` is 32 random bytes):"
@@ -514,6 +524,7 @@ section="$work/section.md"
     echo "- C: \`ferrodisk replica --listen 127.0.0.1:\$P1 --data \$DIR/r1 --replication-key \$DIR/key\`, the same on \`\$P2\` with \`\$DIR/r2\`, and"
     echo "  \`ferrodisk serve --authority file:\$DIR/authority --node a --replication-key \$DIR/key --health 127.0.0.1:\$PH --disk path=\$DIR/primary.img,socket=\$DIR/c.sock,volume=vol1,replicas=127.0.0.1:\$P1+127.0.0.1:\$P2\`"
     echo "  (primary: write-back, page cache, as A; each replica writes with O_DIRECT + RWF_DSYNC). Measured only once \`GET /health\` reports both replicas \`in-sync\`; the script checks that they are still in-sync, with no failed replica write, after each run."
+    echo "- D: as C (same volume, image and replica servers), with \`,poll-us=0\` added to the disk spec: the queue worker sleeps in epoll after every event instead of spinning for up to 50 µs."
     echo "- Client: \`ferrodisk-loadgen run --socket SOCK --pid PRIMARY_PID --rw randwrite --bs 4k --qd 32|1 --queues 1 --duration $duration --ramp $ramp --span $span\`"
     echo
     echo "Preparation: \`plain.img\` and \`primary.img\` are written in full with zeros (\`dd oflag=direct\`), then the measured span is written once more by a sequential pass (\`ferrodisk-loadgen run --rw write --bs 1M --qd 4 --ramp 0\`, repeated with a longer duration until it covers the span) through A and through C before the first round. The replicas create their files with \`fallocate\` (unwritten extents), and the first write to an unwritten extent converts it (a journal commit), about 5× slower than a later write to it; without this pass the replicated numbers would measure extent conversion. The pass goes through the replicated primary, so both replicas' files are written over the span too. After every run the daemons are stopped (the primary flushes), both images are \`fdatasync\`ed and their pages dropped from the page cache (\`dd oflag=nocache count=0\`, i.e. \`posix_fadvise(DONTNEED)\`), so every run starts with nothing of the span cached or dirty (otherwise B's O_DIRECT writes would leave A's image uncached and C's primary image cached)."
@@ -530,8 +541,11 @@ section="$work/section.md"
     echo "- Added QD1 write latency, replicated minus write-back: p50 $(fmt dlat "$dA50") µs, p99 $(fmt dlat "$dA99") µs"
     echo "- Added QD1 write latency, replicated minus write-through: p50 $(fmt dlat "$dB50") µs, p99 $(fmt dlat "$dB99") µs"
     echo "- CPU at QD32: primary $(fmt cpu "$cpuC") µs/IO replicated vs $(fmt cpu "$cpuA") unreplicated write-back, plus $(fmt cpu "$rcpuC") µs/IO in the two replica processes"
+    echo "- Polling off (D against C): QD32 IOPS $(fmt ratio "$rDC32")× (D / write-back: $(fmt ratio "$rDA32")), primary CPU at QD32 $(fmt cpu "$cpuD") vs $(fmt cpu "$cpuC") µs/IO (replicas $(fmt cpu "$rcpuD")), at QD1 $(fmt cpu "$cpuD1") vs $(fmt cpu "$cpuC1") µs/IO; QD1 p50 $(fmt dlat "$dDC50") µs"
     echo
     echo "Reading: on this VM the primary image and both replica files are on the same virtual disk, so each replicated guest write costs two durable device writes (one per replica, O_DIRECT + RWF_DSYNC) plus one write into the primary's page cache, and the two replica servers, the primary and the load generator share $(nproc) CPUs. At QD32 the replicated disk makes $(fmt iops "$iC32") guest writes/s, i.e. $(fmt iops "$(calc 'a * 2' "$iC32" 1)") durable 4k writes/s on the device, $(fmt pct "$durable") of the $(fmt iops "$iB32") durable writes/s that the write-through disk (B) gets from the same device, while the write-back disk (A) only copies into the page cache. The ratio to write-back therefore compares three copies (two of them durable) with one cached copy, and is bounded by the device here, not by the replication path alone; the write-through ratio is the fairer one for what a guest gets (a write acknowledged only when durable, in B on one disk, in C on two replicas). At QD1 a replicated write is acknowledged after a loopback round trip to both replicas and a durable write on each (in parallel, on the same device), and four processes (client, primary, two replicas) must be woken on 2 CPUs: its p50 of $(fmt lat "$(v ".\"C/$q1\".p50")") µs is $(fmt dlat "$dB50") µs from write-through's single durable write ($(fmt lat "$(v ".\"B/$q1\".p50")") µs) and $(fmt dlat "$dA50") µs from write-back's page-cache copy ($(fmt lat "$(v ".\"A/$q1\".p50")") µs). The write-back numbers (A, and the primary's share of C) are the least stable ones on these VMs: they are CPU-bound page-cache copies whose speed depends on how fast an idle CPU wakes up (see the caveats in \`benches/README.md\`) and on the state of the page cache (hence the cache drop between runs), so check the min–max column. On machines where the replicas have their own disks (and network), the device part of this cost is not shared; these numbers do not say how a real network would add to it."
+    echo
+    echo "Polling (D): by default a queue worker keeps spinning for up to 50 µs (\`poll-us\`) after each event. A replicated write waits about a millisecond at QD32 for the replicas, and the acknowledgements come back in batches, so the worker spins between batches on a CPU that the replica servers (and the client) need here. D shows what turning it off changes, in the same run."
     echo "<!-- replication:end -->"
 } >"$section"
 
