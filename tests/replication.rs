@@ -682,6 +682,11 @@ fn etcd_stale_primary_writes_are_rejected() {
 }
 
 #[test]
+fn etcd_new_empty_replica_full_rebuild_under_load() {
+    new_replica_rebuilt_under_load(true);
+}
+
+#[test]
 fn unauthenticated_peers_are_refused() {
     let env = Env::new(false);
     let p1 = free_port();
@@ -739,7 +744,10 @@ fn ip(args: &[&str]) {
 
 impl NetNs {
     fn create() -> NetNs {
-        let id = std::process::id() % 200 + 20;
+        // Distinct for each namespace of this process (tests run in parallel).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() * 2 + n) % 200 + 20;
         let name = format!("fdtest{id}");
         let (host_if, ns_if) = (format!("fdh{id}"), format!("fdn{id}"));
         // Leftovers of a crashed earlier run with the same id.
@@ -795,7 +803,16 @@ impl Drop for NetNs {
 
 #[test]
 fn partitioned_replica_degrades_then_heals_and_resyncs() {
-    let env = Env::new(false);
+    partitioned_replica(false);
+}
+
+#[test]
+fn etcd_partitioned_replica_degrades_then_heals_and_resyncs() {
+    partitioned_replica(true);
+}
+
+fn partitioned_replica(use_etcd: bool) {
+    let env = Env::new(use_etcd);
     let ns = NetNs::create();
     let (p1, p2, hp) = (free_port(), free_port(), free_port());
     let _r1 = env.replica("r1", p1);
@@ -849,6 +866,15 @@ fn partitioned_replica_degrades_then_heals_and_resyncs() {
     wait_until(Duration::from_secs(10), "r2 out of sync", || {
         state(&r2addr) == "out-of-sync"
     });
+    // The authority (file or etcd) says so too, and the other replica is still in sync.
+    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
+        .unwrap()
+        .load(VOLUME)
+        .unwrap()
+        .unwrap()
+        .record;
+    assert!(!rec.member(&r2addr).unwrap().in_sync);
+    assert!(rec.member(&format!("127.0.0.1:{p1}")).unwrap().in_sync);
     w.wait_acked(200);
     ns.heal();
     wait_until(Duration::from_secs(30), "r2 back in sync", || {
