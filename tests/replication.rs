@@ -1015,3 +1015,144 @@ fn a_replicated_volume_through_the_api() {
     let (code, out) = env.verify(&img, &[p1, p2]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// A size-limited tmpfs mounted for the test (root only); unmounted on drop.
+struct SmallFs {
+    dir: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(dir: &Path, bytes: u64) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("`mount` is needed for the disk-error test: {e}"));
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs (the disk-error test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Writes `name` until the filesystem is full; returns the bytes written.
+    fn fill(&self, name: &str) -> u64 {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))
+            .unwrap();
+        let chunk = vec![0xeeu8; 4096];
+        let mut n = 0;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.dir.display()),
+            }
+        }
+        n
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+    }
+}
+
+/// A replica whose disk fails writes (ENOSPC on a full tmpfs): the failure is reported
+/// (the replica's log, the primary's log, health `last_error`, the authority), the guest's
+/// writes do not fail, and once the disk works again the replica resyncs to equal data.
+#[test]
+fn replica_disk_errors_are_reported_then_resynced() {
+    let env = Env::new(false);
+    let (p1, p2, hp) = (free_port(), free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    // r2's data lives on a tmpfs just larger than the volume.
+    let fs = SmallFs::mount(&env.path("r2"), SIZE + (2 << 20));
+    let _r2 = env.replica("r2", p2);
+    let img = env.path("img");
+    let initial = make_image(&img, None);
+    let sock = env.path("s.sock");
+    let mut primary = env.primary("a", &img, &sock, &[p1, p2], hp, "");
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(30));
+
+    // Free 4 MiB on every copy (discard punches a hole in the replicas' files), then let
+    // something else take all the free space of r2's filesystem.
+    const HOLE: u64 = 4 << 20;
+    let mut model = Model::new(initial);
+    {
+        let mut c = Client::connect(&sock, 1, false).expect("connect");
+        c.queues[0].discard(0, HOLE, 0, ReqFlags::empty());
+        assert_eq!(c.wait(0), 0, "discard");
+        model.data[..HOLE as usize].fill(0);
+    }
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(10));
+    let hog = fs.fill("hog");
+    assert!(
+        hog >= HOLE,
+        "the discard freed space on r2's tmpfs: {hog} bytes"
+    );
+
+    // Writes into the hole now fail on r2's disk.
+    let w = Writer::start(&sock, model, 11, HOLE);
+    let r2_health = || {
+        health(hp)["volumes"][0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["addr"] == format!("127.0.0.1:{p2}"))
+            .unwrap()
+            .clone()
+    };
+    // The link retries (and fails again) while the disk is full, so its state cycles
+    // through out-of-sync and resyncing; the error stays in `last_error`.
+    wait_until(Duration::from_secs(20), "r2's disk error in health", || {
+        let r = r2_health();
+        r["state"] != "in-sync"
+            && r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("No space left on device"))
+    });
+    w.wait_acked(50);
+    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
+        .unwrap()
+        .load(VOLUME)
+        .unwrap()
+        .unwrap()
+        .record;
+    assert!(!rec.member(&format!("127.0.0.1:{p2}")).unwrap().in_sync);
+    let r2log = std::fs::read_to_string(env.path("r2.log")).unwrap();
+    assert!(
+        r2log.contains("replica disk error") && r2log.contains("No space left on device"),
+        "the replica logs its disk error:\n{r2log}"
+    );
+
+    // The disk works again: r2 catches up while the guest keeps writing.
+    std::fs::remove_file(fs.dir.join("hog")).unwrap();
+    wait_in_sync(hp, &[p2], Duration::from_secs(60));
+    w.wait_acked(50);
+    let model = w.finish();
+    assert_eq!(
+        model.failed, 0,
+        "no guest write may fail on a replica's disk error"
+    );
+    assert!(primary.terminate().success(), "{}", primary.log());
+    assert!(
+        primary.log().contains("replica failed a request"),
+        "the primary logs the replica's error:\n{}",
+        primary.log()
+    );
+    model.check("primary", &read_file(&img));
+    for r in ["r1", "r2"] {
+        model.check(r, &read_file(&env.path(r).join(format!("{VOLUME}.img"))));
+    }
+    let (code, out) = env.verify(&img, &[p1, p2]);
+    assert_eq!(code, 0, "{out}");
+}
