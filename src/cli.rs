@@ -28,6 +28,12 @@ pub enum VolumeCmd {
         /// A replica server, HOST:PORT (repeat): the volume is replicated while attached.
         #[arg(long = "replica", value_name = "HOST:PORT")]
         replicas: Vec<String>,
+        /// Declare a replica failed after this many ms without an answer [default: 5000].
+        #[arg(long, value_name = "MS")]
+        replica_timeout_ms: Option<u32>,
+        /// Resync bandwidth limit per replica, MiB/s, 0 unlimited [default: 200].
+        #[arg(long, value_name = "MIBS")]
+        resync_mbps: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -166,10 +172,14 @@ pub fn volume(api: &ApiSocket, cmd: VolumeCmd) -> ExitCode {
             path,
             allow,
             replicas,
+            replica_timeout_ms,
+            resync_mbps,
             json,
         } => {
             let body = json!({ "name": name, "size": size, "path": path,
-                               "allowed_instances": allow, "replicas": replicas });
+                               "allowed_instances": allow, "replicas": replicas,
+                               "replica_timeout_ms": replica_timeout_ms,
+                               "resync_mbps": resync_mbps });
             let r = request(&api.api, "POST", "/v1/volumes", Some(&body));
             finish(r, json, |v| {
                 println!(
@@ -362,6 +372,15 @@ pub enum ImageCmd {
 
 #[derive(clap::Subcommand)]
 pub enum AttachmentCmd {
+    /// Wait until every replica of the attachment is in sync, showing resync progress.
+    Wait {
+        id: String,
+        /// Give up after this many seconds (exit 3); 0 waits for ever.
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch a running attachment to the newest image its context selects, at a quiesce
     /// point (in-flight requests drained, none lost).
     Upgrade {
@@ -524,6 +543,7 @@ pub fn image(api: &ApiSocket, cmd: ImageCmd) -> ExitCode {
 
 pub fn attachment(api: &ApiSocket, cmd: AttachmentCmd) -> ExitCode {
     match cmd {
+        AttachmentCmd::Wait { id, timeout, json } => wait_in_sync(api, &id, timeout, json),
         AttachmentCmd::Upgrade { id, json } => {
             let r = request(
                 &api.api,
@@ -546,6 +566,86 @@ pub fn attachment(api: &ApiSocket, cmd: AttachmentCmd) -> ExitCode {
                 }
             })
         }
+    }
+}
+
+/// Polls the attachment's stats until every replica is in sync. Progress goes to stderr:
+/// rewritten in place on a terminal, otherwise a line whenever a replica's state changes or
+/// its resync passes another 10 %. Exit codes: 0 in sync (or not replicated), 1 fenced or
+/// the API failed, 2 no such attachment, 3 timed out.
+pub fn wait_in_sync(api: &ApiSocket, id: &str, timeout_s: u64, json: bool) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let start = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = String::new();
+    let mut shown = std::collections::HashMap::<String, (String, i64)>::new();
+    loop {
+        let r = match request(&api.api, "GET", &format!("/v1/stats/{id}"), None) {
+            Ok(r) if r.status < 400 => r,
+            other => return finish(other, json, |_| {}),
+        };
+        let v = r.json();
+        let repl = v[0]["replication"].clone();
+        let pending_line = tty && !last_line.is_empty();
+        let done = |code: u8, msg: String| {
+            if pending_line {
+                eprintln!();
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&repl).unwrap_or_default()
+                );
+            } else {
+                println!("{msg}");
+            }
+            ExitCode::from(code)
+        };
+        if repl.is_null() {
+            return done(0, format!("{id}: not replicated"));
+        }
+        if repl["status"] == "fenced" {
+            return done(1, format!("{id}: fenced: {}", s(&repl["fence_reason"])));
+        }
+        let reps = repl["replicas"].as_array().cloned().unwrap_or_default();
+        if reps.iter().all(|r| r["state"] == "in-sync") {
+            return done(0, format!("{id}: {} replica(s) in sync", reps.len()));
+        }
+        let parts: Vec<String> = reps
+            .iter()
+            .map(|r| {
+                let (addr, state) = (s(&r["addr"]), s(&r["state"]));
+                let pct = r["resync_progress"].as_f64().map(|p| p * 100.0);
+                if !tty {
+                    let decile = pct.map_or(-1, |p| (p / 10.0) as i64);
+                    let now = (state.clone(), decile);
+                    if shown.get(&addr) != Some(&now) {
+                        match pct {
+                            Some(p) => eprintln!(
+                                "{addr}: {state} {p:.0}% ({} copied)",
+                                human_size(r["copied_bytes"].as_u64().unwrap_or(0))
+                            ),
+                            None => eprintln!("{addr}: {state}"),
+                        }
+                        shown.insert(addr.clone(), now);
+                    }
+                }
+                match pct {
+                    Some(p) => format!("{addr} {state} {p:.1}%"),
+                    None => format!("{addr} {state}"),
+                }
+            })
+            .collect();
+        if tty {
+            let line = parts.join("  ");
+            eprint!("\r{line:<width$}", width = last_line.len());
+            let _ = std::io::stderr().flush();
+            last_line = line;
+        }
+        if timeout_s > 0 && start.elapsed().as_secs() >= timeout_s {
+            return done(3, format!("{id}: not in sync after {timeout_s} s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 

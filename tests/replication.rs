@@ -1156,3 +1156,106 @@ fn replica_disk_errors_are_reported_then_resynced() {
     let (code, out) = env.verify(&img, &[p1, p2]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Through the API: a replicated volume imported from a file of data, with its own resync
+/// rate; `attachment wait` shows the rebuild's progress and returns once both replicas are
+/// in sync, with the data on them.
+#[test]
+fn api_attachment_wait_shows_rebuild_progress() {
+    let env = Env::new(false);
+    let (p1, p2) = (free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let img = env.path("data.img");
+    let mut data = vec![0u8; 32 << 20];
+    Rng(5).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let key = env.key.display().to_string();
+    let d = common::api_daemon::ApiDaemon::start(
+        env.dir.path(),
+        &[
+            "--authority",
+            &env.authority,
+            "--node",
+            "n",
+            "--replication-key",
+            &key,
+        ],
+    );
+    let (r1, r2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    // The rate and timeout belong to replicated volumes only.
+    let (rc, _, err) = d.cli(&[
+        "volume",
+        "create",
+        "plain",
+        "--size",
+        "1M",
+        "--resync-mbps",
+        "8",
+    ]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("only to a volume with replicas"), "{err}");
+    let (rc, out, err) = d.cli(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--path",
+        img.to_str().unwrap(),
+        "--replica",
+        &r1,
+        "--replica",
+        &r2,
+        "--resync-mbps",
+        "8",
+        "--replica-timeout-ms",
+        "2000",
+    ]);
+    assert_eq!(rc, 0, "{out}{err}");
+    let (_, vols) = d.call("GET", "/v1/volumes", None);
+    assert_eq!(vols[0]["resync_mbps"], 8, "{vols}");
+    assert_eq!(vols[0]["replica_timeout_ms"], 2000, "{vols}");
+    let sock = env.path("v.sock");
+    let (rc, out, err) = d.cli(&[
+        "attach",
+        "--volume",
+        VOLUME,
+        "--instance",
+        "vm",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{out}{err}");
+    // 32 MiB for each replica at 8 MiB/s: about 4 s.
+    let t0 = Instant::now();
+    let (rc, out, err) = d.cli(&[
+        "attachment",
+        "wait",
+        &format!("{VOLUME}@vm"),
+        "--timeout",
+        "120",
+    ]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("2 replica(s) in sync"), "{out}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "a throttled rebuild of 32 MiB cannot be done in {:?}",
+        t0.elapsed()
+    );
+    let mid_way = err
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.ends_with('%')))
+        .filter_map(|w| w.trim_end_matches('%').parse::<f64>().ok())
+        .any(|p| p > 5.0 && p < 95.0);
+    assert!(mid_way, "progress was shown mid-way:\n{err}");
+    for r in ["r1", "r2"] {
+        assert!(
+            read_file(&env.path(r).join(format!("{VOLUME}.img"))) == data,
+            "{r} holds the volume's data"
+        );
+    }
+    // Nothing left to wait for; an unknown attachment is an error.
+    let (rc, out, _) = d.cli(&["attachment", "wait", &format!("{VOLUME}@vm")]);
+    assert_eq!(rc, 0, "{out}");
+    let (rc, _, err) = d.cli(&["attachment", "wait", "nope@vm"]);
+    assert_eq!(rc, 2, "{err}");
+}

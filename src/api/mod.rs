@@ -79,6 +79,14 @@ pub struct Volume {
     /// `docs/replication.md`); the daemon needs `--replication-key`.
     #[serde(default)]
     pub replicas: Vec<String>,
+    /// A replica that has not answered within this many ms is declared failed (default
+    /// 5000, as `replica-timeout-ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_timeout_ms: Option<u32>,
+    /// Resync bandwidth limit per replica in MiB/s, 0 unlimited (default 200, as
+    /// `resync-mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_mbps: Option<u32>,
 }
 
 pub use crate::repl::primary::ReplContext;
@@ -100,6 +108,10 @@ pub struct CreateVolume {
     /// Replica servers, `HOST:PORT` each: the volume is replicated.
     #[serde(default)]
     pub replicas: Vec<String>,
+    #[serde(default)]
+    pub replica_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub resync_mbps: Option<u32>,
 }
 
 /// Per-attachment options.
@@ -324,6 +336,27 @@ impl Manager {
                 return Err(ApiError::bad(format!("replica `{r}`: expected HOST:PORT")));
             }
         }
+        if req.replicas.is_empty()
+            && (req.replica_timeout_ms.is_some() || req.resync_mbps.is_some())
+        {
+            return Err(ApiError::bad(
+                "replica_timeout_ms and resync_mbps apply only to a volume with replicas",
+            ));
+        }
+        if let Some(t) = req.replica_timeout_ms {
+            if !(100..=600_000).contains(&t) {
+                return Err(ApiError::bad(format!(
+                    "replica_timeout_ms {t}: out of range (100 to 600000)"
+                )));
+            }
+        }
+        if let Some(r) = req.resync_mbps {
+            if r > 1_000_000 {
+                return Err(ApiError::bad(format!(
+                    "resync_mbps {r}: out of range (0 to 1000000)"
+                )));
+            }
+        }
         let mut inner = self.lock();
         if inner.state.volumes.contains_key(&req.name) {
             return Err(ApiError::conflict(format!("volume {} exists", req.name)));
@@ -389,6 +422,8 @@ impl Manager {
             owned,
             allowed_instances: req.allowed_instances,
             replicas: req.replicas,
+            replica_timeout_ms: req.replica_timeout_ms,
+            resync_mbps: req.resync_mbps,
         };
         let v = vol.clone();
         let r = self.commit(&mut inner, |s| {
@@ -950,6 +985,12 @@ fn serve(
     if repl.is_some() {
         cfg.volume = Some(vol.name.clone());
         cfg.replicas = vol.replicas.clone();
+        if let Some(t) = vol.replica_timeout_ms {
+            cfg.replica_timeout_ms = t;
+        }
+        if let Some(r) = vol.resync_mbps {
+            cfg.resync_mbps = r;
+        }
     }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
     disk.set_driver(driver);
