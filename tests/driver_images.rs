@@ -586,3 +586,74 @@ fn a_panic_inside_a_rust_image_is_contained() {
     let mut z = Client::connect(&p.join("ok-z.sock"), 1, false).unwrap();
     assert_eq!(z.write(0, 0, &[1u8; 4096], ReqFlags::empty()), 0);
 }
+
+/// An upgrade drains the rings without holding the daemon's lock: while it waits for a
+/// write that the image holds back (`faulty` in `hold_writes` mode), other API calls are
+/// answered, and a detach of the same attachment is refused (409) until the upgrade is done.
+#[test]
+fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let (s, v) = add(
+        &d,
+        &pack(
+            p,
+            &faulty_module(),
+            "faulty",
+            "1.0.0",
+            &["--rule", "os=linux"],
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "v");
+    // Writes wait until 3 s after the attach.
+    let cfg = json!({"mode": "hold_writes", "hold_ms": 3000});
+    let (s, v) = attach(&d, p, "v", "vm", json!({"os": "linux"}), cfg);
+    assert_eq!(s, 201, "{v}");
+    // Version 2: a pass-through module under the same name.
+    let v2 = compile(p, module("faulty", "2.0.0"));
+    let (s, v) = add(
+        &d,
+        &pack(p, &v2, "faulty", "2.0.0", &["--rule", "os=linux"]),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    let sock = p.join("v-vm.sock");
+    let written = Arc::new(AtomicBool::new(false));
+    let w = Arc::clone(&written);
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock, 1, false).unwrap();
+        let r = c.write(0, 0, &[7u8; 4096], ReqFlags::empty());
+        w.store(true, Ordering::SeqCst);
+        r
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let api = p.join("api.sock");
+    let upgrade = std::thread::spawn(move || {
+        let r = ferrodisk::api::client::request(&api, "POST", "/v1/attachments/v@vm/upgrade", None)
+            .unwrap();
+        (r.status, r.json())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The upgrade is draining (the held write is still in flight): the API answers.
+    let (s, _) = d.call("GET", "/v1/volumes", None);
+    assert_eq!(s, 200);
+    assert!(
+        !written.load(Ordering::SeqCst) && !upgrade.is_finished(),
+        "the API answered only after the drain"
+    );
+    let (s, v) = d.call("DELETE", "/v1/attachments/v@vm", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("upgrade"), "{v}");
+    let (status, v) = upgrade.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["to"]["version"], "2.0.0", "{v}");
+    assert_eq!(writer.join().unwrap(), 0, "the held write completed");
+    assert_eq!(image_of(&d, "v@vm").1, "2.0.0");
+    let (s, v) = d.call("DELETE", "/v1/attachments/v@vm", None);
+    assert_eq!(s, 200, "detach works once the upgrade is done: {v}");
+}

@@ -201,6 +201,8 @@ struct Inner {
     failed: BTreeMap<String, String>,
     /// Disks given with `--disk` (served, but not managed or persisted).
     static_disks: Vec<Arc<DiskServer>>,
+    /// Attachments with an upgrade running (it drains without holding this lock).
+    upgrading: std::collections::HashSet<String>,
 }
 
 /// The daemon's volumes and attachments.
@@ -260,6 +262,7 @@ impl Manager {
                 live: HashMap::new(),
                 failed: BTreeMap::new(),
                 static_disks: Vec::new(),
+                upgrading: Default::default(),
             }),
         });
         {
@@ -635,6 +638,11 @@ impl Manager {
             if !inner.state.attachments.contains_key(id) {
                 return Err(ApiError::not_found(format!("no attachment {id}")));
             }
+            if inner.upgrading.contains(id) {
+                return Err(ApiError::conflict(format!(
+                    "an upgrade of {id} is running; detach when it has finished"
+                )));
+            }
             self.commit(&mut inner, |s| {
                 s.attachments.remove(id);
             })?;
@@ -820,38 +828,63 @@ impl Manager {
     /// Switches a running attachment to the newest image its context selects, at a quiesce
     /// point (`POST /v1/attachments/{id}/upgrade`).
     pub fn upgrade(&self, id: &str) -> Result<serde_json::Value, ApiError> {
-        let mut inner = self.lock();
-        let a = inner
-            .state
-            .attachments
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no attachment {id}")))?;
-        let server = inner
-            .live
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ApiError::conflict(format!("{id} is not being served")))?;
-        let vol = inner
-            .state
-            .volumes
-            .get(&a.volume)
-            .cloned()
-            .ok_or_else(|| ApiError::internal(format!("volume {} is gone", a.volume)))?;
-        let target = self.images.select(&a.context).map(|i| ImageRef {
-            name: i.manifest.name,
-            version: i.manifest.version,
-        });
+        let (a, server, vol, target) = {
+            let mut inner = self.lock();
+            let a = inner
+                .state
+                .attachments
+                .get(id)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no attachment {id}")))?;
+            let server = inner
+                .live
+                .get(id)
+                .cloned()
+                .ok_or_else(|| ApiError::conflict(format!("{id} is not being served")))?;
+            let vol = inner
+                .state
+                .volumes
+                .get(&a.volume)
+                .cloned()
+                .ok_or_else(|| ApiError::internal(format!("volume {} is gone", a.volume)))?;
+            let target = self.images.select(&a.context).map(|i| ImageRef {
+                name: i.manifest.name,
+                version: i.manifest.version,
+            });
+            if target == a.image && !server.disk.driver().is_some_and(|d| d.is_failed()) {
+                return Ok(
+                    serde_json::json!({"id": id, "from": a.image, "to": target, "changed": false}),
+                );
+            }
+            if !inner.upgrading.insert(id.to_string()) {
+                return Err(ApiError::conflict(format!(
+                    "an upgrade of {id} is already running"
+                )));
+            }
+            (a, server, vol, target)
+        };
+        // Loading the image and draining the rings take time: other API calls go on
+        // meanwhile. Detach waits for the end (409), so the disk stays while it drains.
+        let r = self.upgrade_unlocked(id, &a, &server, &vol, &target);
+        self.lock().upgrading.remove(id);
+        r
+    }
+
+    fn upgrade_unlocked(
+        &self,
+        id: &str,
+        a: &Attachment,
+        server: &DiskServer,
+        vol: &Volume,
+        target: &Option<ImageRef>,
+    ) -> Result<serde_json::Value, ApiError> {
         let from = a.image.clone();
-        if target == from && !server.disk.driver().is_some_and(|d| d.is_failed()) {
-            return Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": false}));
-        }
         let next = Attachment {
             image: target.clone(),
             ..a.clone()
         };
         // Load and init the new image first: a bad image leaves the attachment as it was.
-        let driver = self.load_driver(&vol, &next)?;
+        let driver = self.load_driver(vol, &next)?;
         let old = server
             .quiesced(|| server.disk.set_driver(driver))
             .ok_or_else(|| {
@@ -861,9 +894,9 @@ impl Manager {
                 )
             })?;
         drop(old); // fini of the old image, after every request that used it completed
-        let n = next.clone();
+        let mut inner = self.lock();
         self.commit(&mut inner, |s| {
-            s.attachments.insert(n.id.clone(), n);
+            s.attachments.insert(next.id.clone(), next);
         })?;
         tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded");
         Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": true}))

@@ -8,6 +8,7 @@
 //! | `"error_on_write"` | `submit` returns [`WRITE_ERROR`] (-5) on writes |
 //! | `"panic_in_complete"` | `complete` panics (the SDK returns `ERR_PANIC`, -2) |
 //! | `"fail_writes"` | `submit` fails writes (`FAIL`: the guest sees an I/O error) |
+//! | `"hold_writes"` | writes wait (`Delay`) until `hold_ms` (default 2000) after `init`, then pass: a slow drain on demand |
 //! | anything else, or none | pass-through |
 //!
 //! Everything not named passes. `FLAGS` is `WANTS_READ_DATA`, so the host calls `complete`
@@ -32,6 +33,8 @@ pub enum Mode {
     PanicInComplete,
     /// `"fail_writes"`.
     FailWrites,
+    /// `"hold_writes"`: writes are delayed until a deadline.
+    HoldWrites,
     /// Anything else: pass-through.
     PassThrough,
 }
@@ -40,6 +43,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Faulty {
     mode: Mode,
+    /// `hold_writes`: when writes start to pass.
+    hold_until: std::time::Instant,
 }
 
 impl Faulty {
@@ -61,9 +66,14 @@ impl Driver for Faulty {
             Some("error_on_write") => Mode::ErrorOnWrite,
             Some("panic_in_complete") => Mode::PanicInComplete,
             Some("fail_writes") => Mode::FailWrites,
+            Some("hold_writes") => Mode::HoldWrites,
             _ => Mode::PassThrough,
         };
-        Ok(Faulty { mode })
+        let hold = host.attach_config()["hold_ms"].as_u64().unwrap_or(2000);
+        Ok(Faulty {
+            mode,
+            hold_until: std::time::Instant::now() + std::time::Duration::from_millis(hold),
+        })
     }
 
     fn submit(&self, req: &mut Req<'_>) -> Verdict {
@@ -76,6 +86,15 @@ impl Driver for Faulty {
             }
             (Mode::ErrorOnWrite, Op::Write) => Verdict::Error(WRITE_ERROR),
             (Mode::FailWrites, Op::Write) => Verdict::Fail,
+            (Mode::HoldWrites, Op::Write) => {
+                match self
+                    .hold_until
+                    .checked_duration_since(std::time::Instant::now())
+                {
+                    Some(left) if !left.is_zero() => Verdict::Delay(left),
+                    _ => Verdict::Pass,
+                }
+            }
             _ => Verdict::Pass,
         }
     }
@@ -132,6 +151,26 @@ mod tests {
         assert_eq!(run("fail_writes"), (FAIL, PASS, 0));
         assert_eq!(run("pass"), (PASS, PASS, 0));
         assert_eq!(run(""), (PASS, PASS, 0));
+    }
+
+    #[test]
+    fn hold_writes_delays_writes_until_the_deadline() {
+        let host = TestHost::new(
+            &json!({}),
+            &json!({"image": null, "attach": {"mode": "hold_writes", "hold_ms": 60000}}),
+        );
+        let attached = exported_image!().attach(&host).unwrap();
+        let data = [1u8; 512];
+        let (verdict, delay_ns) = attached.submit(Op::Write, 0, 0, &[&data], None);
+        assert_eq!(verdict, ferrodisk_driver_sdk::DELAY);
+        assert!(delay_ns > 50_000_000_000, "about 60 s: {delay_ns}");
+        assert_eq!(attached.submit_range(Op::Read, 0, 0, 512).0, PASS);
+        let host = TestHost::new(
+            &json!({}),
+            &json!({"image": null, "attach": {"mode": "hold_writes", "hold_ms": 0}}),
+        );
+        let attached = exported_image!().attach(&host).unwrap();
+        assert_eq!(attached.submit(Op::Write, 0, 0, &[&data], None).0, PASS);
     }
 
     #[test]
