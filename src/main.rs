@@ -382,6 +382,17 @@ fn verify(
     }
 }
 
+/// Socket files to remove when it goes out of scope.
+struct RemoveOnExit(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnExit {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs) -> ExitCode {
     if specs.is_empty() && api.api.is_none() {
         return fail(
@@ -403,6 +414,9 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             Err(e) => return fail(format!("--disk {spec}: {e}"), 2),
         }
     }
+    // Sockets this process published: removed however serve() returns, so that a failed
+    // start leaves no dead socket for a hypervisor to find.
+    let mut published = RemoveOnExit(Vec::new());
     let mut bound = Vec::new();
     for c in configs {
         let socket = c.socket.clone();
@@ -411,7 +425,10 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             Err(e) => return fail(chain(&e), 1),
         };
         match server::bind(&socket, SocketAccess::default()) {
-            Ok(l) => bound.push((disk, l)),
+            Ok(l) => {
+                published.0.push(socket);
+                bound.push((disk, l));
+            }
             Err(e) => return fail(chain(&e), 1),
         }
     }
@@ -492,6 +509,7 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             if let Err(e) = ferrodisk::api::http::spawn(Arc::clone(&m), sock, access, metrics) {
                 return fail(e, 1);
             }
+            published.0.push(sock.clone());
             tracing::info!(api = %sock.display(), state = %api.state.display(), "management API ready");
             Some(m)
         }

@@ -24,6 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{completion_event, BlkBackend};
 use crate::disk::Disk;
 use crate::proxy::{InflightSlot, Relay};
+use crate::sys;
 
 /// The longest socket path the kernel takes, not counting the NUL (`sun_path` is 108 bytes).
 const SUN_PATH_MAX: usize = 107;
@@ -45,6 +46,12 @@ pub enum ServeError {
     },
     #[error("cannot set the mode or owner of {path}")]
     Access {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot tell whether {path} is in use")]
+    Probe {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -96,16 +103,6 @@ impl Default for SocketAccess {
     }
 }
 
-/// Applies `access` to the socket file at `path`.
-pub fn restrict(path: &Path, access: SocketAccess) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
-    if access.uid.is_some() || access.gid.is_some() {
-        std::os::unix::fs::chown(path, access.uid, access.gid)?;
-    }
-    Ok(())
-}
-
 /// Binds the disk's socket, refusing a path another live process listens on, and gives it
 /// `access`. See [`listen_unix`].
 pub fn bind(path: &Path, access: SocketAccess) -> Result<Listener, ServeError> {
@@ -115,55 +112,131 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<Listener, ServeError> {
 /// Listens on the unix socket `path` with `access`, refusing a path another live process
 /// listens on and replacing a stale one.
 ///
-/// The socket is bound, given its mode and owner, and put into the listening state under a
-/// temporary name in the same directory, then renamed to `path`. So `path` never names a
-/// socket that refuses connections (between bind and listen) or that has the wrong mode:
-/// a hypervisor or script that waits for the file to appear and then connects always
-/// reaches the daemon.
+/// The socket is bound in a private directory (mode 0700) created next to `path`, given its
+/// mode and owner there, put in the listening state, and only then linked to `path`
+/// (`linkat`, which never replaces an existing file). So:
+/// - `path` never names a socket that refuses connections (between bind and listen): a
+///   hypervisor or script that waits for the file and then connects reaches the daemon;
+/// - nobody can connect before the mode and owner are set, or swap the file for a symlink
+///   while they are set (the private directory is ours alone, and the changes go through
+///   its descriptor);
+/// - two daemons started on the same path cannot both publish it.
+///
+/// The kernel keeps the name the socket was bound to (`ss -x` and `/proc/net/unix` show
+/// `DIR/.ferrodisk-PID-N/s`). If that name would not fit in `sun_path`, the socket is bound
+/// in place instead, with the bind-to-listen window of most servers.
 pub fn listen_unix(path: &Path, access: SocketAccess) -> Result<UnixListener, ServeError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ServeError::NotASocket(path.to_path_buf()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServeError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(|source| ServeError::RemoveStale {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    }
+    remove_if_stale(path)?;
     let listen_err = |source: io::Error| ServeError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let access_err = |source: io::Error| ServeError::Access {
         path: path.to_path_buf(),
         source,
     };
     let name = path
         .file_name()
         .ok_or_else(|| listen_err(io::Error::other("the path has no file name")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let mut tmp = path.with_file_name(tmp_name);
-    if tmp.as_os_str().len() > SUN_PATH_MAX {
-        // No room for a longer name: bind in place (the brief window described above is
-        // then possible, as with most servers).
-        tmp = path.to_path_buf();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let apply = |dir: &std::fs::File, name: &std::ffi::OsStr| -> io::Result<()> {
+        // The mode was set before bind, less the umask: set it whole.
+        sys::chmod_at(dir, name, access.mode)?;
+        if access.uid.is_some() || access.gid.is_some() {
+            sys::chown_at(dir, name, access.uid, access.gid)?;
+        }
+        Ok(())
+    };
+    let Some((private, dir)) = private_dir(parent).map_err(listen_err)? else {
+        // No room for the private directory's name: bind in place.
+        let dir = std::fs::File::open(parent).map_err(listen_err)?;
+        let l = sys::bind_unix_listener(path, access.mode).map_err(listen_err)?;
+        if let Err(e) = apply(&dir, name) {
+            let _ = std::fs::remove_file(path);
+            return Err(access_err(e));
+        }
+        return Ok(l);
+    };
+    let s = std::ffi::OsStr::new("s");
+    let published = sys::bind_unix_listener(&private.join(s), access.mode)
+        .map_err(listen_err)
+        .and_then(|l| apply(&dir, s).map_err(access_err).map(|()| l))
+        .and_then(|l| {
+            sys::link_at(&dir, s, path)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => ServeError::SocketInUse(path.to_path_buf()),
+                    _ => listen_err(e),
+                })
+                .map(|()| l)
+        });
+    let _ = sys::unlink_at(&dir, s);
+    let _ = std::fs::remove_dir(&private);
+    published
+}
+
+/// Removes `path` if it is a socket nobody listens on; refuses anything else.
+fn remove_if_stale(path: &Path) -> Result<(), ServeError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_path_buf()));
     }
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
-    let published = restrict(&tmp, access)
-        .map_err(|source| ServeError::Access {
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::SocketInUse(path.to_path_buf())),
+        // Only a refused connection proves that nobody listens.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|source| ServeError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ServeError::Probe {
             path: path.to_path_buf(),
             source,
-        })
-        .and_then(|()| match tmp == path {
-            true => Ok(()),
-            false => std::fs::rename(&tmp, path).map_err(listen_err),
-        });
-    if published.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        }),
     }
-    published.map(|()| listener)
+}
+
+/// Creates `parent/.ferrodisk-PID-N` with mode 0700 and opens it; `None` if a socket in it
+/// would not fit in `sun_path`.
+fn private_dir(parent: &Path) -> io::Result<Option<(PathBuf, std::fs::File)>> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..100 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = parent.join(format!(".ferrodisk-{}-{n}", std::process::id()));
+        if dir.as_os_str().len() + 2 > SUN_PATH_MAX {
+            return Ok(None);
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir)?;
+        // What we opened must be the directory we made: ours, and closed to others.
+        let m = f.metadata()?;
+        if m.uid() != sys::euid() || m.mode() & 0o077 != 0 {
+            return Err(io::Error::other(format!(
+                "{} changed under us",
+                dir.display()
+            )));
+        }
+        return Ok(Some((dir, f)));
+    }
+    Err(io::Error::other("no free name for a private directory"))
 }
 
 impl DiskServer {
@@ -449,6 +522,28 @@ mod tests {
             Err(ServeError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    }
+
+    #[test]
+    fn the_mode_is_whole_whatever_the_umask_and_other_names_are_refused() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("wide.sock");
+        let access = SocketAccess {
+            mode: 0o666,
+            uid: None,
+            gid: None,
+        };
+        // The umask (022 or so) takes bits off at bind; they are put back.
+        let _l = listen_unix(&path, access).unwrap();
+        assert_eq!(mode(&path), 0o666);
+        // A stale socket is replaced, a symlink is not followed or replaced.
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(
+            listen_unix(&link, SocketAccess::default()),
+            Err(ServeError::NotASocket(_))
+        ));
+        assert_eq!(mode(&path), 0o666, "the target of the symlink is untouched");
     }
 
     #[test]

@@ -178,3 +178,108 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn c_name(name: &std::ffi::OsStr) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_bytes()).map_err(|_| io::Error::other("NUL in a file name"))
+}
+
+/// A listening unix stream socket bound to `path`, whose file is created with `mode` (less
+/// the umask) from the start: the socket's own mode is set before `bind` creates the file,
+/// so there is no moment when the file is more open than `mode`.
+pub fn bind_unix_listener(
+    path: &std::path::Path,
+    mode: u32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long (108 bytes at most) or holds a NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain system call; the new descriptor is owned by `fd` from here on.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket() and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain system calls on the descriptor `fd` owns; `addr` lives on this stack
+    // frame for the duration of bind().
+    unsafe {
+        cvt(libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t))?;
+        cvt(libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        ))?;
+        cvt(libc::listen(fd.as_raw_fd(), 128))?;
+    }
+    Ok(std::os::unix::net::UnixListener::from(fd))
+}
+
+/// `fchmodat(dir, name, mode)`: `name` is looked up in the directory `dir` refers to, not by
+/// a path that could have been swapped meanwhile.
+pub fn chmod_at(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
+    let n = c_name(name)?;
+    // SAFETY: plain system call; `dir` stays open and `n` alive for its duration.
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), n.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+}
+
+/// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)`; `None` leaves that id unchanged.
+pub fn chown_at(
+    dir: &File,
+    name: &std::ffi::OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
+    let n = c_name(name)?;
+    // SAFETY: plain system call; `dir` stays open and `n` alive for its duration.
+    cvt(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            uid.unwrap_or(u32::MAX),
+            gid.unwrap_or(u32::MAX),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `linkat(dir, name, AT_FDCWD, target, 0)`: a second name for the file; fails with
+/// `AlreadyExists` if `target` exists (never replaces it).
+pub fn link_at(dir: &File, name: &std::ffi::OsStr, target: &std::path::Path) -> io::Result<()> {
+    let (n, t) = (c_name(name)?, c_name(target.as_os_str())?);
+    // SAFETY: plain system call; `dir` stays open and both strings alive for its duration.
+    cvt(unsafe { libc::linkat(dir.as_raw_fd(), n.as_ptr(), libc::AT_FDCWD, t.as_ptr(), 0) })
+        .map(drop)
+}
+
+/// `unlinkat(dir, name, 0)`.
+pub fn unlink_at(dir: &File, name: &std::ffi::OsStr) -> io::Result<()> {
+    let n = c_name(name)?;
+    // SAFETY: plain system call; `dir` stays open and `n` alive for its duration.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}

@@ -189,11 +189,6 @@ pub fn spawn(
     access: SocketAccess,
     metrics: Option<std::net::TcpListener>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    let std_listener =
-        crate::server::listen_unix(path, access).map_err(|e| crate::api::chain(&e))?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| e.to_string())?;
     if let Some(l) = &metrics {
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
     }
@@ -204,6 +199,16 @@ pub fn spawn(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+    let std_listener =
+        crate::server::listen_unix(path, access).map_err(|e| crate::api::chain(&e))?;
+    // Published: a failure from here on removes the socket again.
+    let unpublish = |e: String| {
+        let _ = std::fs::remove_file(path);
+        e
+    };
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| unpublish(e.to_string()))?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -240,5 +245,5 @@ pub fn spawn(
                 }
             })
         })
-        .map_err(|e| format!("cannot start the API thread: {e}"))
+        .map_err(|e| unpublish(format!("cannot start the API thread: {e}")))
 }

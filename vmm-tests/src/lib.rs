@@ -392,16 +392,21 @@ impl Daemon {
 
     /// For each unix socket of this process bound to one of `sockets`: whether it listens.
     ///
-    /// Ferrodisk binds under a temporary name (`.NAME.PID.tmp` next to the socket) and
-    /// renames the file once it listens; the kernel keeps reporting the name it was bound
-    /// to. A listener under that name counts once the temporary file is gone (renamed).
+    /// Ferrodisk binds in a private directory next to the socket (`DIR/.ferrodisk-PID-N/s`)
+    /// and links the file into place once it listens; the kernel keeps reporting the name it
+    /// was bound to. A listener under such a name counts once its private directory is gone
+    /// (the socket was published) and the socket file exists.
     fn unix_sockets(&self) -> Vec<bool> {
-        let pid = self.pid();
-        let temporary = |s: &Path| {
-            let mut n = std::ffi::OsString::from(".");
-            n.push(s.file_name().unwrap_or_default());
-            n.push(format!(".{pid}.tmp"));
-            s.with_file_name(n)
+        let prefix = format!(".ferrodisk-{}-", self.pid());
+        let private_of = |p: &Path| -> Option<PathBuf> {
+            if p.file_name()? != "s" {
+                return None;
+            }
+            let d = p.parent()?;
+            d.file_name()?
+                .to_str()?
+                .starts_with(&prefix)
+                .then(|| d.to_path_buf())
         };
         let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
             return Vec::new();
@@ -425,12 +430,14 @@ impl Daemon {
                     return None;
                 }
                 let mut published = None;
+                let private = private_of(path);
                 for s in &self.sockets {
-                    let tmp = temporary(s);
                     if s == path {
                         published = Some(true);
-                    } else if tmp == path {
-                        published = Some(!tmp.exists() && s.exists());
+                    } else if let Some(d) = &private {
+                        if d.parent() == s.parent() {
+                            published = Some(!d.exists() && s.exists());
+                        }
                     }
                 }
                 let published = published?;
