@@ -171,12 +171,43 @@ impl Pending {
             | Pending::Copy { sent, .. } => *sent,
         }
     }
+
+    fn set_sent(&mut self, t: Instant) {
+        match self {
+            Pending::Guest { sent, .. }
+            | Pending::Compare { sent, .. }
+            | Pending::Copy { sent, .. } => *sent = t,
+        }
+    }
 }
 
 struct LinkTx {
     sender: Option<wire::Sender>,
     next_seq: u64,
     pending: HashMap<u64, Pending>,
+    /// Guest writes queued in `sender` and not written yet. Their `sent` time is set when
+    /// they are written, so that time spent queued (behind another replica's slow send in
+    /// the same flush) never counts against this replica's timeout.
+    unsent: Vec<u64>,
+}
+
+impl LinkTx {
+    /// Writes the queued frames; on success, starts their timeout clocks.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let Some(s) = &mut self.sender else {
+            return Ok(());
+        };
+        let r = if s.has_queued() { s.flush() } else { Ok(()) };
+        if r.is_ok() && !self.unsent.is_empty() {
+            let now = Instant::now();
+            for seq in self.unsent.drain(..) {
+                if let Some(p) = self.pending.get_mut(&seq) {
+                    p.set_sent(now);
+                }
+            }
+        }
+        r
+    }
 }
 
 /// Counters of one link, for the health endpoint and stats.
@@ -441,6 +472,7 @@ impl Replication {
                     sender: None,
                     next_seq: 1,
                     pending: HashMap::new(),
+                    unsent: Vec::new(),
                 }),
                 counters: LinkCounters::default(),
                 resync_total: AtomicU64::new(0),
@@ -637,6 +669,9 @@ impl Replication {
             );
             link.counters.writes.fetch_add(1, Ordering::Relaxed);
             let epoch = self.epoch;
+            if tx.sender.is_some() {
+                tx.unsent.push(seq);
+            }
             if let Some(s) = &mut tx.sender {
                 let sent = match op {
                     Op::Write { .. } => s.queue_write(seq, epoch, offset, crc, data),
@@ -672,11 +707,11 @@ impl Replication {
     pub fn flush(&self) {
         for link in &self.links {
             let mut tx = link.tx();
-            let Some(s) = &mut tx.sender else { continue };
-            if s.has_queued() && s.flush().is_err() {
+            if tx.flush().is_err() {
                 // As in `begin`: the link thread sees the closed socket.
-                s.shutdown();
-                tx.sender = None;
+                if let Some(s) = tx.sender.take() {
+                    s.shutdown();
+                }
             }
         }
     }
@@ -762,7 +797,10 @@ impl Replication {
             Err(e) => return Err(format!("{}: {e}", link.addr)),
         }
         r.set_timeout(Some(POLL)).map_err(|e| e.to_string())?;
-        link.tx().sender = Some(s);
+        let mut tx = link.tx();
+        tx.sender = Some(s);
+        tx.unsent.clear();
+        drop(tx);
         Ok(r)
     }
 
