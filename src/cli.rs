@@ -176,10 +176,15 @@ pub fn volume(api: &ApiSocket, cmd: VolumeCmd) -> ExitCode {
             resync_mbps,
             json,
         } => {
-            let body = json!({ "name": name, "size": size, "path": path,
-                               "allowed_instances": allow, "replicas": replicas,
-                               "replica_timeout_ms": replica_timeout_ms,
-                               "resync_mbps": resync_mbps });
+            let mut body = json!({ "name": name, "size": size, "path": path,
+                                   "allowed_instances": allow, "replicas": replicas });
+            // Only when given: a daemon from before these keys refuses unknown ones.
+            if let Some(t) = replica_timeout_ms {
+                body["replica_timeout_ms"] = json!(t);
+            }
+            if let Some(r) = resync_mbps {
+                body["resync_mbps"] = json!(r);
+            }
             let r = request(&api.api, "POST", "/v1/volumes", Some(&body));
             finish(r, json, |v| {
                 println!(

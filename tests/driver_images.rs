@@ -589,7 +589,8 @@ fn a_panic_inside_a_rust_image_is_contained() {
 
 /// An upgrade drains the rings without holding the daemon's lock: while it waits for a
 /// write that the image holds back (`faulty` in `hold_writes` mode), other API calls are
-/// answered, and a detach of the same attachment is refused (409) until the upgrade is done.
+/// answered; a detach of the same attachment, and a removal of the image it is moving to,
+/// are refused (409) until the upgrade is done.
 #[test]
 fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -610,16 +611,21 @@ fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     );
     assert_eq!(s, 201, "{v}");
     volume(&d, "v");
-    // Writes wait until 3 s after the attach.
-    let cfg = json!({"mode": "hold_writes", "hold_ms": 3000});
+    // Version 2: a pass-through module under the same name, built now (the compiler is
+    // slow) and added after the attach (which must pick version 1).
+    let v2 = pack(
+        p,
+        &compile(p, module("faulty", "2.0.0")),
+        "faulty",
+        "2.0.0",
+        &["--rule", "os=linux"],
+    );
+    // Writes wait until 8 s after the attach: the window in which the checks below run.
+    let cfg = json!({"mode": "hold_writes", "hold_ms": 8000});
     let (s, v) = attach(&d, p, "v", "vm", json!({"os": "linux"}), cfg);
     assert_eq!(s, 201, "{v}");
-    // Version 2: a pass-through module under the same name.
-    let v2 = compile(p, module("faulty", "2.0.0"));
-    let (s, v) = add(
-        &d,
-        &pack(p, &v2, "faulty", "2.0.0", &["--rule", "os=linux"]),
-    );
+    assert_eq!(v["image"]["version"], "1.0.0", "{v}");
+    let (s, v) = add(&d, &v2);
     assert_eq!(s, 201, "{v}");
 
     let sock = p.join("v-vm.sock");
@@ -649,6 +655,9 @@ fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     let (s, v) = d.call("DELETE", "/v1/attachments/v@vm", None);
     assert_eq!(s, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("upgrade"), "{v}");
+    // Nor can the image it is moving to be removed meanwhile.
+    let (s, v) = d.call("DELETE", "/v1/images/faulty/2.0.0", None);
+    assert_eq!(s, 409, "{v}");
     let (status, v) = upgrade.join().unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["to"]["version"], "2.0.0", "{v}");

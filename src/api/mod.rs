@@ -201,8 +201,9 @@ struct Inner {
     failed: BTreeMap<String, String>,
     /// Disks given with `--disk` (served, but not managed or persisted).
     static_disks: Vec<Arc<DiskServer>>,
-    /// Attachments with an upgrade running (it drains without holding this lock).
-    upgrading: std::collections::HashSet<String>,
+    /// Attachments with an upgrade running (it drains without holding this lock), and the
+    /// image each is moving to.
+    upgrading: HashMap<String, Option<ImageRef>>,
 }
 
 /// The daemon's volumes and attachments.
@@ -638,7 +639,7 @@ impl Manager {
             if !inner.state.attachments.contains_key(id) {
                 return Err(ApiError::not_found(format!("no attachment {id}")));
             }
-            if inner.upgrading.contains(id) {
+            if inner.upgrading.contains_key(id) {
                 return Err(ApiError::conflict(format!(
                     "an upgrade of {id} is running; detach when it has finished"
                 )));
@@ -810,14 +811,19 @@ impl Manager {
 
     pub fn remove_image(&self, name: &str, version: &str) -> Result<(), ApiError> {
         let inner = self.lock();
-        if let Some(a) = inner.state.attachments.values().find(|a| {
-            a.image
-                .as_ref()
+        let is_it = |r: &Option<ImageRef>| {
+            r.as_ref()
                 .is_some_and(|r| r.name == name && r.version == version)
-        }) {
+        };
+        if let Some(a) = inner.state.attachments.values().find(|a| is_it(&a.image)) {
             return Err(ApiError::conflict(format!(
                 "image {name} {version} is in use by {}; upgrade or detach it first",
                 a.id
+            )));
+        }
+        if let Some((id, _)) = inner.upgrading.iter().find(|(_, t)| is_it(t)) {
+            return Err(ApiError::conflict(format!(
+                "image {name} {version} is being loaded by an upgrade of {id}"
             )));
         }
         self.images
@@ -856,18 +862,25 @@ impl Manager {
                     serde_json::json!({"id": id, "from": a.image, "to": target, "changed": false}),
                 );
             }
-            if !inner.upgrading.insert(id.to_string()) {
+            if inner.upgrading.contains_key(id) {
                 return Err(ApiError::conflict(format!(
                     "an upgrade of {id} is already running"
                 )));
             }
+            inner.upgrading.insert(id.to_string(), target.clone());
             (a, server, vol, target)
         };
+        /// Ends the upgrade's claim however `upgrade_unlocked` returns (or unwinds).
+        struct Claim<'a>(&'a Manager, &'a str);
+        impl Drop for Claim<'_> {
+            fn drop(&mut self) {
+                self.0.lock().upgrading.remove(self.1);
+            }
+        }
+        let _claim = Claim(self, id);
         // Loading the image and draining the rings take time: other API calls go on
         // meanwhile. Detach waits for the end (409), so the disk stays while it drains.
-        let r = self.upgrade_unlocked(id, &a, &server, &vol, &target);
-        self.lock().upgrading.remove(id);
-        r
+        self.upgrade_unlocked(id, &a, &server, &vol, &target)
     }
 
     fn upgrade_unlocked(
@@ -1044,7 +1057,10 @@ fn serve(
     }
     DiskServer::start(Arc::new(disk), listener)
         .map(Arc::new)
-        .map_err(|e| ApiError::internal(format!("cannot start the disk thread: {e}")))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&a.socket);
+            ApiError::internal(format!("cannot start the disk thread: {e}"))
+        })
 }
 
 /// An error with its chain of sources.
