@@ -737,13 +737,7 @@ impl QueueWorker {
         };
         if let Some(repl) = &self.repl {
             if repl.is_fenced() && req.op != Op::GetId {
-                add(&self.stats().errors_ioerr, 1);
-                self.done.push(Completion {
-                    head: req.head,
-                    status_addr: Some(req.status),
-                    status: S_IOERR,
-                    used_len: 1,
-                });
+                self.fail_now(req);
                 return;
             }
             if let Some((offset, len)) = req.op.mutation(req.data_len) {
@@ -774,13 +768,7 @@ impl QueueWorker {
                         }
                     }
                     Err(_refused) => {
-                        add(&self.stats().errors_ioerr, 1);
-                        self.done.push(Completion {
-                            head: req.head,
-                            status_addr: Some(req.status),
-                            status: S_IOERR,
-                            used_len: 1,
-                        });
+                        self.fail_now(req);
                         return;
                     }
                 }

@@ -503,22 +503,21 @@ fn faulty_module() -> PathBuf {
     so
 }
 
+/// Adds the `faulty` image, version 1.0.0, selected by `rule`.
+fn add_faulty(d: &ApiDaemon, dir: &Path, rule: &str) {
+    let (s, v) = add(
+        d,
+        &pack(dir, &faulty_module(), "faulty", "1.0.0", &["--rule", rule]),
+    );
+    assert_eq!(s, 201, "{v}");
+}
+
 #[test]
 fn a_panic_inside_a_rust_image_is_contained() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     let d = ApiDaemon::start(p, &[]);
-    let (s, v) = add(
-        &d,
-        &pack(
-            p,
-            &faulty_module(),
-            "faulty",
-            "1.0.0",
-            &["--rule", "test=faulty"],
-        ),
-    );
-    assert_eq!(s, 201, "{v}");
+    add_faulty(&d, p, "test=faulty");
     volume(&d, "p");
     volume(&d, "c");
     volume(&d, "i");
@@ -599,17 +598,7 @@ fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     let d = ApiDaemon::start(p, &[]);
-    let (s, v) = add(
-        &d,
-        &pack(
-            p,
-            &faulty_module(),
-            "faulty",
-            "1.0.0",
-            &["--rule", "os=linux"],
-        ),
-    );
-    assert_eq!(s, 201, "{v}");
+    add_faulty(&d, p, "os=linux");
     volume(&d, "v");
     // Version 2: a pass-through module under the same name, built now (the compiler is
     // slow) and added after the attach (which must pick version 1).

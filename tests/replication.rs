@@ -121,6 +121,16 @@ impl Env {
         }
     }
 
+    /// The volume's record in the authority (file or etcd).
+    fn record(&self) -> ferrodisk::repl::authority::VolumeRecord {
+        ferrodisk::repl::authority::Authority::open(&self.authority)
+            .unwrap()
+            .load(VOLUME)
+            .unwrap()
+            .expect("the volume is in the authority")
+            .record
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -255,15 +265,19 @@ fn health(port: u16) -> serde_json::Value {
     }
 }
 
-fn replica_state(port: u16, replica: u16) -> (String, u64, u64) {
-    let h = health(port);
-    let r = h["volumes"][0]["replicas"]
+/// The health document's entry for the replica at `addr`.
+fn replica_health(port: u16, addr: &str) -> serde_json::Value {
+    health(port)["volumes"][0]["replicas"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["addr"] == format!("127.0.0.1:{replica}"))
+        .find(|r| r["addr"] == addr)
         .cloned()
-        .unwrap();
+        .unwrap_or_else(|| panic!("no replica {addr} in the health document"))
+}
+
+fn replica_state(port: u16, replica: u16) -> (String, u64, u64) {
+    let r = replica_health(port, &format!("127.0.0.1:{replica}"));
     (
         r["state"].as_str().unwrap().to_string(),
         r["dirty_regions"].as_u64().unwrap(),
@@ -436,12 +450,7 @@ fn replica_killed_mid_write(use_etcd: bool) {
         dirty > 0 && dirty <= 16,
         "dirty regions while down: {dirty}"
     );
-    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
-        .unwrap()
-        .load(VOLUME)
-        .unwrap()
-        .unwrap()
-        .record;
+    let rec = env.record();
     assert!(!rec.member(&format!("127.0.0.1:{p2}")).unwrap().in_sync);
     assert!(rec.member(&format!("127.0.0.1:{p1}")).unwrap().in_sync);
 
@@ -845,16 +854,7 @@ fn partitioned_replica(use_etcd: bool) {
         &env.path("primary-a.log"),
     );
     wait_until(Duration::from_secs(20), "socket", || sock.exists());
-    let state = |addr: &str| {
-        let h = health(hp);
-        h["volumes"][0]["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["addr"] == addr)
-            .map(|r| r["state"].as_str().unwrap().to_string())
-            .unwrap()
-    };
+    let state = |addr: &str| replica_health(hp, addr)["state"].clone();
     wait_until(Duration::from_secs(30), "both in sync", || {
         state(&format!("127.0.0.1:{p1}")) == "in-sync" && state(&r2addr) == "in-sync"
     });
@@ -867,12 +867,7 @@ fn partitioned_replica(use_etcd: bool) {
         state(&r2addr) == "out-of-sync"
     });
     // The authority (file or etcd) says so too, and the other replica is still in sync.
-    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
-        .unwrap()
-        .load(VOLUME)
-        .unwrap()
-        .unwrap()
-        .record;
+    let rec = env.record();
     assert!(!rec.member(&r2addr).unwrap().in_sync);
     assert!(rec.member(&format!("127.0.0.1:{p1}")).unwrap().in_sync);
     w.wait_acked(200);
@@ -1102,31 +1097,17 @@ fn replica_disk_errors_are_reported_then_resynced() {
 
     // Writes into the hole now fail on r2's disk.
     let w = Writer::start(&sock, model, 11, HOLE);
-    let r2_health = || {
-        health(hp)["volumes"][0]["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["addr"] == format!("127.0.0.1:{p2}"))
-            .unwrap()
-            .clone()
-    };
     // The link retries (and fails again) while the disk is full, so its state cycles
     // through out-of-sync and resyncing; the error stays in `last_error`.
     wait_until(Duration::from_secs(20), "r2's disk error in health", || {
-        let r = r2_health();
+        let r = replica_health(hp, &format!("127.0.0.1:{p2}"));
         r["state"] != "in-sync"
             && r["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("No space left on device"))
     });
     w.wait_acked(50);
-    let rec = ferrodisk::repl::authority::Authority::open(&env.authority)
-        .unwrap()
-        .load(VOLUME)
-        .unwrap()
-        .unwrap()
-        .record;
+    let rec = env.record();
     assert!(!rec.member(&format!("127.0.0.1:{p2}")).unwrap().in_sync);
     let r2log = std::fs::read_to_string(env.path("r2.log")).unwrap();
     assert!(

@@ -12,7 +12,7 @@ pub mod http;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -300,25 +300,10 @@ impl Manager {
     }
 
     fn save(&self, state: &State) -> Result<(), ApiError> {
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join(".state.json.tmp");
         let bytes =
             serde_json::to_vec_pretty(state).map_err(|e| ApiError::internal(e.to_string()))?;
-        let io = |e: std::io::Error| ApiError::internal(format!("cannot save the state: {e}"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(())
+        crate::sys::write_atomic(&self.dir.join("state.json"), &bytes)
+            .map_err(|e| ApiError::internal(format!("cannot save the state: {e}")))
     }
 
     /// Applies `change` to a copy of the state, saves it, and only then makes it current.

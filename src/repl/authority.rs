@@ -7,7 +7,7 @@
 //! etcd (see [`etcd`](super::etcd)).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -389,22 +389,7 @@ impl Store for FileStore {
         })
         .map_err(|e| AuthorityError::Corrupt(record.volume.clone(), e.to_string()))?;
         let path = self.path(&record.volume);
-        let tmp = self.dir.join(format!(".{}.tmp", record.volume));
-        {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(self.io(&tmp))?;
-            f.write_all(&bytes).map_err(self.io(&tmp))?;
-            f.sync_all().map_err(self.io(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(self.io(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io(&self.dir))?;
+        crate::sys::write_atomic(&path, &bytes).map_err(self.io(&path))?;
         Ok(Some(revision))
     }
 

@@ -192,6 +192,12 @@ struct LinkTx {
 }
 
 impl LinkTx {
+    /// Everything waiting for this link, which stops waiting here.
+    fn take_pending(&mut self) -> Vec<Pending> {
+        self.unsent.clear();
+        self.pending.drain().map(|(_, p)| p).collect()
+    }
+
     /// Writes the queued frames; on success, starts their timeout clocks.
     fn flush(&mut self) -> std::io::Result<()> {
         let Some(s) = &mut self.sender else {
@@ -899,7 +905,7 @@ impl Replication {
     /// (durably), the authority learns that the replica is out of sync, and only then do
     /// those writes complete.
     fn record_failure(&self, link: &Link, why: &str) {
-        let pending: Vec<Pending> = link.tx().pending.drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = link.tx().take_pending();
         let persisted = self.mark_all(link, &pending);
         if link.recorded_in_sync.load(Ordering::SeqCst) {
             loop {
@@ -933,17 +939,7 @@ impl Replication {
         }
         let ok = persisted && !self.is_fenced() && !link.recorded_in_sync.load(Ordering::SeqCst);
         link.set_state(LinkState::OutOfSync);
-        for p in pending {
-            if let Pending::Guest {
-                queue,
-                connection,
-                head,
-                ..
-            } = p
-            {
-                self.post(queue, connection, head, ok);
-            }
-        }
+        self.post_outcomes(pending, ok);
     }
 
     /// Marks what `pending` covers in the link's bitmap and persists it.
@@ -976,11 +972,16 @@ impl Replication {
         if link.state() != LinkState::OutOfSync {
             return;
         }
-        let pending: Vec<Pending> = link.tx().pending.drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = link.tx().take_pending();
         if pending.is_empty() {
             return;
         }
         let ok = self.mark_all(link, &pending);
+        self.post_outcomes(pending, ok);
+    }
+
+    /// Tells the queue workers how the guest requests among `pending` ended on this link.
+    fn post_outcomes(&self, pending: Vec<Pending>, ok: bool) {
         for p in pending {
             if let Pending::Guest {
                 queue,
@@ -996,18 +997,8 @@ impl Replication {
 
     /// Fenced: everything waiting fails.
     fn fail_pending(&self, link: &Link) {
-        let pending: Vec<Pending> = link.tx().pending.drain().map(|(_, p)| p).collect();
-        for p in pending {
-            if let Pending::Guest {
-                queue,
-                connection,
-                head,
-                ..
-            } = p
-            {
-                self.post(queue, connection, head, false);
-            }
-        }
+        let pending: Vec<Pending> = link.tx().take_pending();
+        self.post_outcomes(pending, false);
     }
 
     fn on_reply(&self, link: &Link, msg: Msg, rs: &mut Resync) -> Result<(), String> {

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -53,7 +53,6 @@ struct Volume {
     /// session, and writes still queued on an older connection of the volume are refused.
     epoch: RwLock<EpochState>,
     meta: PathBuf,
-    dir: PathBuf,
 }
 
 impl Volume {
@@ -69,7 +68,7 @@ impl Volume {
             ));
         }
         if epoch > cur.epoch {
-            write_epoch(&self.dir, &self.meta, epoch)
+            crate::sys::write_atomic(&self.meta, format!("{epoch}\n").as_bytes())
                 .map_err(|e| (Code::Io, format!("cannot persist epoch {epoch}: {e}")))?;
             tracing::info!(volume = %self.name, epoch, previous = cur.epoch, "epoch raised");
             cur.epoch = epoch;
@@ -86,20 +85,6 @@ impl Volume {
 struct EpochState {
     epoch: u64,
     session: u64,
-}
-
-fn write_epoch(dir: &Path, meta: &Path, epoch: u64) -> io::Result<()> {
-    let tmp = meta.with_extension("epoch.tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(f, "{epoch}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, meta)?;
-    File::open(dir)?.sync_all()
 }
 
 fn read_epoch(meta: &Path) -> io::Result<u64> {
@@ -210,7 +195,6 @@ impl ReplicaServer {
             file,
             epoch: RwLock::new(EpochState { epoch, session: 0 }),
             meta,
-            dir: self.data.clone(),
         });
         vols.insert(name.to_string(), Arc::clone(&v));
         Ok(v)
@@ -683,6 +667,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::time::Duration;
 
     fn key() -> Key {

@@ -506,6 +506,16 @@ pub struct VmDisk {
     pub queues: u16,
 }
 
+impl VmDisk {
+    /// The disk list of a guest with one vhost-user disk on `socket`.
+    pub fn only(socket: &Path, queues: u16) -> Vec<VmDisk> {
+        vec![VmDisk {
+            socket: socket.to_path_buf(),
+            queues,
+        }]
+    }
+}
+
 /// How to run a guest.
 pub struct Vm<'a> {
     pub dir: &'a WorkDir,

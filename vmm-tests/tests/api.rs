@@ -45,14 +45,7 @@ fn attach_with_the_cli_boot_resize_live_then_detach() {
     );
     assert!(out.contains("attached vol1@vm-1"), "{out}");
 
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     vm.timeout = Duration::from_secs(180);
     // The guest reports its size, waits for the host to grow the disk, and reports again.

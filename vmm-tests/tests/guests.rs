@@ -26,14 +26,7 @@ fn disk_is_visible_with_size_serial_and_queues() {
         &dir,
         &[spec(&img, &sock, ",queues=2,serial=FD-SERIAL-0042")],
     );
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     let r = vm.run(
         r#"
@@ -63,12 +56,7 @@ fn ext4_survives_into_a_second_guest() {
     let img = dir.image("disk.img", 256 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, ",direct=on")]);
-    let disks = || {
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 1,
-        }]
-    };
+    let disks = || VmDisk::only(&sock, 1);
     let first = Vm::new(&dir, "writer", disks()).run(
         r#"
 step mkfs mkfs.ext4 -q -F /dev/vda
@@ -110,14 +98,7 @@ fn fio_verify_on_two_queues() {
     let img = dir.image("disk.img", 128 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, ",queues=2,direct=on")]);
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     vm.timeout = std::time::Duration::from_secs(300);
     let r = vm.run(
@@ -145,12 +126,7 @@ fn discard_and_write_zeroes_from_the_guest() {
     let img = dir.image("disk.img", 192 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, "")]);
-    let disks = || {
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 1,
-        }]
-    };
+    let disks = || VmDisk::only(&sock, 1);
     Vm::new(&dir, "fill", disks())
         .run(
             r#"
@@ -251,7 +227,7 @@ fn read_only_disk() {
     let content = std::fs::read(&img).unwrap();
     let sock = dir.join("disk.sock");
     let mut d = Daemon::start(&dir, &[spec(&img, &sock, ",readonly=on")]);
-    let r = Vm::new(&dir, "guest", vec![VmDisk { socket: sock.clone(), queues: 1 }]).run(
+    let r = Vm::new(&dir, "guest", VmDisk::only(&sock, 1)).run(
         r#"
 kv ro "$(cat /sys/block/vda/ro)"
 kv before "$(dd if=/dev/vda bs=1M count=32 2>/dev/null | sha256sum | cut -d' ' -f1)"
@@ -341,16 +317,9 @@ fn guest_fsync_reaches_the_backend_as_flush() {
         let script = format!(
             "step writes sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$i {conv} 2>/dev/null || exit 1; done'\n"
         );
-        Vm::new(
-            &dir,
-            name,
-            vec![VmDisk {
-                socket: sock.clone(),
-                queues: 1,
-            }],
-        )
-        .run(&script)
-        .assert_all_ok();
+        Vm::new(&dir, name, VmDisk::only(&sock, 1))
+            .run(&script)
+            .assert_all_ok();
         total(&d.stop(), &sock, "flushes")
     };
     let without = run("nofsync", "");
@@ -369,14 +338,7 @@ fn guest_reboot_keeps_the_disk_working() {
     let img = dir.image("disk.img", 64 * MIB);
     let sock = dir.join("disk.sock");
     let d = Daemon::start(&dir, &[spec(&img, &sock, ",queues=2")]);
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.allow_reboot = true;
     vm.smp = 2;
     let r = vm.run(

@@ -78,13 +78,6 @@ fn pack_add(a: &Api, dir: &WorkDir, so: &Path, name: &str, version: &str, extra:
     assert!(text.contains("added"), "{text}");
 }
 
-fn disk(sock: &Path) -> Vec<VmDisk> {
-    vec![VmDisk {
-        socket: sock.to_path_buf(),
-        queues: 1,
-    }]
-}
-
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
                    f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff0102030405060708090a0b0c0d0e0f10";
 
@@ -124,7 +117,7 @@ fn crypt_stores_ciphertext_and_a_reattached_guest_reads_plaintext() {
     let out = attach("vm-1");
     assert!(out.contains("with image crypt 1.0.0"), "{out}");
     // The guest writes 8 MiB of recognisable text with O_DIRECT and records its hash.
-    let r = Vm::new(&dir, "writer", disk(&sock)).run(
+    let r = Vm::new(&dir, "writer", VmDisk::only(&sock, 1)).run(
         r#"
 wait_dev /dev/vda
 yes FERRODISK-PLAINTEXT-MARKER | head -c 8388608 > /tmp/plain
@@ -153,7 +146,7 @@ kv sha "$(sha256sum /tmp/plain | cut -d' ' -f1)"
     // Attached again with the key: a new guest reads the plaintext.
     let out = attach("vm-2");
     assert!(out.contains("crypt 1.0.0"), "{out}");
-    let r = Vm::new(&dir, "reader", disk(&sock)).run(
+    let r = Vm::new(&dir, "reader", VmDisk::only(&sock, 1)).run(
         r#"
 wait_dev /dev/vda
 kv sha "$(dd if=/dev/vda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
@@ -206,7 +199,7 @@ fn qos_limits_guest_iops_within_ten_percent() {
             sock.to_str().unwrap(),
         ],
     );
-    let mut vm = Vm::new(&dir, "guest", disk(&sock));
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 1));
     vm.timeout = Duration::from_secs(180);
     // Random 4k reads at depth 8 for 10 s; fio's terse field 8 is the read IOPS.
     let r = vm.run(
@@ -281,14 +274,7 @@ fn hot_update_new_attach_gets_v2_running_one_upgrades_under_load() {
             "2",
         ],
     );
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     vm.timeout = Duration::from_secs(240);
     let mut running = vm.spawn(

@@ -113,14 +113,7 @@ fn guest_fio_verify_survives_a_replica_kill_and_resync() {
         replica_state(hp, &a1) == "in-sync" && replica_state(hp, &a2) == "in-sync"
     });
 
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     vm.timeout = Duration::from_secs(300);
     let running = vm.spawn(

@@ -210,14 +210,7 @@ fn restart_under_fio(test: &str, backend: Backend, sig: i32) {
     let img = dir.image("disk.img", 256 * MIB);
     let sock = dir.join("disk.sock");
     let mut daemon = start_backend(&backend, &dir, &img, &sock);
-    let mut vm = Vm::new(
-        &dir,
-        "guest",
-        vec![VmDisk {
-            socket: sock.clone(),
-            queues: 2,
-        }],
-    );
+    let mut vm = Vm::new(&dir, "guest", VmDisk::only(&sock, 2));
     vm.smp = 2;
     vm.reconnect = Some(1);
     vm.timeout = Duration::from_secs(FIO_RUNTIME_S + FIO_GRACE_S + 35);
