@@ -781,10 +781,11 @@ impl Replication {
             epoch: self.epoch,
             size: self.disk_bytes,
             volume: self.config.volume.clone(),
+            uuid: String::new(),
         })
         .map_err(|e| format!("{}: {e}", link.addr))?;
         match r.recv() {
-            Ok(Msg::Ack { .. }) => {}
+            Ok(Msg::Opened { .. }) => {}
             Ok(Msg::Nack {
                 code: Code::Stale,
                 message,

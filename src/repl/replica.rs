@@ -219,6 +219,7 @@ impl ReplicaServer {
                 epoch,
                 size,
                 volume,
+                uuid: _,
             }) => {
                 let opened = self.volume(&volume, size).and_then(|v| {
                     // Epoch 0 opens for checksums only (verify): no epoch change, no writes.
@@ -231,7 +232,14 @@ impl ReplicaServer {
                 });
                 match opened {
                     Ok((v, stored, session)) => {
-                        if tx.send(&Msg::Ack { seq, value: stored }).is_err() {
+                        let reply = Msg::Opened {
+                            seq,
+                            epoch: stored,
+                            size: v.size,
+                            uuid: String::new(),
+                            gen: 0,
+                        };
+                        if tx.send(&reply).is_err() {
                             return;
                         }
                         tracing::info!(%peer, volume = %v.name, epoch, "connection opened");
@@ -696,6 +704,7 @@ mod tests {
             epoch,
             size,
             volume: "v".into(),
+            uuid: String::new(),
         })
         .unwrap();
         let reply = rx.recv().unwrap();
@@ -733,7 +742,7 @@ mod tests {
     fn bad_requests_get_clear_refusals_and_the_volume_keeps_working() {
         let (dir, addr) = server();
         let (mut tx, mut rx, reply) = open(addr, 3, 1 << 20);
-        assert_eq!(reply, Msg::Ack { seq: 0, value: 3 });
+        assert!(matches!(reply, Msg::Opened { epoch: 3, .. }), "{reply:?}");
         let data = vec![0xabu8; 4096];
         let crc = crc32c::crc32c(&data);
         assert_eq!(
@@ -800,10 +809,9 @@ mod tests {
         let (dir, addr) = server();
         let (mut tx, mut rx, _) = open(addr, 5, 1 << 20);
         let (mut ftx, mut frx, reply) = open(addr, 0, 0);
-        assert_eq!(
-            reply,
-            Msg::Ack { seq: 0, value: 5 },
-            "epoch 0 observes without raising"
+        assert!(
+            matches!(reply, Msg::Opened { epoch: 5, .. }),
+            "epoch 0 observes without raising: {reply:?}"
         );
         ftx.send(&Msg::Fence { seq: 1, epoch: 9 }).unwrap();
         assert_eq!(frx.recv().unwrap(), Msg::Ack { seq: 1, value: 9 });
@@ -819,7 +827,7 @@ mod tests {
         let (_, _, reply) = open(addr, 8, 1 << 20);
         assert_eq!(code(&reply), Some(Code::Stale));
         let (_, _, reply) = open(addr, 10, 1 << 20);
-        assert_eq!(reply, Msg::Ack { seq: 0, value: 10 });
+        assert!(matches!(reply, Msg::Opened { epoch: 10, .. }), "{reply:?}");
         // Wrong size, unknown volume for an observer.
         let (_, _, reply) = open(addr, 10, 2 << 20);
         assert_eq!(code(&reply), Some(Code::Range));
@@ -837,7 +845,7 @@ mod tests {
         );
         // The primary reconnects (same epoch): the old connection's writes no longer land.
         let (mut tx, mut rx, reply) = open(addr, 4, 1 << 20);
-        assert_eq!(reply, Msg::Ack { seq: 0, value: 4 });
+        assert!(matches!(reply, Msg::Opened { epoch: 4, .. }), "{reply:?}");
         let stale = [6u8; 4096];
         let m = write(
             &mut old_tx,
@@ -870,6 +878,6 @@ mod tests {
         let _ = tx.send(&Msg::Fence { seq: 1, epoch: 1 });
         // The server is still there for others.
         let (_, _, reply) = open(addr, 1, 1 << 20);
-        assert_eq!(reply, Msg::Ack { seq: 0, value: 1 });
+        assert!(matches!(reply, Msg::Opened { epoch: 1, .. }), "{reply:?}");
     }
 }

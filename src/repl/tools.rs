@@ -156,10 +156,11 @@ fn open_conn(
         epoch,
         size: 0,
         volume: volume.to_string(),
+        uuid: String::new(),
     })
     .map_err(|e| format!("{addr}: {e}"))?;
     match rx.recv() {
-        Ok(Msg::Ack { .. }) => Ok((tx, rx)),
+        Ok(Msg::Opened { .. }) => Ok((tx, rx)),
         Ok(Msg::Nack { message, .. }) => Err(format!("{addr}: {message}")),
         Ok(_) => Err(format!("{addr}: unexpected reply")),
         Err(e) => Err(format!("{addr}: {e}")),

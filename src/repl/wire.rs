@@ -1,20 +1,23 @@
 //! The replication wire protocol: a mutually authenticated handshake over a pre-shared key,
 //! then frames that each carry an HMAC-SHA256 tag.
 //!
-//! Handshake (the only unauthenticated bytes):
+//! Protocol version 2. Handshake (the only unauthenticated bytes):
 //! ```text
-//! client → server  "FDR1" | nonce_c[32]
-//! server → client  nonce_s[32] | HMAC(psk, "fdr1 server" | nonce_c | nonce_s)
-//! client → server  HMAC(psk, "fdr1 client" | nonce_c | nonce_s)
+//! client → server  "FDR2" | nonce_c[32]
+//! server → client  nonce_s[32] | HMAC(psk, "fdr2 server" | nonce_c | nonce_s)
+//! client → server  HMAC(psk, "fdr2 client" | nonce_c | nonce_s)
 //! ```
 //! Each side proves it holds the key over the other side's fresh nonce, so neither a peer
 //! without the key nor a replayed handshake gets through. Each direction then has its own
-//! session key, `HMAC(psk, "fdr1 c2s"|"fdr1 s2c" | nonce_c | nonce_s)`.
+//! session key, `HMAC(psk, "fdr2 c2s"|"fdr2 s2c" | nonce_c | nonce_s)`. A peer that speaks
+//! version 1 (`"FDR1"`) is refused with [`WireError::Version`]: the messages changed (an
+//! `Open` carries the volume's uuid and is answered by `Opened`), so the versions never mix.
 //!
 //! Frame: `len: u32 | kind: u8 | body[len] | tag[32]`, where `tag = HMAC(session key,
 //! counter: u64 | len | kind | body)` and `counter` counts the frames sent in that direction.
 //! A replayed, reordered, dropped or altered frame fails the tag check and ends the
-//! connection. Integers are little-endian.
+//! connection. Integers are little-endian; a string is `len: u16 | UTF-8 bytes`, so a
+//! message can carry several. A body with bytes left over after its fields is malformed.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -25,11 +28,15 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const MAGIC: &[u8; 4] = b"FDR1";
+const MAGIC: &[u8; 4] = b"FDR2";
+/// The magic of protocol version 1, recognised only to refuse it clearly.
+const MAGIC_V1: &[u8; 4] = b"FDR1";
 const TAG: usize = 32;
 const NONCE: usize = 32;
-/// Largest frame body: one write of up to 4 MiB plus its header.
+/// Largest frame body: one write (or read reply) of up to 4 MiB plus its header.
 pub const MAX_BODY: usize = (4 << 20) + 64;
+/// Largest `Read`: the data of its reply must fit in one frame.
+pub const MAX_READ: u64 = 4 << 20;
 
 /// Why a replica refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,11 +70,15 @@ impl Code {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Binds the connection to a volume at `epoch`, creating a `size`-byte replica if needed.
+    /// `uuid` names the volume's incarnation (the authority's `VolumeRecord::uuid`); a
+    /// primary (`epoch > 0`) must send one. Epoch 0 opens as an observer: checksums, reads,
+    /// fencing and dropping only. Answered by [`Msg::Opened`] or a `Nack`.
     Open {
         seq: u64,
         epoch: u64,
         size: u64,
         volume: String,
+        uuid: String,
     },
     Write {
         seq: u64,
@@ -96,7 +107,7 @@ pub enum Msg {
         len: u64,
         chunk: u32,
     },
-    /// Success; `value` is the stored epoch for Open and Fence.
+    /// Success; `value` is the stored epoch for Fence, the generation for Adopt.
     Ack {
         seq: u64,
         value: u64,
@@ -110,6 +121,39 @@ pub enum Msg {
         seq: u64,
         crcs: Vec<u32>,
     },
+    /// The reply to `Open`: the replica's stored epoch and the identity of its copy after
+    /// the open ("generation `gen` of volume `uuid`"; `gen` 0: blank or unknown content).
+    Opened {
+        seq: u64,
+        epoch: u64,
+        size: u64,
+        uuid: String,
+        gen: u64,
+    },
+    /// The primary vouches for the copy: it is generation `gen` of the volume the connection
+    /// opened. Applied in order with the connection's writes; `Ack{value: gen}` once durable.
+    Adopt {
+        seq: u64,
+        epoch: u64,
+        gen: u64,
+    },
+    /// Reads `[offset, offset + len)` (at most [`MAX_READ`] bytes); answered by `Data`.
+    Read {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// The reply to `Read`.
+    Data {
+        seq: u64,
+        data: Vec<u8>,
+    },
+    /// The volume was deleted: raise its epoch to `epoch` durably, void the copy's identity
+    /// and delete it. Older senders stay fenced.
+    Drop {
+        seq: u64,
+        epoch: u64,
+    },
 }
 
 impl Msg {
@@ -122,7 +166,12 @@ impl Msg {
             | Msg::Sums { seq, .. }
             | Msg::Ack { seq, .. }
             | Msg::Nack { seq, .. }
-            | Msg::SumsReply { seq, .. } => *seq,
+            | Msg::SumsReply { seq, .. }
+            | Msg::Opened { seq, .. }
+            | Msg::Adopt { seq, .. }
+            | Msg::Read { seq, .. }
+            | Msg::Data { seq, .. }
+            | Msg::Drop { seq, .. } => *seq,
         }
     }
 
@@ -136,22 +185,31 @@ impl Msg {
             Msg::Ack { .. } => 6,
             Msg::Nack { .. } => 7,
             Msg::SumsReply { .. } => 8,
+            Msg::Opened { .. } => 9,
+            Msg::Adopt { .. } => 10,
+            Msg::Read { .. } => 11,
+            Msg::Data { .. } => 12,
+            Msg::Drop { .. } => 13,
         }
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        let u64 = |o: &mut Vec<u8>, v: u64| o.extend_from_slice(&v.to_le_bytes());
+        let u64s = |o: &mut Vec<u8>, vs: &[u64]| {
+            for v in vs {
+                o.extend_from_slice(&v.to_le_bytes());
+            }
+        };
         match self {
             Msg::Open {
                 seq,
                 epoch,
                 size,
                 volume,
+                uuid,
             } => {
-                u64(out, *seq);
-                u64(out, *epoch);
-                u64(out, *size);
-                out.extend_from_slice(volume.as_bytes());
+                u64s(out, &[*seq, *epoch, *size]);
+                put_string(out, volume);
+                put_string(out, uuid);
             }
             Msg::Write {
                 seq,
@@ -170,41 +228,47 @@ impl Msg {
                 len,
                 unmap,
             } => {
-                u64(out, *seq);
-                u64(out, *epoch);
-                u64(out, *offset);
-                u64(out, *len);
+                u64s(out, &[*seq, *epoch, *offset, *len]);
                 out.push(u8::from(*unmap));
             }
-            Msg::Fence { seq, epoch } => {
-                u64(out, *seq);
-                u64(out, *epoch);
-            }
+            Msg::Fence { seq, epoch } | Msg::Drop { seq, epoch } => u64s(out, &[*seq, *epoch]),
             Msg::Sums {
                 seq,
                 offset,
                 len,
                 chunk,
             } => {
-                u64(out, *seq);
-                u64(out, *offset);
-                u64(out, *len);
+                u64s(out, &[*seq, *offset, *len]);
                 out.extend_from_slice(&chunk.to_le_bytes());
             }
-            Msg::Ack { seq, value } => {
-                u64(out, *seq);
-                u64(out, *value);
-            }
+            Msg::Ack { seq, value } => u64s(out, &[*seq, *value]),
             Msg::Nack { seq, code, message } => {
-                u64(out, *seq);
+                u64s(out, &[*seq]);
                 out.push(*code as u8);
-                out.extend_from_slice(message.as_bytes());
+                put_string(out, message);
             }
             Msg::SumsReply { seq, crcs } => {
-                u64(out, *seq);
+                u64s(out, &[*seq]);
                 for c in crcs {
                     out.extend_from_slice(&c.to_le_bytes());
                 }
+            }
+            Msg::Opened {
+                seq,
+                epoch,
+                size,
+                uuid,
+                gen,
+            } => {
+                u64s(out, &[*seq, *epoch, *size]);
+                put_string(out, uuid);
+                u64s(out, &[*gen]);
+            }
+            Msg::Adopt { seq, epoch, gen } => u64s(out, &[*seq, *epoch, *gen]),
+            Msg::Read { seq, offset, len } => u64s(out, &[*seq, *offset, *len]),
+            Msg::Data { seq, data } => {
+                u64s(out, &[*seq]);
+                out.extend_from_slice(data);
             }
         }
     }
@@ -217,6 +281,7 @@ impl Msg {
                 epoch: r.u64()?,
                 size: r.u64()?,
                 volume: r.string()?,
+                uuid: r.string()?,
             },
             2 => Msg::Write {
                 seq: r.u64()?,
@@ -265,14 +330,49 @@ impl Msg {
                         .collect(),
                 }
             }
+            9 => Msg::Opened {
+                seq: r.u64()?,
+                epoch: r.u64()?,
+                size: r.u64()?,
+                uuid: r.string()?,
+                gen: r.u64()?,
+            },
+            10 => Msg::Adopt {
+                seq: r.u64()?,
+                epoch: r.u64()?,
+                gen: r.u64()?,
+            },
+            11 => Msg::Read {
+                seq: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            12 => Msg::Data {
+                seq: r.u64()?,
+                data: r.rest().to_vec(),
+            },
+            13 => Msg::Drop {
+                seq: r.u64()?,
+                epoch: r.u64()?,
+            },
             _ => return Err(WireError::Malformed("unknown message kind")),
         };
-        if r.at != b.len() && !matches!(m, Msg::Write { .. } | Msg::Open { .. } | Msg::Nack { .. })
-        {
+        if r.at != b.len() {
             return Err(WireError::Malformed("trailing bytes"));
         }
         Ok(m)
     }
+}
+
+/// Appends `s` as `len: u16 | UTF-8`. A longer string (only a refusal's message can be) is
+/// cut at a character boundary to fit.
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(usize::from(u16::MAX));
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
 }
 
 /// The fixed part of a write body; the data follows it.
@@ -314,8 +414,14 @@ impl<'a> Cursor<'a> {
         self.at = self.b.len();
         s
     }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    /// A length-prefixed string (`len: u16 | UTF-8`).
     fn string(&mut self) -> Result<String, WireError> {
-        String::from_utf8(self.rest().to_vec()).map_err(|_| WireError::Malformed("not UTF-8"))
+        let n = usize::from(self.u16()?);
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| WireError::Malformed("not UTF-8"))
     }
 }
 
@@ -331,6 +437,9 @@ pub enum WireError {
     Malformed(&'static str),
     #[error("frame of {0} bytes is too large")]
     TooLarge(usize),
+    /// The peer speaks another version of this protocol.
+    #[error("{0}")]
+    Version(String),
 }
 
 impl WireError {
@@ -426,18 +535,29 @@ pub fn client(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
     hello.extend_from_slice(&nc);
     stream.write_all(&hello)?;
     let mut reply = [0u8; NONCE + TAG];
-    stream.read_exact(&mut reply)?;
+    stream.read_exact(&mut reply).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            // A version 1 replica closes the connection on our magic without a word.
+            WireError::Version(
+                "the replica closed the connection during the handshake: it may run an \
+                 older Ferrodisk (replication protocol version 1; this one speaks version 2)"
+                    .into(),
+            )
+        } else {
+            e.into()
+        }
+    })?;
     let (ns, tag) = reply.split_at(NONCE);
-    key.mac(b"fdr1 server", &nc, ns)
+    key.mac(b"fdr2 server", &nc, ns)
         .verify_slice(tag)
         .map_err(|_| WireError::Unauthenticated)?;
-    let mine = key.mac(b"fdr1 client", &nc, ns).finalize().into_bytes();
+    let mine = key.mac(b"fdr2 client", &nc, ns).finalize().into_bytes();
     stream.write_all(&mine)?;
     stream.set_read_timeout(None)?;
     halves(
         stream,
-        key.derive(b"fdr1 c2s", &nc, ns),
-        key.derive(b"fdr1 s2c", &nc, ns),
+        key.derive(b"fdr2 c2s", &nc, ns),
+        key.derive(b"fdr2 s2c", &nc, ns),
     )
 }
 
@@ -447,24 +567,31 @@ pub fn server(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = [0u8; 4 + NONCE];
     stream.read_exact(&mut hello)?;
+    if &hello[..4] == MAGIC_V1 {
+        return Err(WireError::Version(
+            "the peer speaks replication protocol version 1 (FDR1) and this replica speaks \
+             version 2 (FDR2): upgrade the primary's Ferrodisk"
+                .into(),
+        ));
+    }
     if &hello[..4] != MAGIC {
         return Err(WireError::Unauthenticated);
     }
     let nc = &hello[4..];
     let ns = nonce()?;
     let mut reply = ns.to_vec();
-    reply.extend_from_slice(&key.mac(b"fdr1 server", nc, &ns).finalize().into_bytes());
+    reply.extend_from_slice(&key.mac(b"fdr2 server", nc, &ns).finalize().into_bytes());
     stream.write_all(&reply)?;
     let mut tag = [0u8; TAG];
     stream.read_exact(&mut tag)?;
-    key.mac(b"fdr1 client", nc, &ns)
+    key.mac(b"fdr2 client", nc, &ns)
         .verify_slice(&tag)
         .map_err(|_| WireError::Unauthenticated)?;
     stream.set_read_timeout(None)?;
     halves(
         stream,
-        key.derive(b"fdr1 s2c", nc, &ns),
-        key.derive(b"fdr1 c2s", nc, &ns),
+        key.derive(b"fdr2 s2c", nc, &ns),
+        key.derive(b"fdr2 c2s", nc, &ns),
     )
 }
 
@@ -692,6 +819,14 @@ mod tests {
                 epoch: 7,
                 size: 1 << 30,
                 volume: "vol-1".into(),
+                uuid: "0123456789abcdef0123456789abcdef".into(),
+            },
+            Msg::Open {
+                seq: 1,
+                epoch: 0,
+                size: 0,
+                volume: "vol-1".into(),
+                uuid: String::new(),
             },
             Msg::Write {
                 seq: 2,
@@ -720,10 +855,52 @@ mod tests {
                 code: Code::Stale,
                 message: "old".into(),
             },
+            Msg::Nack {
+                seq: 7,
+                code: Code::Io,
+                message: String::new(),
+            },
             Msg::SumsReply {
                 seq: 8,
                 crcs: vec![1, 2, 3],
             },
+            Msg::SumsReply {
+                seq: 8,
+                crcs: vec![],
+            },
+            Msg::Opened {
+                seq: 9,
+                epoch: 7,
+                size: 1 << 30,
+                uuid: "0123456789abcdef0123456789abcdef".into(),
+                gen: 42,
+            },
+            Msg::Opened {
+                seq: 9,
+                epoch: 0,
+                size: 0,
+                uuid: String::new(),
+                gen: 0,
+            },
+            Msg::Adopt {
+                seq: 10,
+                epoch: 7,
+                gen: u64::MAX,
+            },
+            Msg::Read {
+                seq: 11,
+                offset: 1 << 20,
+                len: 4096,
+            },
+            Msg::Data {
+                seq: 12,
+                data: vec![7; 4096],
+            },
+            Msg::Data {
+                seq: 12,
+                data: vec![],
+            },
+            Msg::Drop { seq: 13, epoch: 8 },
         ];
         for m in &msgs {
             tx.send(m).unwrap();
@@ -742,6 +919,146 @@ mod tests {
                 data: vec![1, 2, 3]
             }
         );
+    }
+
+    #[test]
+    fn every_kind_decodes_what_it_encodes() {
+        // Without a connection: each kind's body, and the same body with a byte too many
+        // (refused, except where the last field takes the rest of the body).
+        let msgs = [
+            Msg::Open {
+                seq: 1,
+                epoch: 2,
+                size: 3,
+                volume: "é-v".into(),
+                uuid: "u".into(),
+            },
+            Msg::Write {
+                seq: 1,
+                epoch: 2,
+                offset: 3,
+                crc: 4,
+                data: vec![1, 2],
+            },
+            Msg::Zero {
+                seq: 1,
+                epoch: 2,
+                offset: 3,
+                len: 4,
+                unmap: false,
+            },
+            Msg::Fence { seq: 1, epoch: 2 },
+            Msg::Sums {
+                seq: 1,
+                offset: 2,
+                len: 3,
+                chunk: 4,
+            },
+            Msg::Ack { seq: 1, value: 2 },
+            Msg::Nack {
+                seq: 1,
+                code: Code::Range,
+                message: "no".into(),
+            },
+            Msg::SumsReply {
+                seq: 1,
+                crcs: vec![2],
+            },
+            Msg::Opened {
+                seq: 1,
+                epoch: 2,
+                size: 3,
+                uuid: "u".into(),
+                gen: 4,
+            },
+            Msg::Adopt {
+                seq: 1,
+                epoch: 2,
+                gen: 3,
+            },
+            Msg::Read {
+                seq: 1,
+                offset: 2,
+                len: 3,
+            },
+            Msg::Data {
+                seq: 1,
+                data: vec![2, 3],
+            },
+            Msg::Drop { seq: 1, epoch: 2 },
+        ];
+        for m in &msgs {
+            let mut body = Vec::new();
+            m.encode(&mut body);
+            assert_eq!(&Msg::decode(m.kind(), &body).unwrap(), m);
+            body.push(0);
+            let longer = Msg::decode(m.kind(), &body);
+            match m {
+                Msg::Write { .. } | Msg::Data { .. } => assert!(longer.is_ok()),
+                // One byte more is not a whole checksum.
+                Msg::SumsReply { .. } => assert!(longer.is_err()),
+                _ => assert!(
+                    matches!(longer, Err(WireError::Malformed("trailing bytes"))),
+                    "{m:?}: {longer:?}"
+                ),
+            }
+            body.truncate(body.len() - 2);
+            if !matches!(
+                m,
+                Msg::Write { .. } | Msg::Data { .. } | Msg::SumsReply { .. }
+            ) {
+                assert!(Msg::decode(m.kind(), &body).is_err(), "{m:?} cut short");
+            }
+        }
+        assert!(Msg::decode(14, &[0; 16]).is_err(), "unknown kind");
+    }
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(40_000); // 80000 bytes
+        let mut body = Vec::new();
+        Msg::Nack {
+            seq: 1,
+            code: Code::Io,
+            message: long.clone(),
+        }
+        .encode(&mut body);
+        match Msg::decode(7, &body).unwrap() {
+            Msg::Nack { message, .. } => {
+                assert_eq!(message.len(), 65534);
+                assert!(long.starts_with(&message));
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn a_version_1_peer_is_refused_clearly() {
+        // A version 1 client, as the server sees it.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || server(l.accept().unwrap().0, &key(1)).map(|_| ()));
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut hello = b"FDR1".to_vec();
+        hello.extend_from_slice(&[0; NONCE]);
+        s.write_all(&hello).unwrap();
+        let e = t.join().unwrap().unwrap_err();
+        assert!(matches!(e, WireError::Version(_)), "{e:?}");
+        assert!(e.to_string().contains("version 1"), "{e}");
+        // A version 1 server, as the client sees it: it reads the hello and hangs up.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut hello = [0u8; 4 + NONCE];
+            s.read_exact(&mut hello).unwrap();
+            hello
+        });
+        let e = client(TcpStream::connect(addr).unwrap(), &key(1))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(&t.join().unwrap()[..4], b"FDR2");
+        assert!(matches!(e, WireError::Version(_)), "{e:?}");
     }
 
     #[test]
