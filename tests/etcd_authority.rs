@@ -26,6 +26,8 @@ fn record(volume: &str, epoch: u64) -> VolumeRecord {
         epoch,
         primary: "n".into(),
         replicas: vec![],
+        uuid: "u".into(),
+        deleted: false,
     }
 }
 
@@ -86,7 +88,7 @@ fn take_over_promote_and_fencing() {
     assert_eq!(a.describe(), format!("etcd:{}", etcd.endpoint()));
     let reps = vec!["r1:1".to_string(), "r2:1".to_string()];
 
-    let r = a.take_over("v", "n1", &reps, false).unwrap();
+    let r = a.take_over("v", "n1", &reps, None).unwrap();
     assert_eq!(r.epoch, 1);
     assert!(
         r.replicas.iter().all(|m| !m.in_sync),
@@ -101,42 +103,61 @@ fn take_over_promote_and_fencing() {
     ));
 
     a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
-    let r = a.take_over("v", "n1", &reps, false).unwrap();
+    let r = a.take_over("v", "n1", &reps, None).unwrap();
     assert_eq!(r.epoch, 2);
     assert!(
         r.member("r1:1").unwrap().in_sync,
         "a clean restart keeps sync state"
     );
-    let r = a.take_over("v", "n1", &reps, true).unwrap();
+    let r = a.take_over("v", "n1", &reps, None).unwrap();
     assert_eq!(r.epoch, 3);
+    let r = a.take_over("v", "n1", &reps, Some("another")).unwrap();
+    assert_eq!((r.epoch, r.uuid.as_str()), (4, "another"));
     assert!(
         r.replicas.iter().all(|m| !m.in_sync),
-        "unclean start: all resync"
+        "a new incarnation: all resync"
     );
 
-    a.set_in_sync("v", "n1", 3, "r1:1", true).unwrap();
+    a.set_in_sync("v", "n1", 4, "r1:1", true).unwrap();
     let r = a.promote("v", "r1:1", "n2").unwrap();
-    assert_eq!((r.epoch, r.primary.as_str()), (4, "n2"));
+    assert_eq!((r.epoch, r.primary.as_str()), (5, "n2"));
+    assert_eq!(r.uuid, "another", "a promotion keeps the incarnation");
     assert!(
         r.member("r1:1").is_none(),
         "the promoted replica holds the primary copy"
     );
     assert_eq!(a.load("v").unwrap().unwrap().record, r);
 
-    let e = a.set_in_sync("v", "n1", 3, "r2:1", true).unwrap_err();
+    let e = a.set_in_sync("v", "n1", 4, "r2:1", true).unwrap_err();
     assert!(
-        matches!(e, AuthorityError::Fenced { ours: 3, current: 4, ref primary, .. } if primary == "n2"),
+        matches!(e, AuthorityError::Fenced { ours: 4, current: 5, ref primary, .. } if primary == "n2"),
         "{e}"
     );
-    let e = a.take_over("v", "n1", &reps, false).unwrap_err();
+    let e = a.take_over("v", "n1", &reps, None).unwrap_err();
     assert!(e.to_string().contains("promote"), "{e}");
-    let r = a.take_over("v", "n2", &["r2:1".to_string()], true).unwrap();
-    assert_eq!((r.epoch, r.primary.as_str()), (5, "n2"));
+    let r = a.take_over("v", "n2", &["r2:1".to_string()], None).unwrap();
+    assert_eq!((r.epoch, r.primary.as_str()), (6, "n2"));
+
+    // Delete: a tombstone through etcd, then a new incarnation.
+    let before = a.delete("v").unwrap().unwrap();
+    assert_eq!(before, r);
+    let tomb = a.load("v").unwrap().unwrap().record;
+    assert!(tomb.deleted && tomb.primary.is_empty() && tomb.uuid.is_empty());
+    assert_eq!(tomb.epoch, 7);
+    assert_eq!(a.delete("v").unwrap(), None);
+    let e = a.set_in_sync("v", "n2", 6, "r2:1", false).unwrap_err();
+    assert!(
+        matches!(e, AuthorityError::Fenced { current: 7, .. }),
+        "{e}"
+    );
+    let r = a.take_over("v", "n1", &reps, None).unwrap();
+    assert_eq!((r.epoch, r.primary.as_str()), (8, "n1"));
+    assert_ne!(r.uuid, "another");
 }
 
 /// 4 threads × 10 read-modify-writes, each thread through `authority_for(thread)`.
 fn no_update_is_lost(etcd: &Etcd, authority_for: impl Fn(usize) -> Authority) {
-    authority(etcd).take_over("v", "n1", &[], false).unwrap();
+    authority(etcd).take_over("v", "n1", &[], None).unwrap();
     let start = Arc::new(Barrier::new(4));
     let threads: Vec<_> = (0..4)
         .map(|i| {
@@ -186,7 +207,7 @@ enum Winner {
 /// a primary that lost the volume is fenced.
 fn race_promotion(volume: &str, operator: &Authority, old_primary: &Authority) -> Winner {
     let reps = vec!["r1:1".to_string(), "r2:1".to_string()];
-    old_primary.take_over(volume, "n1", &reps, false).unwrap();
+    old_primary.take_over(volume, "n1", &reps, None).unwrap();
     old_primary
         .set_in_sync(volume, "n1", 1, "r1:1", true)
         .unwrap();
@@ -295,14 +316,14 @@ fn an_etcd_that_stops_turns_calls_into_errors_until_it_is_back() {
     let mut etcd = Etcd::start();
     let endpoint = etcd.endpoint();
     let a = authority(&etcd);
-    a.take_over("v", "n1", &[], false).unwrap();
+    a.take_over("v", "n1", &[], None).unwrap();
     etcd.kill(0);
     let started = Instant::now();
     assert_bounded_failure(a.load("v"), started, &endpoint);
     let started = Instant::now();
-    assert_bounded_failure(a.take_over("v", "n1", &[], false), started, &endpoint);
+    assert_bounded_failure(a.take_over("v", "n1", &[], None), started, &endpoint);
     etcd.restart(0);
-    let r = a.take_over("v", "n1", &[], false).unwrap();
+    let r = a.take_over("v", "n1", &[], None).unwrap();
     assert_eq!(
         r.epoch, 2,
         "the failed take-over wrote nothing; the store reconnected"
@@ -365,7 +386,7 @@ fn one_dead_endpoint_of_two_does_not_stop_the_store() {
         assert_eq!(a.describe(), format!("etcd:{endpoints}"));
         for _ in 0..10 {
             let before = a.load("v").unwrap().map_or(0, |v| v.record.epoch);
-            let r = a.take_over("v", "n1", &[], false).unwrap();
+            let r = a.take_over("v", "n1", &[], None).unwrap();
             assert_eq!(r.epoch, before + 1);
         }
     }
@@ -382,7 +403,7 @@ fn a_cluster_member_down_is_skipped_without_errors() {
     let endpoints: Vec<_> = order.iter().map(|&i| etcd.member_endpoint(i)).collect();
     let a = Authority::open(&format!("etcd:{}", endpoints.join(","))).unwrap();
     let reps = vec!["r1:1".to_string()];
-    a.take_over("v", "n1", &reps, false).unwrap();
+    a.take_over("v", "n1", &reps, None).unwrap();
     let raw = EtcdStore::connect(&endpoints.join(",")).unwrap();
     let rev = raw.load("v").unwrap().unwrap().revision;
 
@@ -396,7 +417,7 @@ fn a_cluster_member_down_is_skipped_without_errors() {
     assert!(w.unwrap() > rev);
     let started = Instant::now();
     a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
-    let r = a.take_over("v", "n1", &reps, false).unwrap();
+    let r = a.take_over("v", "n1", &reps, None).unwrap();
     assert_eq!(r.epoch, 2);
     assert!(r.member("r1:1").unwrap().in_sync);
     eprintln!(

@@ -1292,6 +1292,31 @@ impl Sim {
         self.auth.load(VOLUME).unwrap().unwrap().record
     }
 
+    /// `take_over` as the daemon does it: after an unclean stop, every in-sync replica is
+    /// then recorded out of sync (in-flight writes may differ between the copies).
+    fn take_over(
+        &self,
+        name: &str,
+        addrs: &[String],
+        clean: bool,
+    ) -> Result<VolumeRecord, AuthorityError> {
+        let mut record = self.auth.take_over(VOLUME, name, addrs, None)?;
+        if !clean {
+            let in_sync: Vec<String> = record
+                .replicas
+                .iter()
+                .filter(|m| m.in_sync)
+                .map(|m| m.addr.clone())
+                .collect();
+            for addr in &in_sync {
+                record = self
+                    .auth
+                    .set_in_sync(VOLUME, name, record.epoch, addr, false)?;
+            }
+        }
+        Ok(record)
+    }
+
     fn auth_epoch(&self) -> u64 {
         self.auth
             .load(VOLUME)
@@ -1351,7 +1376,7 @@ impl Sim {
             .iter()
             .map(|&r| self.nodes[r].addr.clone())
             .collect();
-        let record = match self.auth.take_over(VOLUME, &name, &addrs, !clean) {
+        let record = match self.take_over(&name, &addrs, clean) {
             Ok(r) => r,
             Err(e) => {
                 trace!(self, "start on n{node} refused: {e}");

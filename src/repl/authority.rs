@@ -1,6 +1,12 @@
-//! The membership authority: per volume, the epoch, the primary and which replicas are in
-//! sync. Every change is a compare-and-set on the record's revision, so two writers can never
-//! both win, and a primary whose epoch is no longer current learns it on its next change.
+//! The membership authority: per volume, the epoch, the primary, which replicas are in
+//! sync, and the uuid of the volume's incarnation. Every change is a compare-and-set on the
+//! record's revision, so two writers can never both win, and a primary whose epoch is no
+//! longer current learns it on its next change.
+//!
+//! Lifecycle: a volume's first `take_over` mints its uuid. Deleting it writes a tombstone
+//! (`deleted`, the epoch bumped) rather than removing the record, so epochs stay monotonic
+//! per name: every old primary and every old copy stays fenced, and re-creating the name
+//! makes a new incarnation (a new uuid, a higher epoch) whose replicas all start out of sync.
 //!
 //! Two stores implement [`Store`]: [`FileStore`] (embedded, one host: a JSON file per
 //! volume, replaced with fsync + atomic rename under an exclusive lock) and, for a cluster,
@@ -33,6 +39,30 @@ pub struct VolumeRecord {
     /// Node id of the only host allowed to serve the volume.
     pub primary: String,
     pub replicas: Vec<Member>,
+    /// The incarnation of the volume (32 lowercase hex characters, see [`new_uuid`]); a
+    /// replica's copy counts only if it carries this uuid. Empty in records written by an
+    /// older Ferrodisk, and in a tombstone.
+    #[serde(default)]
+    pub uuid: String,
+    /// A tombstone: the volume was deleted. Its epoch still fences older primaries.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// A new volume uuid: 16 bytes from the operating system's random number generator, as 32
+/// lowercase hex characters.
+///
+/// # Panics
+///
+/// If `/dev/urandom` cannot be read (no usable system at all: the replication handshake
+/// needs it too).
+pub fn new_uuid() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("the system's random number generator (/dev/urandom) cannot be read");
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl VolumeRecord {
@@ -160,41 +190,89 @@ impl Authority {
 
     /// A primary takes the volume: checks that `node` may serve it, bumps the epoch, and sets
     /// the membership to `replicas` (members it already knew keep their sync state, new ones
-    /// start out of sync). With `all_out_of_sync` (after an unclean stop or a promotion, when
-    /// in-flight writes may differ between copies), every replica must resync first.
+    /// start out of sync).
+    ///
+    /// A volume with no record, or a deleted one, gets a new incarnation: the uuid `uuid`
+    /// (or a new one), the epoch after the tombstone's, every replica out of sync. So does a
+    /// `uuid` other than the record's (the volume of that name was deleted without the
+    /// authority learning it). A record of an older Ferrodisk (no uuid) gets one, and every
+    /// replica out of sync: their copies carry no identity.
     pub fn take_over(
         &self,
         volume: &str,
         node: &str,
         replicas: &[String],
-        all_out_of_sync: bool,
+        uuid: Option<&str>,
     ) -> Result<VolumeRecord, AuthorityError> {
+        if let Some(u) = uuid.filter(|u| !crate::config::valid_name(u)) {
+            return Err(AuthorityError::Refused(format!(
+                "volume uuid `{u}`: use 1-64 characters from [A-Za-z0-9._-]"
+            )));
+        }
+        let mint = || uuid.map_or_else(new_uuid, str::to_string);
         self.update(volume, |cur| {
-            let mut rec = match cur {
-                None => VolumeRecord {
-                    volume: volume.to_string(),
-                    epoch: 0,
-                    primary: node.to_string(),
-                    replicas: Vec::new(),
-                },
+            let (mut rec, keep_sync) = match cur {
+                None => (incarnation(volume, 0, mint()), false),
+                Some(r) if r.deleted => (incarnation(volume, r.epoch, mint()), false),
                 Some(r) if r.primary != node => {
                     return Err(AuthorityError::Refused(format!(
                         "volume {volume} belongs to primary `{}` at epoch {}; run `ferrodisk promote` to move it to `{node}`",
                         r.primary, r.epoch
                     )))
                 }
-                Some(r) => r.clone(),
+                Some(r) if r.uuid.is_empty() => {
+                    let mut rec = r.clone();
+                    rec.uuid = mint();
+                    (rec, false)
+                }
+                Some(r) if uuid.is_some_and(|u| u != r.uuid) => {
+                    tracing::warn!(volume, old = %r.uuid, new = ?uuid, "a new incarnation replaces the authority's record");
+                    (incarnation(volume, r.epoch, mint()), false)
+                }
+                Some(r) => (r.clone(), true),
             };
             rec.epoch += 1;
+            rec.primary = node.to_string();
             rec.replicas = replicas
                 .iter()
                 .map(|addr| Member {
                     addr: addr.clone(),
-                    in_sync: !all_out_of_sync && rec.member(addr).is_some_and(|m| m.in_sync),
+                    in_sync: keep_sync && rec.member(addr).is_some_and(|m| m.in_sync),
                 })
                 .collect();
             Ok(rec)
         })
+    }
+
+    /// Deletes `volume`: writes a tombstone (the epoch bumped, no primary, no replicas, no
+    /// uuid), which fences every primary and copy of the old incarnation. Returns the record
+    /// as it was (`None` if there was none, or it was deleted already: nothing is written).
+    pub fn delete(&self, volume: &str) -> Result<Option<VolumeRecord>, AuthorityError> {
+        for _ in 0..CAS_RETRIES {
+            let Some(cur) = self.store.load(volume)? else {
+                return Ok(None);
+            };
+            if cur.record.deleted {
+                return Ok(None);
+            }
+            let tombstone = VolumeRecord {
+                volume: volume.to_string(),
+                epoch: cur.record.epoch + 1,
+                primary: String::new(),
+                replicas: Vec::new(),
+                uuid: String::new(),
+                deleted: true,
+            };
+            if self
+                .store
+                .compare_and_set(Some(cur.revision), &tombstone)?
+                .is_some()
+            {
+                return Ok(Some(cur.record));
+            }
+            std::thread::yield_now();
+        }
+        Err(AuthorityError::Contended(volume.to_string()))
     }
 
     /// Records that `addr` is (or is no longer) in sync, as the primary at `epoch`. Fails
@@ -211,7 +289,7 @@ impl Authority {
             let Some(r) = cur else {
                 return Err(AuthorityError::NoVolume(volume.to_string()));
             };
-            if r.epoch != epoch || r.primary != node {
+            if r.deleted || r.epoch != epoch || r.primary != node {
                 return Err(AuthorityError::Fenced {
                     volume: volume.to_string(),
                     ours: epoch,
@@ -257,6 +335,11 @@ impl Authority {
             let Some(r) = cur else {
                 return Err(AuthorityError::NoVolume(volume.to_string()));
             };
+            if r.deleted {
+                return Err(AuthorityError::Refused(format!(
+                    "volume {volume} was deleted: there is nothing to promote"
+                )));
+            }
             if from.is_some_and(|e| e != r.epoch) {
                 return Err(AuthorityError::Refused(format!(
                     "volume {volume} moved to epoch {} while promoting; check its state and retry",
@@ -288,6 +371,19 @@ impl Authority {
             }
             Ok(r)
         })
+    }
+}
+
+/// The record of a new incarnation of `volume` after `epoch` (bumped by the caller): no
+/// members yet.
+fn incarnation(volume: &str, epoch: u64, uuid: String) -> VolumeRecord {
+    VolumeRecord {
+        volume: volume.to_string(),
+        epoch,
+        primary: String::new(),
+        replicas: Vec::new(),
+        uuid,
+        deleted: false,
     }
 }
 
@@ -412,28 +508,122 @@ mod tests {
     fn take_over_bumps_the_epoch_and_keeps_sync_state() {
         let (_d, a) = auth();
         let reps = vec!["r1:1".to_string(), "r2:1".to_string()];
-        let r = a.take_over("v", "n1", &reps, false).unwrap();
+        let r = a.take_over("v", "n1", &reps, None).unwrap();
         assert_eq!(r.epoch, 1);
         assert!(
             r.replicas.iter().all(|m| !m.in_sync),
             "new replicas start out of sync"
         );
+        assert_eq!(r.uuid.len(), 32, "a new volume gets a uuid");
+        assert!(!r.deleted);
         a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
-        let r = a.take_over("v", "n1", &reps, false).unwrap();
-        assert_eq!(r.epoch, 2);
+        let again = a.take_over("v", "n1", &reps, None).unwrap();
+        assert_eq!(again.epoch, 2);
+        assert!(again.member("r1:1").unwrap().in_sync);
+        assert_eq!(again.uuid, r.uuid, "the uuid is kept");
+        let same = a.take_over("v", "n1", &reps, Some(&r.uuid)).unwrap();
+        assert_eq!((same.epoch, same.uuid.as_str()), (3, r.uuid.as_str()));
+        assert!(same.member("r1:1").unwrap().in_sync);
+        let more = vec!["r1:1".to_string(), "r3:1".to_string()];
+        let r = a.take_over("v", "n1", &more, None).unwrap();
         assert!(r.member("r1:1").unwrap().in_sync);
-        let r = a.take_over("v", "n1", &reps, true).unwrap();
         assert!(
-            !r.member("r1:1").unwrap().in_sync,
-            "unclean start: all resync"
+            !r.member("r3:1").unwrap().in_sync,
+            "a new member starts out of sync"
         );
+        assert!(r.member("r2:1").is_none());
+    }
+
+    #[test]
+    fn new_uuids_are_32_lowercase_hex_characters_and_differ() {
+        let a = new_uuid();
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_ne!(a, new_uuid());
+    }
+
+    #[test]
+    fn another_uuid_is_a_new_incarnation() {
+        let (_d, a) = auth();
+        let reps = vec!["r1:1".to_string()];
+        let r = a.take_over("v", "n1", &reps, Some("u1")).unwrap();
+        assert_eq!(r.uuid, "u1");
+        a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
+        let r = a.take_over("v", "n1", &reps, Some("u2")).unwrap();
+        assert_eq!((r.epoch, r.uuid.as_str()), (2, "u2"));
+        assert!(!r.member("r1:1").unwrap().in_sync, "old copies resync");
+        assert!(a.take_over("v", "n1", &reps, Some("not hex!")).is_err());
+        // Another node's volume is refused, whatever the uuid.
+        let e = a.take_over("v", "n2", &reps, Some("u3")).unwrap_err();
+        assert!(e.to_string().contains("promote"), "{e}");
+    }
+
+    #[test]
+    fn a_record_without_uuid_gets_one_and_its_replicas_resync() {
+        let (d, a) = auth();
+        // A record written by an older Ferrodisk: no uuid, no deleted flag.
+        std::fs::write(
+            d.path().join("v.json"),
+            r#"{"revision": 4, "record": {"volume": "v", "epoch": 6, "primary": "n1",
+                "replicas": [{"addr": "r1:1", "in_sync": true}]}}"#,
+        )
+        .unwrap();
+        let old = a.load("v").unwrap().unwrap().record;
+        assert_eq!((old.uuid.as_str(), old.deleted), ("", false));
+        let r = a.take_over("v", "n1", &["r1:1".to_string()], None).unwrap();
+        assert_eq!(r.epoch, 7);
+        assert_eq!(r.uuid.len(), 32);
+        assert!(!r.member("r1:1").unwrap().in_sync);
+    }
+
+    #[test]
+    fn delete_writes_a_tombstone_that_fences_and_a_new_incarnation_follows() {
+        let (_d, a) = auth();
+        assert_eq!(a.delete("v").unwrap(), None, "nothing to delete");
+        assert!(a.load("v").unwrap().is_none(), "and nothing written");
+        let reps = vec!["r1:1".to_string()];
+        a.take_over("v", "n1", &reps, None).unwrap();
+        let before = a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
+        assert_eq!(a.delete("v").unwrap(), Some(before.clone()));
+        let tomb = a.load("v").unwrap().unwrap().record;
+        assert_eq!(
+            tomb,
+            VolumeRecord {
+                volume: "v".into(),
+                epoch: 2,
+                primary: String::new(),
+                replicas: vec![],
+                uuid: String::new(),
+                deleted: true,
+            }
+        );
+        assert_eq!(a.delete("v").unwrap(), None, "already deleted");
+        assert_eq!(a.load("v").unwrap().unwrap().record.epoch, 2);
+        // The old primary is fenced; nothing can be promoted.
+        let e = a.set_in_sync("v", "n1", 1, "r1:1", false).unwrap_err();
+        assert!(
+            matches!(e, AuthorityError::Fenced { current: 2, .. }),
+            "{e}"
+        );
+        let e = a.set_in_sync("v", "", 2, "r1:1", false).unwrap_err();
+        assert!(matches!(e, AuthorityError::Fenced { .. }), "{e}");
+        let e = a.promote("v", "r1:1", "n2").unwrap_err();
+        assert!(e.to_string().contains("deleted"), "{e}");
+        // Re-created, by any node: a new uuid, a higher epoch, every replica out of sync.
+        let r = a.take_over("v", "n2", &reps, None).unwrap();
+        assert_eq!((r.epoch, r.primary.as_str(), r.deleted), (3, "n2", false));
+        assert_ne!(r.uuid, before.uuid);
+        assert_eq!(r.uuid.len(), 32);
+        assert!(!r.member("r1:1").unwrap().in_sync);
     }
 
     #[test]
     fn a_stale_primary_is_fenced() {
         let (_d, a) = auth();
         let reps = vec!["r1:1".to_string()];
-        a.take_over("v", "n1", &reps, false).unwrap();
+        a.take_over("v", "n1", &reps, None).unwrap();
         a.set_in_sync("v", "n1", 1, "r1:1", true).unwrap();
         let r = a.promote("v", "r1:1", "n2").unwrap();
         assert_eq!((r.epoch, r.primary.as_str()), (2, "n2"));
@@ -443,15 +633,14 @@ mod tests {
             matches!(e, AuthorityError::Fenced { current: 2, .. }),
             "{e}"
         );
-        let e = a.take_over("v", "n1", &reps, false).unwrap_err();
+        let e = a.take_over("v", "n1", &reps, None).unwrap_err();
         assert!(e.to_string().contains("promote"), "{e}");
     }
 
     #[test]
     fn only_in_sync_replicas_are_promoted() {
         let (_d, a) = auth();
-        a.take_over("v", "n1", &["r1:1".to_string()], false)
-            .unwrap();
+        a.take_over("v", "n1", &["r1:1".to_string()], None).unwrap();
         let e = a.promote("v", "r1:1", "n2").unwrap_err();
         assert!(e.to_string().contains("not in sync"), "{e}");
         assert!(a.promote("v", "r9:1", "n2").is_err());
@@ -467,6 +656,8 @@ mod tests {
             epoch: 1,
             primary: "n".into(),
             replicas: vec![],
+            uuid: "u".into(),
+            deleted: false,
         };
         assert_eq!(s.compare_and_set(None, &rec).unwrap(), Some(1));
         assert_eq!(s.compare_and_set(None, &rec).unwrap(), None);
@@ -479,7 +670,7 @@ mod tests {
     #[test]
     fn concurrent_writers_never_lose_an_update() {
         let (_d, a) = auth();
-        a.take_over("v", "n1", &[], false).unwrap();
+        a.take_over("v", "n1", &[], None).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let a = a.clone();

@@ -356,6 +356,8 @@ pub struct Replication {
     authority: Authority,
     key: Key,
     pub epoch: u64,
+    /// The volume's incarnation in the authority, sent in every `Open`.
+    uuid: String,
     disk_bytes: u64,
     /// A page-cache descriptor of the local copy, for resync reads.
     local: File,
@@ -427,7 +429,26 @@ impl Replication {
                 .map_err(meta)?;
         }
 
-        let record = authority.take_over(&config.volume, &config.node, &config.replicas, !clean)?;
+        let mut record =
+            authority.take_over(&config.volume, &config.node, &config.replicas, None)?;
+        if !clean {
+            // In-flight writes may differ between the copies: every replica resyncs first.
+            let in_sync: Vec<String> = record
+                .replicas
+                .iter()
+                .filter(|m| m.in_sync)
+                .map(|m| m.addr.clone())
+                .collect();
+            for addr in &in_sync {
+                record = authority.set_in_sync(
+                    &config.volume,
+                    &config.node,
+                    record.epoch,
+                    addr,
+                    false,
+                )?;
+            }
+        }
         tracing::info!(
             volume = %config.volume,
             epoch = record.epoch,
@@ -494,6 +515,7 @@ impl Replication {
                 bytes: config.region_bytes,
             },
             epoch: record.epoch,
+            uuid: record.uuid.clone(),
             authority,
             key,
             disk_bytes,
@@ -781,7 +803,7 @@ impl Replication {
             epoch: self.epoch,
             size: self.disk_bytes,
             volume: self.config.volume.clone(),
-            uuid: String::new(),
+            uuid: self.uuid.clone(),
         })
         .map_err(|e| format!("{}: {e}", link.addr))?;
         match r.recv() {
