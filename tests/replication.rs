@@ -711,7 +711,7 @@ fn unauthenticated_peers_are_refused() {
     assert!(e.to_string().contains("authentication"), "{e}");
     // A peer that answers the server's challenge without the key is refused by the server.
     let mut s = TcpStream::connect(("127.0.0.1", p1)).unwrap();
-    s.write_all(b"FDR1").unwrap();
+    s.write_all(b"FDR2").unwrap();
     s.write_all(&[7u8; 32]).unwrap();
     let mut challenge = [0u8; 64];
     s.read_exact(&mut challenge).unwrap();
@@ -726,6 +726,18 @@ fn unauthenticated_peers_are_refused() {
         Duration::from_secs(5),
         "the refusal in the replica's log",
         || r1.log().contains("refused an unauthenticated peer"),
+    );
+    // A peer of protocol version 1 is refused, and the log says why.
+    let mut s = TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    s.write_all(b"FDR1").unwrap();
+    s.write_all(&[7u8; 32]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "no answer to a version 1 peer");
+    wait_until(
+        Duration::from_secs(5),
+        "the version refusal in the replica's log",
+        || r1.log().contains("protocol version 1"),
     );
 }
 

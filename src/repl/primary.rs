@@ -1249,6 +1249,28 @@ impl Replication {
                 return;
             }
         }
+        // Until the state machine tracks generations: the resynced copy is vouched for as
+        // generation `epoch` of this volume (applied after every copy sent before it), so
+        // that `promote` accepts it.
+        {
+            let mut tx = link.tx();
+            let seq = tx.next_seq;
+            tx.next_seq += 1;
+            let adopt = Msg::Adopt {
+                seq,
+                epoch: self.epoch,
+                gen: self.epoch,
+            };
+            let Some(s) = &mut tx.sender else {
+                return;
+            };
+            if let Err(e) = s.send(&adopt) {
+                // The link thread sees the missing sender as a fault.
+                tracing::warn!(replica = %link.addr, "cannot send Adopt: {e}");
+                tx.sender = None;
+                return;
+            }
+        }
         match self.authority.set_in_sync(
             &self.config.volume,
             &self.config.node,

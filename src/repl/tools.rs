@@ -1,4 +1,5 @@
-//! Operator tools: the health endpoint of a primary, `promote` and `verify`.
+//! Operator tools: the health endpoint of a primary, `promote` and `verify`, and the
+//! observer requests to one replica they are built on (identity, fence, drop).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use super::authority::Authority;
 use super::primary::{LinkState, Replication};
-use super::wire::{self, Key, Msg};
+use super::wire::{self, Code, Key, Msg};
 
 /// The health document of every replicated disk of this daemon.
 pub fn health_json(disks: &[Arc<Replication>]) -> (bool, serde_json::Value) {
@@ -135,12 +136,17 @@ pub fn query_health(addr: &str) -> Result<Option<(u16, serde_json::Value)>, Stri
     Ok(Some((code, doc)))
 }
 
-fn open_conn(
+/// The identity of a replica's copy: `(stored epoch, volume uuid, generation)`.
+pub type Identity = (u64, String, u64);
+
+/// Connects to `addr` and opens `volume` at `epoch`; returns the connection and the reply
+/// (`Opened` or `Nack`).
+fn connect_open(
     addr: &str,
     key: &Key,
     volume: &str,
     epoch: u64,
-) -> Result<(wire::Sender, wire::Receiver), String> {
+) -> Result<(wire::Sender, wire::Receiver, Msg), String> {
     let sa = addr
         .to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
@@ -160,24 +166,78 @@ fn open_conn(
     })
     .map_err(|e| format!("{addr}: {e}"))?;
     match rx.recv() {
-        Ok(Msg::Opened { .. }) => Ok((tx, rx)),
+        Ok(m @ (Msg::Opened { .. } | Msg::Nack { .. })) => Ok((tx, rx, m)),
+        Ok(_) => Err(format!("{addr}: unexpected reply to Open")),
+        Err(e) => Err(format!("{addr}: {e}")),
+    }
+}
+
+/// Opens `volume` on `addr` as an observer (epoch 0); returns the connection and the
+/// identity of the copy.
+fn open_conn(
+    addr: &str,
+    key: &Key,
+    volume: &str,
+) -> Result<(wire::Sender, wire::Receiver, Identity), String> {
+    match connect_open(addr, key, volume, 0)? {
+        (
+            tx,
+            rx,
+            Msg::Opened {
+                epoch, uuid, gen, ..
+            },
+        ) => Ok((tx, rx, (epoch, uuid, gen))),
+        (_, _, Msg::Nack { message, .. }) => Err(format!("{addr}: {message}")),
+        _ => Err(format!("{addr}: unexpected reply to Open")),
+    }
+}
+
+/// Sends `msg` and expects an `Ack`.
+fn ack(
+    addr: &str,
+    tx: &mut wire::Sender,
+    rx: &mut wire::Receiver,
+    msg: &Msg,
+) -> Result<(), String> {
+    tx.send(msg).map_err(|e| format!("{addr}: {e}"))?;
+    match rx.recv() {
+        Ok(Msg::Ack { .. }) => Ok(()),
         Ok(Msg::Nack { message, .. }) => Err(format!("{addr}: {message}")),
         Ok(_) => Err(format!("{addr}: unexpected reply")),
         Err(e) => Err(format!("{addr}: {e}")),
     }
 }
 
+/// The identity of the copy of `volume` on the replica at `addr`: its stored epoch, and
+/// "generation `gen` of volume `uuid`" (gen 0: blank or unknown content).
+pub fn identity(addr: &str, key: &Key, volume: &str) -> Result<Identity, String> {
+    open_conn(addr, key, volume).map(|(_, _, id)| id)
+}
+
 /// Fences `volume` at `epoch` on the replica at `addr`: from then on it refuses every
 /// request of an older epoch.
 pub fn fence(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(), String> {
-    let (mut tx, mut rx) = open_conn(addr, key, volume, 0)?;
-    tx.send(&Msg::Fence { seq: 1, epoch })
-        .map_err(|e| format!("{addr}: {e}"))?;
-    match rx.recv() {
-        Ok(Msg::Ack { .. }) => Ok(()),
-        Ok(Msg::Nack { message, .. }) => Err(format!("{addr}: {message}")),
-        Ok(_) => Err(format!("{addr}: unexpected reply")),
-        Err(e) => Err(format!("{addr}: {e}")),
+    let (mut tx, mut rx, _) = open_conn(addr, key, volume)?;
+    ack(addr, &mut tx, &mut rx, &Msg::Fence { seq: 1, epoch })
+}
+
+/// Asks the replica at `addr` to drop its copy of the deleted `volume`: it raises the
+/// volume's epoch to `epoch` (the tombstone's) durably, voids the copy's identity and
+/// deletes its image. A replica that holds no copy has nothing to drop: `Ok`.
+pub fn drop_copy(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(), String> {
+    match connect_open(addr, key, volume, 0)? {
+        (mut tx, mut rx, Msg::Opened { .. }) => {
+            ack(addr, &mut tx, &mut rx, &Msg::Drop { seq: 1, epoch })
+        }
+        (
+            _,
+            _,
+            Msg::Nack {
+                code: Code::Range, ..
+            },
+        ) => Ok(()),
+        (_, _, Msg::Nack { message, .. }) => Err(format!("{addr}: {message}")),
+        _ => Err(format!("{addr}: unexpected reply to Open")),
     }
 }
 
@@ -201,6 +261,11 @@ pub fn promote(
         .load(volume)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("volume {volume} is not known to {}", authority.describe()))?;
+    if before.record.deleted {
+        return Err(format!(
+            "volume {volume} was deleted: there is nothing to promote"
+        ));
+    }
     let next = before.record.epoch + 1;
     match before.record.member(replica) {
         Some(m) if m.in_sync => {}
@@ -211,11 +276,28 @@ pub fn promote(
         }
         None => return Err(format!("{replica} is not a replica of {volume}")),
     }
-    // The promoted copy becomes the new primary's backing: fence it first, so that the old
-    // primary can never write into it again. If that fails, nothing is changed (found by
-    // the simulation, tests/replication_sim.rs).
-    fence(replica, key, volume, next)
-        .map_err(|e| format!("cannot fence the replica to promote, nothing changed: {e}"))?;
+    // The promoted copy becomes the new primary's backing: it must hold this incarnation's
+    // data (the authority's in-sync flag says nothing about a copy wiped or re-created
+    // since), and it is fenced first, so that the old primary can never write into it
+    // again. If either fails, nothing is changed (the fence: found by the simulation,
+    // tests/replication_sim.rs). Both on one connection.
+    let cannot = |e: String| format!("cannot fence the replica to promote, nothing changed: {e}");
+    let (mut tx, mut rx, (_, uuid, gen)) = open_conn(replica, key, volume).map_err(cannot)?;
+    if uuid != before.record.uuid || gen == 0 {
+        return Err(format!(
+            "replica {replica} holds no identified copy of volume {volume} (blank, wiped or another incarnation): promoting it would lose data"
+        ));
+    }
+    ack(
+        replica,
+        &mut tx,
+        &mut rx,
+        &Msg::Fence {
+            seq: 1,
+            epoch: next,
+        },
+    )
+    .map_err(cannot)?;
     let rec = authority
         .promote_from(volume, replica, node, Some(before.record.epoch))
         .map_err(|e| e.to_string())?;
@@ -265,7 +347,7 @@ pub fn verify(
     }
     let mut diffs = Vec::new();
     for addr in replicas {
-        let (mut tx, mut rx) = open_conn(addr, key, volume, 0)?;
+        let (mut tx, mut rx, _) = open_conn(addr, key, volume)?;
         let mut at = 0;
         let mut seq = 1;
         while at < size {
@@ -299,4 +381,111 @@ pub fn verify(
         }
     }
     Ok((size, diffs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repl::replica::ReplicaServer;
+
+    fn key() -> Key {
+        Key::new(b"tools-unit-test-key!".to_vec()).unwrap()
+    }
+
+    fn replica() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let srv = ReplicaServer::new(dir.path(), key()).unwrap();
+        std::thread::spawn(move || srv.run(listener));
+        (dir, addr)
+    }
+
+    /// A primary's connection to `addr`, opened at `epoch` as incarnation `uuid`.
+    fn primary(addr: &str, epoch: u64, uuid: &str) -> (wire::Sender, wire::Receiver) {
+        let stream = TcpStream::connect(addr).unwrap();
+        let (mut tx, mut rx) = wire::client(stream, &key()).unwrap();
+        rx.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        tx.send(&Msg::Open {
+            seq: 0,
+            epoch,
+            size: 1 << 20,
+            volume: "v".into(),
+            uuid: uuid.into(),
+        })
+        .unwrap();
+        assert!(matches!(rx.recv().unwrap(), Msg::Opened { .. }));
+        (tx, rx)
+    }
+
+    fn adopt(c: &mut (wire::Sender, wire::Receiver), epoch: u64, gen: u64) {
+        ack("r", &mut c.0, &mut c.1, &Msg::Adopt { seq: 1, epoch, gen }).unwrap();
+    }
+
+    #[test]
+    fn identity_and_drop_copy() {
+        let (dir, addr) = replica();
+        let k = key();
+        assert!(identity(&addr, &k, "v").is_err(), "no copy yet");
+        let mut p = primary(&addr, 2, "u1");
+        adopt(&mut p, 2, 5);
+        assert_eq!(identity(&addr, &k, "v").unwrap(), (2, "u1".to_string(), 5));
+        let e = drop_copy(&addr, &k, "v", 1).unwrap_err();
+        assert!(e.contains("older"), "{e}");
+        drop_copy(&addr, &k, "v", 3).unwrap();
+        assert_eq!(identity(&addr, &k, "v").unwrap(), (3, String::new(), 0));
+        assert!(!dir.path().join("v.img").exists());
+        drop_copy(&addr, &k, "v", 3).unwrap();
+        drop_copy(&addr, &k, "other", 9).unwrap();
+        assert!(identity(&addr, &k, "other").is_err(), "nothing was created");
+    }
+
+    #[test]
+    fn promote_refuses_a_copy_that_is_not_this_incarnations() {
+        let (_dir, addr) = replica();
+        let adir = tempfile::tempdir().unwrap();
+        let auth = Authority::open(&format!("file:{}", adir.path().display())).unwrap();
+        let k = key();
+        let bump = |epoch| {
+            auth.update("v", |r| {
+                let mut r = r.unwrap().clone();
+                r.epoch = epoch;
+                Ok(r)
+            })
+            .unwrap()
+        };
+        auth.take_over("v", "n1", std::slice::from_ref(&addr), Some("u1"))
+            .unwrap();
+        auth.set_in_sync("v", "n1", 1, &addr, true).unwrap();
+        // In sync in the authority, but blank here (gen 0), then another incarnation's.
+        let blank = primary(&addr, 1, "u1");
+        let mut other = None;
+        for epoch in [1, 2] {
+            let e = promote(&auth, &k, "v", &addr, "n2").err().unwrap();
+            assert!(e.contains("holds no identified copy"), "{e}");
+            let rec = auth.load("v").unwrap().unwrap().record;
+            assert_eq!(
+                (rec.epoch, rec.primary.as_str()),
+                (epoch, "n1"),
+                "nothing changed"
+            );
+            assert_eq!(identity(&addr, &k, "v").unwrap().0, epoch, "not fenced");
+            let mut p = primary(&addr, 2, "u2");
+            adopt(&mut p, 2, 4);
+            other = Some(p);
+            bump(2);
+        }
+        drop((blank, other));
+        // This incarnation's, adopted.
+        let mut p = primary(&addr, 3, "u1");
+        adopt(&mut p, 3, 4);
+        bump(3);
+        let done = promote(&auth, &k, "v", &addr, "n2").unwrap();
+        assert_eq!(done.epoch, 4);
+        assert_eq!(identity(&addr, &k, "v").unwrap(), (4, "u1".to_string(), 4));
+        // A deleted volume has nothing to promote.
+        auth.delete("v").unwrap();
+        let e = promote(&auth, &k, "v", &addr, "n3").err().unwrap();
+        assert!(e.contains("deleted"), "{e}");
+    }
 }
