@@ -192,9 +192,6 @@ impl Volume {
         if cur.dropped {
             return Err(dropped_refusal(&self.name));
         }
-        if epoch < cur.epoch {
-            return Err(stale(epoch, cur.epoch));
-        }
         let mut next = State {
             epoch,
             ..cur.clone()
@@ -220,6 +217,8 @@ impl Volume {
         } else {
             false
         };
+        // Resized before the new identity is written: after a crash in between, the copy
+        // still names the old incarnation, and the next Open does all of this again.
         if resize {
             self.resize(size)?;
         }
@@ -352,6 +351,18 @@ fn read_meta(meta: &Path, legacy: &Path) -> Result<Option<Meta>, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", legacy.display())),
     }
+}
+
+/// Voids the identity in `meta` (gen 0, for inode `ino`) unless the image is the one it was
+/// written for: not (re)created, and the same inode. Returns whether it did.
+fn void_if_not_for(name: &str, meta: &mut Meta, created: bool, ino: u64) -> bool {
+    if meta.gen == 0 || (!created && ino == meta.ino) {
+        return false;
+    }
+    tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new or not the one its identity was written for: identity void");
+    meta.gen = 0;
+    meta.ino = ino;
+    true
 }
 
 /// The inode of the file at `path`, if there is one.
@@ -488,17 +499,9 @@ impl ReplicaServer {
         let (ino, created, len) = image.as_ref().map_or((0, false, 0), |(img, created, len)| {
             (img.ino, *created, *len)
         });
-        let mut changed = false;
-        if meta.gen != 0 && (created || ino != meta.ino) {
-            tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new or not the one its identity was written for: identity void");
-            meta.gen = 0;
-            meta.ino = ino;
-            changed = true;
-        }
-        if stored_epoch < meta.epoch {
-            changed = true; // carried over from the retired volume
-        }
-        if changed {
+        let voided = void_if_not_for(name, &mut meta, created, ino);
+        // The epoch may have been carried over from a retired volume.
+        if voided || stored_epoch < meta.epoch {
             write_meta(&meta_path, &meta).map_err(|e| {
                 tracing::error!(volume = name, "cannot persist the volume's identity: {e}");
                 (
@@ -678,6 +681,45 @@ impl ReplicaServer {
         Ok(epoch)
     }
 
+    /// Receives the connection's first message, which must be an `Open`, and answers it:
+    /// returns the volume and the session to write in (`None` for an observer), or `None`
+    /// if the connection ends there.
+    fn bind(
+        &self,
+        tx: &mut wire::Sender,
+        rx: &mut wire::Receiver,
+        peer: std::net::SocketAddr,
+    ) -> Option<(Arc<Volume>, Option<u64>)> {
+        match rx.recv() {
+            Ok(Msg::Open {
+                seq,
+                epoch,
+                size,
+                volume,
+                uuid,
+            }) => match self.open(seq, epoch, size, &volume, &uuid) {
+                Ok((v, writable, reply)) => {
+                    tx.send(&reply).ok()?;
+                    tracing::info!(%peer, volume = %v.name, epoch, "connection opened");
+                    Some((v, writable))
+                }
+                Err((code, message)) => {
+                    tracing::warn!(%peer, volume = %volume, "open refused: {message}");
+                    let _ = tx.send(&Msg::Nack { seq, code, message });
+                    None
+                }
+            },
+            Ok(other) => {
+                tracing::warn!(%peer, "expected Open, got {:?}", other.seq());
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%peer, "connection ended before Open: {e}");
+                None
+            }
+        }
+    }
+
     fn connection(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
         let (mut tx, mut rx) = match wire::server(stream, &self.key) {
             Ok(h) => h,
@@ -690,36 +732,8 @@ impl ReplicaServer {
                 return;
             }
         };
-        // The first message binds the connection to a volume.
-        let (vol, writable) = match rx.recv() {
-            Ok(Msg::Open {
-                seq,
-                epoch,
-                size,
-                volume,
-                uuid,
-            }) => match self.open(seq, epoch, size, &volume, &uuid) {
-                Ok((v, writable, reply)) => {
-                    if tx.send(&reply).is_err() {
-                        return;
-                    }
-                    tracing::info!(%peer, volume = %v.name, epoch, "connection opened");
-                    (v, writable)
-                }
-                Err((code, message)) => {
-                    tracing::warn!(%peer, volume = %volume, "open refused: {message}");
-                    let _ = tx.send(&Msg::Nack { seq, code, message });
-                    return;
-                }
-            },
-            Ok(other) => {
-                tracing::warn!(%peer, "expected Open, got {:?}", other.seq());
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(%peer, "connection ended before Open: {e}");
-                return;
-            }
+        let Some((vol, writable)) = self.bind(&mut tx, &mut rx, peer) else {
+            return;
         };
         let (qtx, qrx) = sync_channel::<Msg>(QUEUE_DEPTH);
         let name = vol.name.clone();

@@ -249,6 +249,28 @@ pub struct Promoted {
     pub others: Vec<String>,
 }
 
+/// The promoted copy becomes the new primary's backing: it must hold this incarnation's data
+/// (the authority's in-sync flag says nothing about a copy wiped or re-created since), and
+/// it is fenced at `epoch` first, so that the old primary can never write into it again. If
+/// either fails, nothing is changed (the fence: found by the simulation,
+/// tests/replication_sim.rs). Both on one connection.
+fn fence_to_promote(
+    replica: &str,
+    key: &Key,
+    volume: &str,
+    uuid: &str,
+    epoch: u64,
+) -> Result<(), String> {
+    let cannot = |e: String| format!("cannot fence the replica to promote, nothing changed: {e}");
+    let (mut tx, mut rx, (_, held, gen)) = open_conn(replica, key, volume).map_err(cannot)?;
+    if held != uuid || gen == 0 {
+        return Err(format!(
+            "replica {replica} holds no identified copy of volume {volume} (blank, wiped or another incarnation): promoting it would lose data"
+        ));
+    }
+    ack(replica, &mut tx, &mut rx, &Msg::Fence { seq: 1, epoch }).map_err(cannot)
+}
+
 /// Health check → promote in the authority → fence every replica it can reach.
 pub fn promote(
     authority: &Authority,
@@ -276,28 +298,7 @@ pub fn promote(
         }
         None => return Err(format!("{replica} is not a replica of {volume}")),
     }
-    // The promoted copy becomes the new primary's backing: it must hold this incarnation's
-    // data (the authority's in-sync flag says nothing about a copy wiped or re-created
-    // since), and it is fenced first, so that the old primary can never write into it
-    // again. If either fails, nothing is changed (the fence: found by the simulation,
-    // tests/replication_sim.rs). Both on one connection.
-    let cannot = |e: String| format!("cannot fence the replica to promote, nothing changed: {e}");
-    let (mut tx, mut rx, (_, uuid, gen)) = open_conn(replica, key, volume).map_err(cannot)?;
-    if uuid != before.record.uuid || gen == 0 {
-        return Err(format!(
-            "replica {replica} holds no identified copy of volume {volume} (blank, wiped or another incarnation): promoting it would lose data"
-        ));
-    }
-    ack(
-        replica,
-        &mut tx,
-        &mut rx,
-        &Msg::Fence {
-            seq: 1,
-            epoch: next,
-        },
-    )
-    .map_err(cannot)?;
+    fence_to_promote(replica, key, volume, &before.record.uuid, next)?;
     let rec = authority
         .promote_from(volume, replica, node, Some(before.record.epoch))
         .map_err(|e| e.to_string())?;
