@@ -59,6 +59,11 @@ struct Slot {
     rw_flags: i32,
     /// Fallocate mode (discard and write-zeroes).
     mode: i32,
+    /// Write-through: a discard or write-zeroes is followed by an fdatasync before it
+    /// completes (a write carries RWF_DSYNC instead).
+    sync_after: bool,
+    /// The fdatasync of `sync_after` is the SQE in flight.
+    syncing: bool,
     iov: Vec<libc::iovec>,
     /// First iovec not yet fully transferred (after a short read or write).
     iov_start: usize,
@@ -87,6 +92,8 @@ impl Slot {
             file: FILE_MAIN,
             rw_flags: 0,
             mode: 0,
+            sync_after: false,
+            syncing: false,
             iov: Vec::with_capacity(MAX_IOVECS.min(256)),
             iov_start: 0,
             done: 0,
@@ -158,6 +165,8 @@ impl Snapshots {
 enum Outcome {
     Done(u8),
     Resubmit,
+    /// The next step of the same request (the fdatasync of a write-through discard).
+    Next,
 }
 
 /// Events the worker counts.
@@ -166,6 +175,8 @@ pub struct EngineEvents {
     pub short_transfers: u64,
     pub retries: u64,
     pub errors: u64,
+    /// fdatasyncs that made a write-through discard or write-zeroes durable.
+    pub syncs: u64,
 }
 
 pub struct UringQueue {
@@ -283,6 +294,9 @@ impl UringQueue {
             Op::Write { .. } if write_through => libc::RWF_DSYNC,
             _ => 0,
         };
+        slot.sync_after =
+            write_through && matches!(req.op, Op::Discard { .. } | Op::WriteZeroes { .. });
+        slot.syncing = false;
         slot.mode = match req.op {
             Op::Discard { .. } | Op::WriteZeroes { unmap: true, .. } => {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -313,6 +327,12 @@ impl UringQueue {
         let s = &self.slots[usize::from(idx)];
         let fd = types::Fixed(s.file);
         let rest = &s.iov[s.iov_start..];
+        if s.syncing {
+            return opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(u64::from(idx));
+        }
         let entry = match s.op {
             Op::Read { offset } => opcode::Readv::new(fd, rest.as_ptr(), rest.len() as u32)
                 .offset(offset + s.done)
@@ -407,6 +427,10 @@ impl UringQueue {
                 self.push_sqe(idx);
                 true
             }
+            Outcome::Next => {
+                self.push_sqe(idx);
+                true
+            }
             Outcome::Done(status) => {
                 if status != S_OK {
                     self.events.errors += 1;
@@ -430,6 +454,19 @@ impl UringQueue {
 
     fn outcome(&mut self, idx: u16, res: i32) -> Outcome {
         let s = &mut self.slots[usize::from(idx)];
+        if s.syncing {
+            // The fdatasync after a write-through discard or write-zeroes.
+            return if res < 0 {
+                tracing::debug!(
+                    "fdatasync after {:?} failed: {}",
+                    s.op,
+                    io::Error::from_raw_os_error(-res)
+                );
+                Outcome::Done(S_IOERR)
+            } else {
+                Outcome::Done(S_OK)
+            };
+        }
         if res < 0 {
             let errno = -res;
             return match (errno, s.op) {
@@ -473,6 +510,11 @@ impl UringQueue {
                     return Outcome::Resubmit;
                 }
                 Outcome::Done(S_OK)
+            }
+            Op::Discard { .. } | Op::WriteZeroes { .. } if s.sync_after => {
+                s.syncing = true;
+                self.events.syncs += 1;
+                Outcome::Next
             }
             _ => Outcome::Done(S_OK),
         }
@@ -693,6 +735,40 @@ mod tests {
             4 << 20,
             "size kept"
         );
+    }
+
+    #[test]
+    fn write_through_discard_and_write_zeroes_are_synced_before_they_complete() {
+        let mut f = fixture(false, 4 << 20);
+        let push = |f: &mut Fixture, op, write_through| {
+            let req = Request {
+                head: 1,
+                op,
+                status: GuestAddress(0x3f_0000),
+                data_len: 0,
+            };
+            f.q.push(&req, &mut Vec::new(), &f.mem, write_through, None);
+            f.q.submit().unwrap();
+            let mut done = Vec::new();
+            f.q.drain(&mut done);
+            assert_eq!(done[0].status, S_OK);
+        };
+        let discard = Op::Discard {
+            offset: 0,
+            len: 1 << 20,
+        };
+        let zeroes = Op::WriteZeroes {
+            offset: 0,
+            len: 8192,
+            unmap: false,
+        };
+        push(&mut f, discard, false);
+        push(&mut f, zeroes, false);
+        assert_eq!(f.q.events.syncs, 0, "write-back: no sync");
+        push(&mut f, discard, true);
+        push(&mut f, zeroes, true);
+        assert_eq!(f.q.events.syncs, 2, "write-through: each one synced");
+        assert_eq!(f.q.events.retries, 0);
     }
 
     #[test]
