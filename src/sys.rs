@@ -309,3 +309,63 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
 }
+
+/// Takes an exclusive `flock` on `file` without waiting; `Ok(false)` if another open file
+/// description holds it.
+pub fn try_flock_exclusive(file: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// `poll(2)` on `fds` for at most `timeout_ms` (EINTR counts as nothing ready).
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs for
+    // the duration of the call; the kernel only writes their `revents`.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r >= 0 {
+        return Ok(r as usize);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+/// Sends what the socket takes of `buf` now, never blocking (and never raising SIGPIPE).
+/// Returns the bytes sent (0 when the socket buffer is full).
+pub fn send_nonblocking(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid slice for the duration of the call and the kernel only
+        // reads it; `fd` is a socket the caller owns.
+        let r = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(0),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}

@@ -24,7 +24,8 @@ use crate::engine::{Completion, QueueEngine};
 use crate::inflight::{InflightRegion, QueueTracker};
 use crate::metrics::OpKind;
 use crate::proxy::InflightSlot;
-use crate::repl::primary::{Delivery, Replication};
+use crate::repl::machine::OpId;
+use crate::repl::primary::{Begin, Delivery, DeliveryKind, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
@@ -66,7 +67,6 @@ pub struct QueueWorker {
     connection: u64,
     held: Vec<Option<Held>>,
     deliveries: Vec<Delivery>,
-    write_copy: Vec<u8>,
     in_flight: Arc<AtomicUsize>,
     /// When each head's request was taken from the ring (the start of its batch), and its
     /// kind: completions feed the latency histograms.
@@ -127,20 +127,55 @@ impl Bounce {
     }
 }
 
-/// A replicated request: what it still waits for.
-#[derive(Debug, Clone, Copy)]
+/// A replicated request: its operation in the replication stage, and what it waits for.
 struct Held {
-    /// The local completion plus one per replica.
-    remaining: u32,
-    ok: bool,
+    op: OpId,
+    /// The local completion, once the engine finished it.
     completion: Option<Completion>,
-    offset: u64,
-    len: u64,
+    /// A request the replication stage parked (write ordering, activity log): what its
+    /// local I/O needs once it is released.
+    parked: Option<Parked>,
+}
+
+/// A parked request's parsed form, its guest buffers and the mapping they point into.
+struct Parked {
+    req: Request,
+    iov: Vec<libc::iovec>,
+    mem: Arc<GuestMem>,
+    bounce: Option<Bounce>,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
 // worker's own thread; the worker is moved between threads only before it starts.
 unsafe impl Send for QueueWorker {}
+
+impl Drop for QueueWorker {
+    /// The replication stage must learn how the local I/O of every request it still
+    /// tracks ended, and that parked requests will never run: otherwise their regions
+    /// would stay busy, and later overlapping writes would wait forever.
+    fn drop(&mut self) {
+        let Some(repl) = self.repl.clone() else {
+            return;
+        };
+        if let QueueEngine::Uring(u) = &mut self.engine {
+            u.drain(&mut self.done);
+        }
+        let mut ignored = Vec::new();
+        for c in std::mem::take(&mut self.done) {
+            if let Some(Some(h)) = self.held.get_mut(usize::from(c.head)) {
+                if h.completion.is_none() && h.parked.is_none() {
+                    h.completion = Some(c);
+                    repl.local_done(self.queue, h.op, c.status == S_OK, &mut ignored);
+                }
+            }
+        }
+        for h in self.held.iter_mut().filter_map(Option::take) {
+            if h.parked.is_some() {
+                repl.abandon(h.op);
+            }
+        }
+    }
+}
 
 impl QueueWorker {
     pub fn new(
@@ -179,7 +214,7 @@ impl QueueWorker {
             needs_recovery: false,
             stop,
             held: if repl.is_some() {
-                vec![None; usize::from(size)]
+                (0..size).map(|_| None).collect()
             } else {
                 Vec::new()
             },
@@ -187,7 +222,6 @@ impl QueueWorker {
             repl_queued: false,
             connection,
             deliveries: Vec::new(),
-            write_copy: Vec::new(),
             in_flight,
             started: vec![(Instant::now(), OpKind::Other); usize::from(size)],
             batch_start: Instant::now(),
@@ -360,18 +394,17 @@ impl QueueWorker {
         }
     }
 
-    /// Handles replica acknowledgements: completes requests that were only waiting for them.
+    /// Handles the replication stage's results: releases parked requests and completes
+    /// those that are done everywhere.
     pub fn process_replica_acks(&mut self, vring: &Vring) {
         let Some(repl) = &self.repl else { return };
         repl.mailbox(self.queue).take(&mut self.deliveries);
-        let mut deliveries = std::mem::take(&mut self.deliveries);
-        for d in deliveries.drain(..) {
-            if d.connection != self.connection {
-                continue; // for a connection that is gone
+        self.apply_deliveries();
+        if let QueueEngine::Uring(u) = &mut self.engine {
+            if let Err(e) = u.submit() {
+                self.log(format_args!("io_uring submit failed: {e}"));
             }
-            self.settle_one(d.head, None, d.ok);
         }
-        self.deliveries = deliveries;
         if !self.done.is_empty() {
             let mem = self.mem.memory().into_inner();
             let mut state = vring.get_mut();
@@ -379,61 +412,96 @@ impl QueueWorker {
         }
     }
 
-    /// One part of a replicated request finished: its local I/O (`local`) or one replica.
-    /// When nothing is left, its completion goes to `done` (failed if any part failed).
-    fn settle_one(&mut self, head: u16, local: Option<Completion>, ok: bool) {
+    /// Applies the deliveries in `self.deliveries` (results for other connections, or for
+    /// requests no longer held, are stale and ignored).
+    fn apply_deliveries(&mut self) {
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        for d in deliveries.drain(..) {
+            if d.connection != self.connection {
+                continue;
+            }
+            let held = self.held.get(usize::from(d.head)).and_then(Option::as_ref);
+            if held.is_none_or(|h| h.op != d.op) {
+                continue;
+            }
+            match d.kind {
+                DeliveryKind::Release => self.release(d.head),
+                DeliveryKind::Complete { ok } => self.finish_held(d.head, ok),
+            }
+        }
+        // Results caused by what was just applied.
+        if !self.deliveries.is_empty() {
+            let more = std::mem::take(&mut self.deliveries);
+            self.deliveries = deliveries;
+            self.deliveries.extend(more);
+            return self.apply_deliveries();
+        }
+        self.deliveries = deliveries;
+    }
+
+    /// A parked request may go: submit its local I/O (the stage has forwarded it).
+    fn release(&mut self, head: u16) {
+        let Some(Some(h)) = self.held.get_mut(usize::from(head)) else {
+            return;
+        };
+        let Some(p) = h.parked.take() else { return };
+        self.iov = p.iov;
+        self.submit_local(&p.req, &p.mem, p.bounce);
+    }
+
+    /// A replicated request is done everywhere: it completes (failed if `ok` is false).
+    fn finish_held(&mut self, head: u16, ok: bool) {
         let Some(slot) = self.held.get_mut(usize::from(head)) else {
             return;
         };
-        let Some(h) = slot else { return };
-        h.remaining = h.remaining.saturating_sub(1);
-        h.ok &= ok;
-        if let Some(c) = local {
-            h.completion = Some(c);
-            if let Some(r) = &self.repl {
-                r.end_local(h.offset, h.len);
+        let Some(h) = slot.take() else { return };
+        let mut c = match (&h.completion, &h.parked) {
+            (Some(c), _) => *c,
+            // Failed before its local I/O was submitted.
+            (None, Some(p)) => Completion {
+                head,
+                status_addr: Some(p.req.status),
+                status: S_IOERR,
+                used_len: 1,
+            },
+            (None, None) => {
+                // Cannot happen: the stage completes a request only after its local I/O.
+                *slot = Some(h);
+                return;
             }
+        };
+        if !ok && c.status == S_OK {
+            c.status = S_IOERR;
+            c.used_len = 1;
+            add(&self.disk.stats.queues[self.queue].errors_ioerr, 1);
         }
-        if h.remaining > 0 {
-            return;
-        }
-        let h = slot.take();
-        if let Some(Held {
-            ok,
-            completion: Some(mut c),
-            ..
-        }) = h
-        {
-            if !ok && c.status == S_OK {
-                c.status = S_IOERR;
-                c.used_len = 1;
-                add(&self.disk.stats.queues[self.queue].errors_ioerr, 1);
-            }
-            self.done.push(c);
-            self.in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::Release);
-        }
+        self.done.push(c);
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Release);
     }
 
-    /// Local completions of replicated requests wait in `held` for the replicas.
+    /// Local completions of replicated requests wait in `held` for the replication stage.
     fn hold_replicated(&mut self) {
-        if self.repl.is_none() {
+        let Some(repl) = self.repl.clone() else {
             return;
-        }
+        };
         let mut i = 0;
         while i < self.done.len() {
             let c = self.done[i];
-            if self
-                .held
-                .get(usize::from(c.head))
-                .is_some_and(|h| h.is_some())
-            {
-                self.done.swap_remove(i);
-                self.settle_one(c.head, Some(c), c.status == S_OK);
-            } else {
-                i += 1;
-            }
+            let op = match self.held.get_mut(usize::from(c.head)) {
+                Some(Some(h)) if h.completion.is_none() && h.parked.is_none() => {
+                    h.completion = Some(c);
+                    h.op
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            self.done.swap_remove(i);
+            repl.local_done(self.queue, op, c.status == S_OK, &mut self.deliveries);
         }
+        self.apply_deliveries();
     }
 
     fn has_room(&self) -> bool {
@@ -735,45 +803,66 @@ impl QueueWorker {
             Ok(b) => b,
             Err(()) => return,
         };
-        if let Some(repl) = &self.repl {
+        if let Some(repl) = self.repl.clone() {
             if repl.is_fenced() && req.op != Op::GetId {
                 self.fail_now(req);
                 return;
             }
-            if let Some((offset, len)) = req.op.mutation(req.data_len) {
-                self.write_copy.clear();
+            if req.op.mutation(req.data_len).is_some() {
+                let mut data = Vec::new();
                 if let Op::Write { .. } = req.op {
                     // SAFETY: `iov` was built from `mem`, which this frame holds alive.
-                    unsafe { sys::copy_from_guest_buffers(&self.iov, &mut self.write_copy) };
+                    unsafe { sys::copy_from_guest_buffers(&self.iov, &mut data) };
                 }
-                match repl.begin(
+                let verdict = repl.begin(
                     self.queue,
                     self.connection,
                     req.head,
                     req.op,
-                    &self.write_copy,
-                ) {
-                    Ok(replicas) => {
-                        self.repl_queued |= replicas > 0;
-                        if let Some(h) = self.held.get_mut(usize::from(req.head)) {
-                            *h = Some(Held {
-                                remaining: replicas + 1,
-                                ok: true,
-                                completion: None,
-                                offset,
-                                len,
-                            });
-                            self.in_flight
-                                .fetch_add(1, std::sync::atomic::Ordering::Release);
-                        }
-                    }
-                    Err(_refused) => {
+                    data,
+                    &mut self.deliveries,
+                );
+                let mut bounce = bounce;
+                let (op, parked) = match verdict {
+                    Begin::Go(op) => (op, None),
+                    Begin::Parked(op) => (
+                        op,
+                        Some(Parked {
+                            req: *req,
+                            iov: std::mem::take(&mut self.iov),
+                            mem: Arc::clone(mem),
+                            bounce: bounce.take(),
+                        }),
+                    ),
+                    Begin::Refused => {
                         self.fail_now(req);
                         return;
                     }
+                    Begin::Local => return self.submit_local(req, mem, bounce),
+                };
+                let go = parked.is_none();
+                self.repl_queued |= go;
+                if let Some(h) = self.held.get_mut(usize::from(req.head)) {
+                    *h = Some(Held {
+                        op,
+                        completion: None,
+                        parked,
+                    });
+                    self.in_flight
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
                 }
+                if go {
+                    self.submit_local(req, mem, bounce);
+                }
+                self.apply_deliveries();
+                return;
             }
         }
+        self.submit_local(req, mem, bounce);
+    }
+
+    /// Hands a request to the engine (or completes it at once: GET_ID, the null engine).
+    fn submit_local(&mut self, req: &Request, mem: &Arc<GuestMem>, bounce: Option<Bounce>) {
         let write_through = !self.disk.writeback();
         let complete_now = |used_len| Completion {
             head: req.head,

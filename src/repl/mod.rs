@@ -4,6 +4,7 @@
 pub mod authority;
 pub mod bitmap;
 pub mod etcd;
+pub mod machine;
 pub mod primary;
 pub mod replica;
 pub mod tools;

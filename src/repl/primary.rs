@@ -1,43 +1,45 @@
 //! The primary side of replication: the pipeline stage between the queue workers and the
-//! engine for a replicated disk.
+//! engine for a replicated disk. It drives the replication state machine
+//! ([`machine::Core`](super::machine::Core)), which makes every decision; this module only
+//! performs the actions it asks for and reports their results.
 //!
-//! A worker calls [`Replication::begin`] for every write, discard and write-zeroes before it
-//! hands the request to its engine. For each replica [`Link`]:
-//! - in sync (or resyncing): the data is sent at once with its crc32c, and the request
-//!   completes only when the local write and the replica's durable acknowledgement are both
-//!   in (the acknowledgement arrives in the worker's [`Mailbox`]);
-//! - out of sync: the regions the write touches are marked in the link's persistent dirty
-//!   bitmap, durably, before the write is submitted.
+//! Threads, and what each may block on:
+//! - **Queue workers** call [`Replication::begin`] and [`Replication::local_done`]: a short
+//!   critical section on the state machine, then frames queued on the links' senders. The
+//!   frames of a batch are written by [`Replication::flush`] with non-blocking sends; what a
+//!   socket does not take is written by the link's thread. A worker never waits on a
+//!   replica, the authority or a disk sync.
+//! - **One thread per replica link** connects, receives replies, records the replica's state
+//!   in the authority, and reads (resync) or writes (recovery) the local copy for it.
+//! - **One metadata thread** stores the activity log and the dirty bitmaps, and runs
+//!   checkpoints (`fdatasync` of the local copy).
 //!
-//! Each link has a thread that reads acknowledgements, detects failures (disconnect, error,
-//! or no answer within the timeout), and resyncs. On a failure it marks every write still
-//! waiting for that replica in the bitmap, records the replica as out of sync in the
-//! authority, and only then lets those writes complete. If the authority says we are no
-//! longer the primary, or a replica refuses our epoch, the disk is fenced: every request
-//! fails with IOERR from then on.
-//!
-//! Resync runs on the link thread while guest I/O goes on: for each dirty region it compares
-//! checksums and copies the region only if they differ. A region is copied only if no write
-//! to it was in flight or started while it was read (per-region generation and in-flight
-//! counters); otherwise it is retried. New writes are forwarded to a resyncing replica in
-//! order on the same connection, so a copy can never overwrite newer data.
+//! Results for guest requests reach the worker of their queue through its [`Mailbox`]
+//! (an eventfd in the worker's epoll), or directly when the worker itself caused them.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::authority::{Authority, AuthorityError};
-use super::bitmap::DirtyMap;
+use super::bitmap::{BitmapFile, DirtyMap, Loaded, Tag};
+use super::machine::{
+    Action, BitmapSnapshot, Core, CoreConfig, Frame, LinkInit, Micros, Mutation, OpDesc, OpId,
+    OpenError, RecordError, Reply, Verdict,
+};
 use super::wire::{self, Code, Key, Msg};
 use crate::request::Op;
+
+pub use super::machine::{LinkState, LinkStatus, Phase};
 
 /// Settings of a replicated disk.
 #[derive(Debug, Clone)]
@@ -49,57 +51,46 @@ pub struct ReplConfig {
     /// Resync bandwidth limit in bytes per second (0: unlimited).
     pub resync_rate: u64,
     pub region_bytes: u64,
-    /// Where the dirty bitmaps and the clean-shutdown marker live.
+    /// Where the activity log, the dirty bitmaps and the lock live.
     pub meta_dir: PathBuf,
+    /// The volume's UUID when its owner knows it (the API); `None`: the authority's.
+    pub uuid: Option<String>,
 }
 
 pub const DEFAULT_REGION: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum LinkState {
-    InSync = 0,
-    /// A fault was seen; the link thread is recording it. Writes wait for it.
-    Failing = 1,
-    /// Recorded as out of sync; writes mark the dirty bitmap instead of being sent.
-    OutOfSync = 2,
-    /// Connected again and catching up; writes are sent, dirty regions are being copied.
-    Resyncing = 3,
-}
+/// How long a start may wait for the replicas it needs (see [`Core::start_blocker`]).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a clean stop waits for its last checkpoint.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a link thread ticks the state machine, and how long it waits in `poll`.
+const TICK: Duration = Duration::from_millis(20);
+/// How long a connection attempt (connect, handshake, `Open`) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl LinkState {
-    fn from_u8(v: u8) -> LinkState {
-        match v {
-            0 => LinkState::InSync,
-            1 => LinkState::Failing,
-            2 => LinkState::OutOfSync,
-            _ => LinkState::Resyncing,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            LinkState::InSync => "in-sync",
-            LinkState::Failing => "failing",
-            LinkState::OutOfSync => "out-of-sync",
-            LinkState::Resyncing => "resyncing",
-        }
-    }
-}
-
-/// Replica acknowledgements for one queue's worker.
+/// Results for the worker of one queue.
 pub struct Mailbox {
     items: Mutex<Vec<Delivery>>,
     ready: AtomicBool,
     event: EventFd,
 }
 
-/// The outcome of one request on one replica.
-#[derive(Debug, Clone, Copy)]
+/// What happened to one guest request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     pub connection: u64,
     pub head: u16,
-    pub ok: bool,
+    pub op: OpId,
+    pub kind: DeliveryKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// A parked request may go: submit its local I/O.
+    Release,
+    /// The request is done everywhere (`ok: false`: fail it; if it was parked, without
+    /// local I/O).
+    Complete { ok: bool },
 }
 
 impl Mailbox {
@@ -135,153 +126,21 @@ impl Mailbox {
     }
 
     pub fn fd(&self) -> i32 {
-        use std::os::fd::AsRawFd;
         self.event.as_raw_fd()
     }
 }
 
-/// What a sent message is waiting for.
-enum Pending {
-    Guest {
-        queue: usize,
-        connection: u64,
-        head: u16,
-        offset: u64,
-        len: u64,
-        sent: Instant,
-    },
-    /// A checksum request for a dirty region; `data` is the local copy read for it.
-    Compare {
-        region: usize,
-        generation: u32,
-        data: Vec<u8>,
-        sent: Instant,
-    },
-    Copy {
-        region: usize,
-        sent: Instant,
-    },
-}
-
-impl Pending {
-    fn sent(&self) -> Instant {
-        match self {
-            Pending::Guest { sent, .. }
-            | Pending::Compare { sent, .. }
-            | Pending::Copy { sent, .. } => *sent,
-        }
-    }
-
-    fn set_sent(&mut self, t: Instant) {
-        match self {
-            Pending::Guest { sent, .. }
-            | Pending::Compare { sent, .. }
-            | Pending::Copy { sent, .. } => *sent = t,
-        }
-    }
-}
-
-struct LinkTx {
-    sender: Option<wire::Sender>,
-    next_seq: u64,
-    pending: HashMap<u64, Pending>,
-    /// Guest writes queued in `sender` and not written yet. Their `sent` time is set when
-    /// they are written, so that time spent queued (behind another replica's slow send in
-    /// the same flush) never counts against this replica's timeout.
-    unsent: Vec<u64>,
-}
-
-impl LinkTx {
-    /// Everything waiting for this link, which stops waiting here.
-    fn take_pending(&mut self) -> Vec<Pending> {
-        self.unsent.clear();
-        self.pending.drain().map(|(_, p)| p).collect()
-    }
-
-    /// Writes the queued frames; on success, starts their timeout clocks.
-    fn flush(&mut self) -> std::io::Result<()> {
-        let Some(s) = &mut self.sender else {
-            return Ok(());
-        };
-        let r = if s.has_queued() { s.flush() } else { Ok(()) };
-        if r.is_ok() && !self.unsent.is_empty() {
-            let now = Instant::now();
-            for seq in self.unsent.drain(..) {
-                if let Some(p) = self.pending.get_mut(&seq) {
-                    p.set_sent(now);
-                }
-            }
-        }
-        r
-    }
-}
-
-/// Counters of one link, for the health endpoint and stats.
-#[derive(Default)]
-pub struct LinkCounters {
-    pub writes: AtomicU64,
-    pub failures: AtomicU64,
-    pub resynced_regions: AtomicU64,
-    pub resync_bytes: AtomicU64,
-    pub compared_regions: AtomicU64,
-}
-
-/// One replica of the disk.
-pub struct Link {
-    pub addr: String,
-    idx: usize,
-    state: AtomicU8,
-    tx: Mutex<LinkTx>,
-    pub counters: LinkCounters,
-    /// Regions left to resync when the current resync started, for progress.
-    pub resync_total: AtomicU64,
-    /// Whether the authority currently records this replica as in sync.
-    recorded_in_sync: AtomicBool,
-    last_error: Mutex<String>,
-}
-
-impl Link {
-    pub fn state(&self) -> LinkState {
-        LinkState::from_u8(self.state.load(Ordering::SeqCst))
-    }
-
-    fn set_state(&self, s: LinkState) {
-        self.state.store(s as u8, Ordering::SeqCst);
-    }
-
-    fn tx(&self) -> MutexGuard<'_, LinkTx> {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn last_error(&self) -> String {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_error(&self, e: String) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
-    }
-}
-
-/// Per-region counters that let a resync copy a region without racing guest writes.
-struct Regions {
-    generation: Vec<AtomicU32>,
-    in_flight: Vec<AtomicU32>,
-    bytes: u64,
-}
-
-impl Regions {
-    fn span(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
-        if len == 0 {
-            return 0..0;
-        }
-        let n = self.generation.len();
-        let first = (offset / self.bytes) as usize;
-        let last = ((offset + len - 1) / self.bytes) as usize;
-        first.min(n)..(last + 1).min(n)
-    }
+/// What [`Replication::begin`] decided for a guest mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begin {
+    /// Submit the local I/O now; a [`DeliveryKind::Complete`] follows.
+    Go(OpId),
+    /// Hold the request until a delivery says what to do.
+    Parked(OpId),
+    /// Fail it now.
+    Refused,
+    /// Not replicated (nothing to replicate): local I/O only.
+    Local,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +161,12 @@ pub enum ReplError {
         #[source]
         source: io::Error,
     },
+    #[error("another primary serves this volume from {0} (one writer per replicated volume)")]
+    Busy(PathBuf),
+    #[error("the volume cannot be served yet: {0}")]
+    NotReady(String),
+    #[error("fenced while starting: {0}")]
+    Fenced(String),
 }
 
 /// What a daemon needs to serve replicated disks (`serve --authority --node
@@ -313,19 +178,25 @@ pub struct ReplContext {
     pub node: String,
 }
 
-/// Starts replication for `disk` (its `volume=`, `replicas=` and timing keys), reading the
-/// local copy from `path` and keeping the bitmaps in `meta_dir`.
+/// Starts replication for `disk` (its `volume=`, `replicas=` and timing keys), reading and
+/// writing the local copy at `path` and keeping the metadata in `meta_dir`. `uuid` is the
+/// volume's UUID when the caller knows it (the API).
 pub fn start_for_disk(
     disk: &crate::disk::Disk,
-    path: &std::path::Path,
+    path: &Path,
     ctx: &ReplContext,
     meta_dir: PathBuf,
+    uuid: Option<&str>,
 ) -> Result<Arc<Replication>, ReplError> {
     let c = &disk.config;
-    let local = File::open(path).map_err(|source| ReplError::Local {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let local = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| ReplError::Local {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let cfg = ReplConfig {
         volume: c.volume.clone().unwrap_or_default(),
         replicas: c.replicas.clone(),
@@ -334,6 +205,7 @@ pub fn start_for_disk(
         resync_rate: u64::from(c.resync_mbps) << 20,
         region_bytes: DEFAULT_REGION,
         meta_dir,
+        uuid: uuid.map(str::to_string),
     };
     Replication::start(
         cfg,
@@ -345,38 +217,76 @@ pub fn start_for_disk(
     )
 }
 
-/// A request the replication stage cannot take (fenced, or a bitmap could not be made
-/// durable): it fails with IOERR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused;
+/// The sending side of one link.
+struct LinkTx {
+    /// The connection the sender belongs to (0: none).
+    conn: u64,
+    sender: Option<wire::Sender>,
+    /// A send failed: the link thread reports the connection lost.
+    broken: bool,
+}
 
-/// The replication state of one disk, shared by its workers and its link threads.
+/// One replica, as the driver sees it.
+struct LinkIo {
+    addr: String,
+    tx: Mutex<LinkTx>,
+    /// Work for the link's thread from other threads.
+    inbox: Mutex<Vec<Action>>,
+    wake: EventFd,
+}
+
+impl LinkIo {
+    fn tx(&self) -> MutexGuard<'_, LinkTx> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The files only the metadata thread writes.
+struct MetaFiles {
+    activity: BitmapFile,
+    bitmaps: Vec<(BitmapFile, u64)>,
+}
+
+/// The thread a batch of actions runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Worker(usize),
+    Link(usize),
+    Meta,
+    Other,
+}
+
+/// Work [`Replication::execute`] leaves to the calling thread.
+#[derive(Default)]
+struct Local {
+    work: VecDeque<Action>,
+    own: Vec<Delivery>,
+}
+
+/// The replication state of one disk, shared by its workers and its threads.
 pub struct Replication {
     pub config: ReplConfig,
+    pub epoch: u64,
+    pub uuid: String,
     authority: Authority,
     key: Key,
-    pub epoch: u64,
-    /// The volume's incarnation in the authority, sent in every `Open`.
-    uuid: String,
     disk_bytes: u64,
-    /// A page-cache descriptor of the local copy, for resync reads.
+    core: Mutex<Core>,
+    origin: Instant,
+    /// A page-cache descriptor of the local copy, for resync reads and recovery writes.
     local: File,
-    pub links: Vec<Arc<Link>>,
-    maps: Vec<Mutex<DirtyMap>>,
-    /// Each link's receiving half, handed from `start` to the link thread.
-    receivers: Vec<Mutex<Option<wire::Receiver>>>,
-    regions: Regions,
+    links: Vec<LinkIo>,
+    meta_inbox: Mutex<Vec<Action>>,
+    meta_wake: EventFd,
+    mailboxes: Vec<Mailbox>,
     fenced: AtomicBool,
     fence_reason: Mutex<String>,
-    mailboxes: Vec<Mailbox>,
-    /// Writes between reading link states and marking their bitmaps (see `begin`).
-    unforwarded: AtomicUsize,
     connection: AtomicU64,
     stop: AtomicBool,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The exclusive lock on the metadata directory, held while this primary lives.
+    _lock: File,
 }
-
-const CLEAN_MARKER: &str = "clean";
 
 fn map_name(addr: &str) -> String {
     let safe: String = addr
@@ -392,9 +302,13 @@ fn map_name(addr: &str) -> String {
     format!("dirty-{safe}")
 }
 
+const ACTIVITY: &str = "activity";
+
 impl Replication {
-    /// Takes the volume over as its primary (bumping the epoch in the authority), opens the
-    /// dirty bitmaps, connects to the in-sync replicas, and starts one thread per replica.
+    /// Takes the volume over as its primary (bumping the epoch in the authority), loads the
+    /// activity log and the dirty bitmaps, starts the threads, and returns once the state
+    /// machine serves: the in-sync replicas answered, and what an unclean stop may have
+    /// left different was reconciled.
     pub fn start(
         config: ReplConfig,
         authority: Authority,
@@ -403,182 +317,217 @@ impl Replication {
         disk_bytes: u64,
         queues: usize,
     ) -> Result<Arc<Replication>, ReplError> {
-        let meta = |source| ReplError::Meta {
-            path: config.meta_dir.clone(),
-            source,
+        let meta_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReplError::Meta { path, source }
         };
-        std::fs::create_dir_all(&config.meta_dir).map_err(meta)?;
-        let marker = config.meta_dir.join(CLEAN_MARKER);
-        // A start is clean only if this node stopped cleanly as the volume's primary at the
-        // epoch the authority still holds: then every write was drained to every in-sync
-        // replica. A promoted node, a node whose metadata is new, or a node whose epoch was
-        // superseded meanwhile is not (found by the simulation, tests/replication_sim.rs).
-        let before = authority.load(&config.volume)?;
-        let marker_epoch: Option<u64> = std::fs::read_to_string(&marker)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let clean = match &before {
-            None => true, // a new volume: no copy can differ yet
-            Some(v) => v.record.primary == config.node && marker_epoch == Some(v.record.epoch),
-        };
-        // From now until a clean stop, a crash counts as unclean.
-        if marker.exists() {
-            std::fs::remove_file(&marker).map_err(meta)?;
-            File::open(&config.meta_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(meta)?;
+        let dir = &config.meta_dir;
+        std::fs::create_dir_all(dir).map_err(meta_err(dir))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(meta_err(&lock_path))?;
+        if !crate::sys::try_flock_exclusive(&lock).map_err(meta_err(&lock_path))? {
+            return Err(ReplError::Busy(dir.clone()));
         }
-
-        let mut record =
-            authority.take_over(&config.volume, &config.node, &config.replicas, None)?;
-        if !clean {
-            // In-flight writes may differ between the copies: every replica resyncs first.
-            let in_sync: Vec<String> = record
-                .replicas
-                .iter()
-                .filter(|m| m.in_sync)
-                .map(|m| m.addr.clone())
-                .collect();
-            for addr in &in_sync {
-                record = authority.set_in_sync(
-                    &config.volume,
-                    &config.node,
-                    record.epoch,
-                    addr,
-                    false,
-                )?;
-            }
-        }
+        let had_bitmaps = std::fs::read_dir(dir)
+            .map_err(meta_err(dir))?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("dirty-"));
+        let record = authority.take_over(
+            &config.volume,
+            &config.node,
+            &config.replicas,
+            config.uuid.as_deref(),
+        )?;
+        let (files, links, activity) = Self::load_meta(&config, &record, disk_bytes, had_bitmaps)?;
         tracing::info!(
             volume = %config.volume,
             epoch = record.epoch,
+            uuid = %record.uuid,
             authority = %authority.describe(),
-            clean,
+            active_regions = activity.as_ref().map_or(usize::MAX, DirtyMap::count),
             "took the volume over as primary"
         );
-        let mut maps = Vec::new();
-        let mut links = Vec::new();
-        for (idx, addr) in config.replicas.iter().enumerate() {
-            let path = config.meta_dir.join(map_name(addr));
-            let existed = path.exists();
-            let mut map =
-                DirtyMap::open(&path, disk_bytes, config.region_bytes).map_err(|source| {
-                    ReplError::Meta {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-            let in_sync = record.member(addr).is_some_and(|m| m.in_sync);
-            let was_member = before
-                .as_ref()
-                .is_some_and(|v| v.record.member(addr).is_some());
-            if in_sync {
-                // Clean start of an in-sync replica: nothing differs.
-                for r in 0..map.regions() {
-                    map.clear(r);
-                }
-            } else if !was_member || !existed || !clean {
-                // A new or re-added replica (its old bitmap missed what was written while
-                // it was not a member), or an unclean stop: any region may differ.
-                map.set_all();
-            }
-            map.persist().map_err(|source| ReplError::Meta {
-                path: path.clone(),
-                source,
-            })?;
-            maps.push(Mutex::new(map));
-            links.push(Arc::new(Link {
-                addr: addr.clone(),
-                idx,
-                state: AtomicU8::new(if in_sync {
-                    LinkState::InSync
-                } else {
-                    LinkState::OutOfSync
-                } as u8),
-                tx: Mutex::new(LinkTx {
-                    sender: None,
-                    next_seq: 1,
-                    pending: HashMap::new(),
-                    unsent: Vec::new(),
-                }),
-                counters: LinkCounters::default(),
-                resync_total: AtomicU64::new(0),
-                recorded_in_sync: AtomicBool::new(in_sync),
-                last_error: Mutex::new(String::new()),
-            }));
-        }
-        let n = disk_bytes.div_ceil(config.region_bytes) as usize;
+        let mut cfg = CoreConfig::new(
+            &config.volume,
+            &record.uuid,
+            record.epoch,
+            disk_bytes,
+            config.region_bytes,
+        );
+        cfg.timeout = config.timeout.as_micros() as u64;
+        cfg.resync_rate = config.resync_rate;
+        let origin = Instant::now();
+        let mut first = Vec::new();
+        let core = Core::new(cfg, links, activity, 0, &mut first);
         let repl = Arc::new(Replication {
-            regions: Regions {
-                generation: (0..n).map(|_| AtomicU32::new(0)).collect(),
-                in_flight: (0..n).map(|_| AtomicU32::new(0)).collect(),
-                bytes: config.region_bytes,
-            },
             epoch: record.epoch,
             uuid: record.uuid.clone(),
             authority,
             key,
             disk_bytes,
+            core: Mutex::new(core),
+            origin,
             local,
-            receivers: links.iter().map(|_| Mutex::new(None)).collect(),
-            links,
-            maps,
-            fenced: AtomicBool::new(false),
-            fence_reason: Mutex::new(String::new()),
+            links: config
+                .replicas
+                .iter()
+                .map(|addr| {
+                    Ok(LinkIo {
+                        addr: addr.clone(),
+                        tx: Mutex::new(LinkTx {
+                            conn: 0,
+                            sender: None,
+                            broken: false,
+                        }),
+                        inbox: Mutex::new(Vec::new()),
+                        wake: EventFd::new(EFD_NONBLOCK)?,
+                    })
+                })
+                .collect::<io::Result<_>>()
+                .map_err(ReplError::Start)?,
+            meta_inbox: Mutex::new(Vec::new()),
+            meta_wake: EventFd::new(EFD_NONBLOCK).map_err(ReplError::Start)?,
             mailboxes: (0..queues)
                 .map(|_| Mailbox::new())
                 .collect::<io::Result<_>>()
                 .map_err(ReplError::Start)?,
-            unforwarded: AtomicUsize::new(0),
+            fenced: AtomicBool::new(false),
+            fence_reason: Mutex::new(String::new()),
             connection: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            _lock: lock,
             config,
         });
-        // In-sync replicas must accept our epoch before we serve; one that cannot is
-        // recorded as out of sync first.
-        for link in &repl.links {
-            if link.state() == LinkState::InSync {
-                match repl.connect(link) {
-                    Ok(r) => {
-                        *repl.receivers[link.idx]
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %repl.config.volume, replica = %link.addr, "in-sync replica unreachable at start: {e}");
-                        link.set_error(e.clone());
-                        link.set_state(LinkState::Failing);
-                        repl.record_failure(link, &e);
-                    }
-                }
-            }
-        }
-        if repl.is_fenced() {
-            return Err(ReplError::Authority(AuthorityError::Refused(format!(
-                "fenced while starting: {}",
-                repl.fence_reason()
-            ))));
-        }
-        for link in &repl.links {
-            let (r, l) = (Arc::clone(&repl), Arc::clone(link));
-            let t = std::thread::Builder::new()
-                .name(format!("link-{}", link.addr))
-                .spawn(move || r.link_thread(&l))
-                .map_err(ReplError::Start)?;
-            repl.threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(t);
+        repl.spawn_threads(files)?;
+        repl.execute(first, Ctx::Other, &mut Local::default());
+        if let Err(e) = repl.wait_serving() {
+            repl.stop_threads();
+            return Err(e);
         }
         Ok(repl)
+    }
+
+    /// Opens the activity log and one dirty bitmap per replica.
+    fn load_meta(
+        config: &ReplConfig,
+        record: &super::authority::VolumeRecord,
+        disk_bytes: u64,
+        had_bitmaps: bool,
+    ) -> Result<(MetaFiles, Vec<LinkInit>, Option<DirtyMap>), ReplError> {
+        let rb = config.region_bytes;
+        let open = |name: &str| {
+            let path = config.meta_dir.join(name);
+            BitmapFile::open(&path, disk_bytes, rb)
+                .map_err(|source| ReplError::Meta { path, source })
+        };
+        let (al_file, loaded) = open(ACTIVITY)?;
+        let activity = match loaded {
+            Loaded::Valid(map, tag) if tag.uuid == record.uuid => Some(map),
+            // Another incarnation's log: nothing of this volume was ever written here.
+            Loaded::Valid(..) => Some(DirtyMap::in_memory(disk_bytes, rb)),
+            // No log yet: a new primary, unless bitmaps exist without one (an older
+            // version's metadata), which says nothing about what was in flight.
+            Loaded::New if !had_bitmaps => Some(DirtyMap::in_memory(disk_bytes, rb)),
+            Loaded::New => None,
+            Loaded::Invalid(why) => {
+                tracing::error!(volume = %config.volume, "the activity log cannot be read ({why}): every region will be reconciled");
+                None
+            }
+        };
+        let mut links = Vec::new();
+        let mut bitmaps = Vec::new();
+        for addr in &config.replicas {
+            let (file, loaded) = open(&map_name(addr))?;
+            let bitmap = match loaded {
+                Loaded::Valid(map, tag) => Some((map, tag)),
+                Loaded::New => None,
+                Loaded::Invalid(why) => {
+                    tracing::error!(volume = %config.volume, replica = %addr, "the dirty bitmap cannot be read ({why}): the replica gets a full rebuild");
+                    None
+                }
+            };
+            links.push(LinkInit {
+                addr: addr.clone(),
+                in_sync: record.member(addr).is_some_and(|m| m.in_sync),
+                bitmap,
+            });
+            bitmaps.push((file, 0));
+        }
+        Ok((
+            MetaFiles {
+                activity: al_file,
+                bitmaps,
+            },
+            links,
+            activity,
+        ))
+    }
+
+    fn spawn_threads(self: &Arc<Self>, files: MetaFiles) -> Result<(), ReplError> {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for i in 0..self.links.len() {
+            let me = Arc::clone(self);
+            let t = std::thread::Builder::new()
+                .name(format!("link-{}", self.links[i].addr))
+                .spawn(move || me.link_thread(i))
+                .map_err(ReplError::Start)?;
+            threads.push(t);
+        }
+        let me = Arc::clone(self);
+        let t = std::thread::Builder::new()
+            .name(format!("meta-{}", self.config.volume))
+            .spawn(move || me.meta_thread(files))
+            .map_err(ReplError::Start)?;
+        threads.push(t);
+        Ok(())
+    }
+
+    /// Waits until the state machine serves, or fails the start.
+    fn wait_serving(&self) -> Result<(), ReplError> {
+        let deadline = Instant::now() + START_TIMEOUT.max(3 * self.config.timeout);
+        loop {
+            {
+                let c = self.core();
+                if let Some(why) = c.fenced() {
+                    return Err(ReplError::Fenced(why.to_string()));
+                }
+                if c.phase() == Phase::Serving {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    let why = c
+                        .start_blocker()
+                        .unwrap_or("the replicas did not answer")
+                        .to_string();
+                    tracing::error!(volume = %self.config.volume, "not serving: {why}");
+                    return Err(ReplError::NotReady(why));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> Micros {
+        self.origin.elapsed().as_micros() as Micros
     }
 
     pub fn mailbox(&self, queue: usize) -> &Mailbox {
         &self.mailboxes[queue]
     }
 
-    /// A new frontend connection: acknowledgements for the old one are ignored from now on.
+    /// A new frontend connection: results for the old one are ignored from now on.
     pub fn new_connection(&self) -> u64 {
         self.connection.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -598,206 +547,520 @@ impl Replication {
             .clone()
     }
 
-    fn fence(&self, why: &str) {
-        if !self.fenced.swap(true, Ordering::AcqRel) {
-            tracing::error!(volume = %self.config.volume, epoch = self.epoch, "FENCED, every request now fails: {why}");
-            *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) = why.to_string();
-        }
+    /// Every link's state and counters, and the disk's phase.
+    pub fn status(&self) -> (Phase, Vec<LinkStatus>) {
+        let c = self.core();
+        (c.phase(), c.status())
     }
 
-    /// Dirty regions per replica.
-    pub fn dirty_regions(&self, link: usize) -> usize {
-        self.maps[link]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .count()
-    }
+    // -----------------------------------------------------------------------------------
+    // The worker's side
+    // -----------------------------------------------------------------------------------
 
-    /// Starts a mutating request (write, discard, write-zeroes). Queues it for the replicas
-    /// that get it and marks the bitmaps of those that do not. Returns how many replica
-    /// acknowledgements the request must wait for, or `Err` if it must fail (fenced, or a
-    /// bitmap could not be made durable). After `Ok`, the caller must call
-    /// [`flush`](Self::flush) (once for a batch of requests) and
-    /// [`end_local`](Self::end_local) when the local I/O is done.
+    /// Starts a guest write, discard or write-zeroes (`data`: a write's payload). Results
+    /// for the calling worker's own queue that are ready at once go to `own`.
     pub fn begin(
         &self,
         queue: usize,
         connection: u64,
         head: u16,
         op: Op,
-        data: &[u8],
-    ) -> Result<u32, Refused> {
+        data: Vec<u8>,
+        own: &mut Vec<Delivery>,
+    ) -> Begin {
         if self.is_fenced() {
-            return Err(Refused);
+            return Begin::Refused;
         }
-        let (offset, len) = match op {
-            Op::Write { offset } => (offset, data.len() as u64),
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => (offset, len),
-            _ => return Ok(0),
+        let (offset, len, kind) = match op {
+            Op::Write { offset } => {
+                let crc = crc32c::crc32c(&data);
+                (
+                    offset,
+                    data.len() as u64,
+                    Mutation::Write {
+                        crc,
+                        data: Arc::new(data),
+                    },
+                )
+            }
+            Op::Discard { offset, len } => (offset, len, Mutation::Zero { unmap: true }),
+            Op::WriteZeroes { offset, len, unmap } => (offset, len, Mutation::Zero { unmap }),
+            _ => return Begin::Local,
         };
-        let span = self.regions.span(offset, len);
-        for r in span.clone() {
-            // In-flight first, then the generation: a resync reads the generation first and
-            // the in-flight count second, so it sees at least one of them move (found by
-            // the simulation, tests/replication_sim.rs).
-            self.regions.in_flight[r].fetch_add(1, Ordering::SeqCst);
-            self.regions.generation[r].fetch_add(1, Ordering::SeqCst);
+        let desc = OpDesc {
+            queue: queue as u16,
+            conn: connection,
+            head,
+            offset,
+            len,
+            kind,
+        };
+        let mut actions = Vec::new();
+        let verdict = {
+            let now = self.now();
+            self.core().begin(now, desc, &mut actions)
+        };
+        self.execute_for_worker(actions, queue, own);
+        match verdict {
+            Verdict::Go(id) => Begin::Go(id),
+            Verdict::Parked(id) => Begin::Parked(id),
+            Verdict::Refused => Begin::Refused,
+            Verdict::Local => Begin::Local,
         }
-        // Dekker-style handshake with a link that starts resyncing: it waits for this
-        // counter to drop to zero after switching state, so a write that saw the old state
-        // has set its bits by then.
-        self.unforwarded.fetch_add(1, Ordering::SeqCst);
-        let mut forward: [Option<&Arc<Link>>; 8] = Default::default();
-        let mut nf = 0;
-        let mut failed = false;
-        for link in &self.links {
-            match link.state() {
-                LinkState::OutOfSync => {
-                    let mut map = self.maps[link.idx]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if map.mark(offset, len) {
-                        if let Err(e) = map.persist() {
-                            tracing::error!(volume = %self.config.volume, "cannot persist the dirty bitmap: {e}");
-                            failed = true;
-                        }
+    }
+
+    /// The local I/O of a started request is done.
+    pub fn local_done(&self, queue: usize, op: OpId, ok: bool, own: &mut Vec<Delivery>) {
+        let mut actions = Vec::new();
+        {
+            let now = self.now();
+            self.core().local_done(now, op, ok, &mut actions);
+        }
+        self.execute_for_worker(actions, queue, own);
+    }
+
+    /// A parked request will never run (its worker is going away).
+    pub fn abandon(&self, op: OpId) {
+        let mut actions = Vec::new();
+        {
+            let now = self.now();
+            self.core().abandon(now, op, &mut actions);
+        }
+        self.execute(actions, Ctx::Other, &mut Local::default());
+    }
+
+    /// Writes the frames queued since the last call, on every link, without blocking: a
+    /// queue worker calls it once per batch, so a batch costs one send per replica.
+    pub fn flush(&self) {
+        for i in 0..self.links.len() {
+            self.flush_link(i);
+        }
+    }
+
+    fn execute_for_worker(&self, actions: Vec<Action>, queue: usize, own: &mut Vec<Delivery>) {
+        if actions.is_empty() {
+            return;
+        }
+        let mut local = Local::default();
+        self.execute(actions, Ctx::Worker(queue), &mut local);
+        own.append(&mut local.own);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Performing actions
+    // -----------------------------------------------------------------------------------
+
+    /// Performs what it can of `actions` at once (sends, deliveries) and routes the rest to
+    /// the thread that must do it; work for the calling thread goes to `local`.
+    fn execute(&self, actions: Vec<Action>, ctx: Ctx, local: &mut Local) {
+        let mut touched = 0u64;
+        for a in actions {
+            match a {
+                Action::Send { link, conn, frame } => {
+                    if self.send(link, conn, &frame) {
+                        touched |= 1 << link;
                     }
                 }
-                _ if nf < forward.len() => {
-                    forward[nf] = Some(link);
-                    nf += 1;
+                Action::Disconnect { link, conn } => self.disconnect(link, conn),
+                Action::Connect { link, .. }
+                | Action::Record { link, .. }
+                | Action::ReadLocal { link, .. }
+                | Action::WriteLocal { link, .. } => {
+                    if ctx == Ctx::Link(link) {
+                        local.work.push_back(a);
+                    } else {
+                        let l = &self.links[link];
+                        l.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(a);
+                        let _ = l.wake.write(1);
+                    }
                 }
-                _ => failed = true,
-            }
-        }
-        self.unforwarded.fetch_sub(1, Ordering::SeqCst);
-        if failed {
-            self.end_local(offset, len);
-            return Err(Refused);
-        }
-        let crc = if matches!(op, Op::Write { .. }) {
-            crc32c::crc32c(data)
-        } else {
-            0
-        };
-        for link in forward.iter().take(nf).flatten() {
-            let mut tx = link.tx();
-            let seq = tx.next_seq;
-            tx.next_seq += 1;
-            tx.pending.insert(
-                seq,
-                Pending::Guest {
+                Action::StoreActivity { .. }
+                | Action::StoreBitmap(_)
+                | Action::Checkpoint { .. } => {
+                    if ctx == Ctx::Meta {
+                        local.work.push_back(a);
+                    } else {
+                        self.meta_inbox
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(a);
+                        let _ = self.meta_wake.write(1);
+                    }
+                }
+                Action::Release {
                     queue,
-                    connection,
+                    conn,
                     head,
-                    offset,
-                    len,
-                    sent: Instant::now(),
-                },
-            );
-            link.counters.writes.fetch_add(1, Ordering::Relaxed);
-            let epoch = self.epoch;
-            if tx.sender.is_some() {
-                tx.unsent.push(seq);
-            }
-            if let Some(s) = &mut tx.sender {
-                let sent = match op {
-                    Op::Write { .. } => s.queue_write(seq, epoch, offset, crc, data),
-                    Op::Discard { .. } => s.queue(&Msg::Zero {
-                        seq,
-                        epoch,
-                        offset,
-                        len,
-                        unmap: true,
-                    }),
-                    Op::WriteZeroes { unmap, .. } => s.queue(&Msg::Zero {
-                        seq,
-                        epoch,
-                        offset,
-                        len,
-                        unmap,
-                    }),
-                    _ => Ok(()),
-                };
-                if sent.is_err() {
-                    // The link thread sees the closed socket and handles the failure,
-                    // including this request.
-                    s.shutdown();
-                    tx.sender = None;
+                    op,
+                } => self.deliver(ctx, local, queue, conn, head, op, DeliveryKind::Release),
+                Action::Complete {
+                    queue,
+                    conn,
+                    head,
+                    op,
+                    ok,
+                } => self.deliver(
+                    ctx,
+                    local,
+                    queue,
+                    conn,
+                    head,
+                    op,
+                    DeliveryKind::Complete { ok },
+                ),
+                Action::Fenced { reason } => {
+                    *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+                    self.fenced.store(true, Ordering::Release);
                 }
             }
         }
-        Ok(nf as u32)
-    }
-
-    /// Writes the frames [`begin`](Self::begin) queued, on every link: a queue worker calls
-    /// it once per batch of requests, so a batch costs one send per replica.
-    pub fn flush(&self) {
-        for link in &self.links {
-            let mut tx = link.tx();
-            if tx.flush().is_err() {
-                // As in `begin`: the link thread sees the closed socket.
-                if let Some(s) = tx.sender.take() {
-                    s.shutdown();
+        // A worker writes its batch's frames once, at the end of the batch.
+        if !matches!(ctx, Ctx::Worker(_)) {
+            for i in 0..self.links.len() {
+                if touched & (1 << i) != 0 {
+                    self.flush_link(i);
                 }
             }
         }
     }
 
-    /// The local part of a request started with [`begin`](Self::begin) is done.
-    pub fn end_local(&self, offset: u64, len: u64) {
-        for r in self.regions.span(offset, len) {
-            self.regions.in_flight[r].fetch_sub(1, Ordering::SeqCst);
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        ctx: Ctx,
+        local: &mut Local,
+        queue: u16,
+        connection: u64,
+        head: u16,
+        op: OpId,
+        kind: DeliveryKind,
+    ) {
+        let d = Delivery {
+            connection,
+            head,
+            op,
+            kind,
+        };
+        if ctx == Ctx::Worker(usize::from(queue)) {
+            local.own.push(d);
+        } else if let Some(m) = self.mailboxes.get(usize::from(queue)) {
+            m.post(d);
         }
     }
 
-    /// Stops the link threads (after the disk drained) and, if nothing is outstanding,
-    /// records a clean stop so that the next start need not resync everything.
-    pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for link in &self.links {
-            if let Some(s) = &link.tx().sender {
+    /// Queues `frame` on `link` if `conn` is still its connection.
+    fn send(&self, link: usize, conn: u64, frame: &Frame) -> bool {
+        let mut tx = self.links[link].tx();
+        if tx.conn != conn {
+            return false;
+        }
+        let Some(s) = &mut tx.sender else {
+            return false;
+        };
+        match frame {
+            Frame::Write {
+                seq,
+                epoch,
+                offset,
+                crc,
+                data,
+            } => s.push_write(*seq, *epoch, *offset, *crc, data),
+            Frame::Zero {
+                seq,
+                epoch,
+                offset,
+                len,
+                unmap,
+            } => s.push(&Msg::Zero {
+                seq: *seq,
+                epoch: *epoch,
+                offset: *offset,
+                len: *len,
+                unmap: *unmap,
+            }),
+            Frame::Sums { seq, offset, len } => s.push(&Msg::Sums {
+                seq: *seq,
+                offset: *offset,
+                len: *len,
+                chunk: *len as u32,
+            }),
+            Frame::Read { seq, offset, len } => s.push(&Msg::Read {
+                seq: *seq,
+                offset: *offset,
+                len: *len,
+            }),
+            Frame::Adopt { seq, epoch, gen } => s.push(&Msg::Adopt {
+                seq: *seq,
+                epoch: *epoch,
+                gen: *gen,
+            }),
+        }
+        true
+    }
+
+    /// Writes what the socket of `link` takes now; the rest is left to the link's thread.
+    fn flush_link(&self, link: usize) {
+        let l = &self.links[link];
+        let mut tx = l.tx();
+        let Some(s) = &mut tx.sender else {
+            return;
+        };
+        if !s.has_queued() {
+            return;
+        }
+        match s.try_flush() {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = l.wake.write(1);
+            }
+            Err(_) => {
+                tx.broken = true;
+                let _ = l.wake.write(1);
+            }
+        }
+    }
+
+    fn disconnect(&self, link: usize, conn: u64) {
+        let l = &self.links[link];
+        let mut tx = l.tx();
+        if tx.conn == conn {
+            if let Some(s) = tx.sender.take() {
                 s.shutdown();
             }
+            tx.conn = 0;
+            tx.broken = false;
+            let _ = l.wake.write(1);
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in threads {
-            let _ = t.join();
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Link threads
+    // -----------------------------------------------------------------------------------
+
+    /// A link's thread: performs its blocking work, receives replies, ticks the machine.
+    fn link_thread(self: Arc<Self>, i: usize) {
+        let mut rx: Option<(u64, wire::Receiver)> = None;
+        let mut local = Local::default();
+        let mut next_tick = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            {
+                let mut inbox = self.links[i]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                local.work.extend(inbox.drain(..));
+            }
+            while let Some(a) = local.work.pop_front() {
+                let out = self.link_work(i, a, &mut rx);
+                self.execute(out, Ctx::Link(i), &mut local);
+            }
+            // Drop a receiver whose connection the machine has closed.
+            if let Some((conn, _)) = &rx {
+                if self.links[i].tx().conn != *conn {
+                    rx = None;
+                }
+            }
+            let lost = self.wait_and_receive(i, &mut rx, &mut local);
+            if let Some((conn, why)) = lost {
+                rx = None;
+                let mut out = Vec::new();
+                let now = self.now();
+                self.core().on_disconnect(now, i, conn, why, &mut out);
+                self.execute(out, Ctx::Link(i), &mut local);
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                let mut out = Vec::new();
+                let now = self.now();
+                self.core().tick(now, i, &mut out);
+                self.execute(out, Ctx::Link(i), &mut local);
+            }
         }
-        let outstanding: usize = self.links.iter().map(|l| l.tx().pending.len()).sum();
-        let mut ok = outstanding == 0 && !self.is_fenced();
-        for m in &self.maps {
-            ok &= m
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .persist()
-                .is_ok();
+        if let Some(s) = self.links[i].tx().sender.take() {
+            s.shutdown();
         }
-        if ok {
-            let marker = self.config.meta_dir.join(CLEAN_MARKER);
-            let done = std::fs::write(&marker, self.epoch.to_string())
-                .and_then(|()| File::open(&self.config.meta_dir)?.sync_all());
-            if let Err(e) = done {
-                tracing::warn!("cannot record a clean stop: {e}");
+    }
+
+    /// Waits (at most a tick) for a reply, writability or a wake-up, writes what is queued
+    /// and handles the replies. Returns a lost connection.
+    fn wait_and_receive(
+        &self,
+        i: usize,
+        rx: &mut Option<(u64, wire::Receiver)>,
+        local: &mut Local,
+    ) -> Option<(u64, String)> {
+        let link = &self.links[i];
+        let (want_out, broken) = {
+            let tx = link.tx();
+            (
+                tx.sender.as_ref().is_some_and(|s| s.has_queued()),
+                tx.broken,
+            )
+        };
+        if let (true, Some((conn, _))) = (broken, rx.as_ref()) {
+            return Some((*conn, "send failed".into()));
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: link.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        let buffered = rx.as_ref().is_some_and(|(_, r)| r.has_buffered());
+        if let Some((_, r)) = rx.as_ref() {
+            fds[1].fd = r.raw_fd();
+            fds[1].events = libc::POLLIN | if want_out { libc::POLLOUT } else { 0 };
+        }
+        let timeout = if buffered { 0 } else { TICK.as_millis() as i32 };
+        if let Err(e) = crate::sys::poll(&mut fds, timeout) {
+            tracing::warn!("poll failed: {e}");
+            std::thread::sleep(TICK);
+        }
+        if fds[0].revents != 0 {
+            let _ = link.wake.read();
+        }
+        let (conn, r) = rx.as_mut()?;
+        let conn = *conn;
+        if fds[1].revents & libc::POLLOUT != 0 {
+            self.flush_link(i);
+        }
+        let readable =
+            buffered || fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        if !readable {
+            return None;
+        }
+        loop {
+            match r.recv() {
+                Ok(msg) => {
+                    let reply = match msg {
+                        Msg::Ack { seq, .. } => Reply::Ack { seq },
+                        Msg::Nack { seq, code, message } => Reply::Nack {
+                            seq,
+                            stale: code == Code::Stale,
+                            message,
+                        },
+                        Msg::SumsReply { seq, crcs } => Reply::Sums { seq, crcs },
+                        Msg::Data { seq, data } => Reply::Data { seq, data },
+                        other => {
+                            return Some((conn, format!("unexpected message {:?}", other.seq())))
+                        }
+                    };
+                    let mut out = Vec::new();
+                    let now = self.now();
+                    self.core().on_reply(now, i, conn, reply, &mut out);
+                    self.execute(out, Ctx::Link(i), local);
+                    if !r.has_buffered() && !readable_now(r.raw_fd()) {
+                        return None;
+                    }
+                }
+                Err(e) if e.is_timeout() => return None,
+                Err(e) => return Some((conn, e.to_string())),
             }
         }
     }
 
-    fn connect(&self, link: &Link) -> Result<wire::Receiver, String> {
-        let addr = link
-            .addr
+    /// Performs one blocking action of link `i`; returns what the machine asks next.
+    fn link_work(
+        &self,
+        i: usize,
+        a: Action,
+        rx: &mut Option<(u64, wire::Receiver)>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        match a {
+            Action::Connect { conn, .. } => {
+                *rx = None;
+                let result = match self.open_link(i) {
+                    Ok((sender, receiver, identity)) => {
+                        let mut tx = self.links[i].tx();
+                        if let Some(old) = tx.sender.replace(sender) {
+                            old.shutdown();
+                        }
+                        tx.conn = conn;
+                        tx.broken = false;
+                        drop(tx);
+                        *rx = Some((conn, receiver));
+                        Ok(identity)
+                    }
+                    Err(e) => Err(e),
+                };
+                let now = self.now();
+                self.core().on_open(now, i, conn, result, &mut out);
+            }
+            Action::Record { in_sync, .. } => {
+                let r = self.authority.set_in_sync(
+                    &self.config.volume,
+                    &self.config.node,
+                    self.epoch,
+                    &self.links[i].addr,
+                    in_sync,
+                );
+                let result = match r {
+                    Ok(_) => Ok(()),
+                    Err(e @ AuthorityError::Fenced { .. }) => {
+                        Err(RecordError::Fenced(e.to_string()))
+                    }
+                    Err(e) => Err(RecordError::Failed(e.to_string())),
+                };
+                let now = self.now();
+                self.core().on_recorded(now, i, in_sync, result, &mut out);
+            }
+            Action::ReadLocal {
+                region,
+                offset,
+                len,
+                ..
+            } => {
+                let mut data = vec![0u8; len as usize];
+                let result = self
+                    .local
+                    .read_exact_at(&mut data, offset)
+                    .map(|()| data)
+                    .map_err(|e| e.to_string());
+                let now = self.now();
+                self.core().on_local_read(now, i, region, result, &mut out);
+            }
+            Action::WriteLocal {
+                region,
+                offset,
+                data,
+                ..
+            } => {
+                let result = self
+                    .local
+                    .write_all_at(&data, offset)
+                    .map_err(|e| e.to_string());
+                let now = self.now();
+                self.core()
+                    .on_local_written(now, i, region, result, &mut out);
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Connects to link `i`'s replica, authenticates and opens the volume at our epoch.
+    fn open_link(&self, i: usize) -> Result<(wire::Sender, wire::Receiver, Tag), OpenError> {
+        let addr = &self.links[i].addr;
+        let failed = |e: String| OpenError::Failed(format!("{addr}: {e}"));
+        let sa = addr
             .to_socket_addrs()
-            .map_err(|e| format!("{}: {e}", link.addr))?
+            .map_err(|e| failed(e.to_string()))?
             .next()
-            .ok_or_else(|| format!("{}: no address", link.addr))?;
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("connect {}: {e}", link.addr))?;
-        let (mut s, mut r) =
-            wire::client(stream, &self.key).map_err(|e| format!("{}: {e}", link.addr))?;
-        s.set_timeout(Some(self.config.timeout))
-            .map_err(|e| e.to_string())?;
-        r.set_timeout(Some(self.config.timeout))
-            .map_err(|e| e.to_string())?;
+            .ok_or_else(|| failed("no address".into()))?;
+        let stream = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+            .map_err(|e| failed(format!("connect: {e}")))?;
+        let (mut s, mut r) = wire::client(stream, &self.key).map_err(|e| failed(e.to_string()))?;
+        s.set_timeout(Some(self.config.timeout.max(CONNECT_TIMEOUT)))
+            .map_err(|e| failed(e.to_string()))?;
+        r.set_timeout(Some(self.config.timeout.max(CONNECT_TIMEOUT)))
+            .map_err(|e| failed(e.to_string()))?;
         s.send(&Msg::Open {
             seq: 0,
             epoch: self.epoch,
@@ -805,509 +1068,167 @@ impl Replication {
             volume: self.config.volume.clone(),
             uuid: self.uuid.clone(),
         })
-        .map_err(|e| format!("{}: {e}", link.addr))?;
-        match r.recv() {
-            Ok(Msg::Opened { .. }) => {}
+        .map_err(|e| failed(e.to_string()))?;
+        let identity = match r.recv() {
+            Ok(Msg::Opened { uuid, gen, .. }) => Tag { uuid, gen },
             Ok(Msg::Nack {
                 code: Code::Stale,
                 message,
                 ..
-            }) => {
-                self.fence(&format!(
-                    "replica {} refused epoch {}: {message}",
-                    link.addr, self.epoch
-                ));
-                return Err(message);
-            }
-            Ok(Msg::Nack { message, .. }) => {
-                return Err(format!("{} refused: {message}", link.addr))
-            }
-            Ok(_) => return Err(format!("{}: unexpected reply to Open", link.addr)),
-            Err(e) => return Err(format!("{}: {e}", link.addr)),
-        }
-        r.set_timeout(Some(POLL)).map_err(|e| e.to_string())?;
-        let mut tx = link.tx();
-        tx.sender = Some(s);
-        tx.unsent.clear();
-        drop(tx);
-        Ok(r)
+            }) => return Err(OpenError::Stale(message)),
+            Ok(Msg::Nack { message, .. }) => return Err(failed(format!("refused: {message}"))),
+            Ok(_) => return Err(failed("unexpected reply to Open".into())),
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        r.set_timeout(Some(TICK))
+            .map_err(|e| failed(e.to_string()))?;
+        Ok((s, r, identity))
     }
 
-    fn post(&self, queue: usize, connection: u64, head: u16, ok: bool) {
-        if let Some(m) = self.mailboxes.get(queue) {
-            m.post(Delivery {
-                connection,
-                head,
-                ok,
-            });
-        }
-    }
+    // -----------------------------------------------------------------------------------
+    // The metadata thread
+    // -----------------------------------------------------------------------------------
 
-    /// The link thread: reads acknowledgements, watches for faults, reconnects, resyncs.
-    fn link_thread(&self, link: &Link) {
-        let mut rx = self.receivers[link.idx]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let mut rs = Resync::default();
-        let mut next_attempt = Instant::now();
-        let mut last_timeout_check = Instant::now();
-        while !self.stop.load(Ordering::SeqCst) {
-            if self.is_fenced() {
-                if let Some(s) = link.tx().sender.take() {
-                    s.shutdown();
-                }
-                rx = None;
-                self.fail_pending(link);
-                std::thread::sleep(POLL);
-                continue;
+    fn meta_thread(self: Arc<Self>, mut files: MetaFiles) {
+        let tag = Tag {
+            uuid: self.uuid.clone(),
+            gen: 0,
+        };
+        let mut local = Local::default();
+        loop {
+            {
+                let mut inbox = self.meta_inbox.lock().unwrap_or_else(|p| p.into_inner());
+                local.work.extend(inbox.drain(..));
             }
-            let Some(r) = &mut rx else {
-                self.settle_out_of_sync(link);
-                if Instant::now() >= next_attempt {
-                    match self.connect(link) {
-                        Ok(r) => {
-                            rx = Some(r);
-                            self.start_resync(link, &mut rs);
-                        }
-                        Err(e) => {
-                            tracing::debug!(replica = %link.addr, "reconnect failed: {e}");
-                            link.set_error(e);
-                            next_attempt = Instant::now() + RECONNECT;
-                        }
-                    }
-                } else {
-                    std::thread::sleep(POLL.min(RECONNECT));
-                }
-                continue;
-            };
-            let mut fault = match r.recv() {
-                Ok(msg) => self.on_reply(link, msg, &mut rs).err(),
-                Err(e) if e.is_timeout() => None,
-                Err(e) => Some(format!("connection lost: {e}")),
-            };
-            if fault.is_none() && last_timeout_check.elapsed() >= POLL {
-                last_timeout_check = Instant::now();
-                let tx = link.tx();
-                if tx.sender.is_none() {
-                    fault = Some("send failed".to_string());
-                } else if let Some(oldest) = tx.pending.values().map(Pending::sent).min() {
-                    if oldest.elapsed() > self.config.timeout {
-                        fault = Some(format!(
-                            "no answer within {} ms",
-                            self.config.timeout.as_millis()
-                        ));
-                    }
+            let idle = local.work.is_empty();
+            while let Some(a) = local.work.pop_front() {
+                let out = self.meta_work(a, &mut files, &tag);
+                self.execute(out, Ctx::Meta, &mut local);
+            }
+            if idle && self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let mut fds = [libc::pollfd {
+                fd: self.meta_wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if idle {
+                let _ = crate::sys::poll(&mut fds, 100);
+                if fds[0].revents != 0 {
+                    let _ = self.meta_wake.read();
                 }
             }
-            if fault.is_none() && link.state() == LinkState::Resyncing {
-                fault = self.pump_resync(link, &mut rs).err();
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                break; // our own shutdown closed the connection
-            }
-            if let Some(why) = fault {
-                rx = None;
-                rs = Resync::default();
-                next_attempt = Instant::now() + RECONNECT;
-                if !self.is_fenced() {
-                    link.set_state(LinkState::Failing);
-                    link.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(volume = %self.config.volume, replica = %link.addr, "replica fault: {why}");
-                    link.set_error(why.clone());
-                    if let Some(s) = link.tx().sender.take() {
-                        s.shutdown();
-                    }
-                    self.record_failure(link, &why);
-                }
-            }
+            let mut out = Vec::new();
+            let now = self.now();
+            self.core().tick_meta(now, &mut out);
+            self.execute(out, Ctx::Meta, &mut local);
         }
     }
 
-    /// Records a replica fault: every write still waiting for it is marked in the bitmap
-    /// (durably), the authority learns that the replica is out of sync, and only then do
-    /// those writes complete.
-    fn record_failure(&self, link: &Link, why: &str) {
-        let pending: Vec<Pending> = link.tx().take_pending();
-        let persisted = self.mark_all(link, &pending);
-        if link.recorded_in_sync.load(Ordering::SeqCst) {
-            loop {
-                match self.authority.set_in_sync(
-                    &self.config.volume,
-                    &self.config.node,
-                    self.epoch,
-                    &link.addr,
-                    false,
-                ) {
-                    Ok(_) => {
-                        link.recorded_in_sync.store(false, Ordering::SeqCst);
-                        tracing::warn!(volume = %self.config.volume, replica = %link.addr, "recorded out of sync in the authority ({why}); tracking dirty regions");
-                        break;
-                    }
-                    Err(e @ AuthorityError::Fenced { .. }) => {
-                        self.fence(&e.to_string());
-                        break;
-                    }
+    fn meta_work(&self, a: Action, files: &mut MetaFiles, tag: &Tag) -> Vec<Action> {
+        let mut out = Vec::new();
+        let now = self.now();
+        match a {
+            Action::StoreActivity { gen, words } => {
+                let ok = match files.activity.store(&words, tag) {
+                    Ok(()) => true,
                     Err(e) => {
-                        // Writes wait: acknowledging them before the authority knows would
-                        // let a stale replica be promoted.
-                        tracing::error!(volume = %self.config.volume, replica = %link.addr, "cannot record the fault in the authority, retrying: {e}");
-                        if self.stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        std::thread::sleep(RECONNECT);
+                        tracing::error!(volume = %self.config.volume, "cannot store the activity log: {e}");
+                        false
                     }
-                }
+                };
+                self.core().on_activity_stored(now, gen, ok, &mut out);
             }
+            Action::StoreBitmap(snap) => {
+                let ok = self.store_bitmap(files, &snap);
+                self.core()
+                    .on_bitmap_stored(snap.link, snap.gen, ok, &mut out);
+            }
+            Action::Checkpoint { id, bitmaps } => {
+                let synced = self.local.sync_data().map_err(|e| {
+                    tracing::error!(volume = %self.config.volume, "checkpoint: cannot sync the local copy: {e}");
+                });
+                let ok = synced.is_ok() && bitmaps.iter().all(|b| self.store_bitmap(files, b));
+                self.core().on_checkpoint(id, ok, &mut out);
+            }
+            _ => {}
         }
-        let ok = persisted && !self.is_fenced() && !link.recorded_in_sync.load(Ordering::SeqCst);
-        link.set_state(LinkState::OutOfSync);
-        self.post_outcomes(pending, ok);
+        out
     }
 
-    /// Marks what `pending` covers in the link's bitmap and persists it.
-    fn mark_all(&self, link: &Link, pending: &[Pending]) -> bool {
-        let mut map = self.maps[link.idx]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for p in pending {
-            match p {
-                Pending::Guest { offset, len, .. } => {
-                    map.mark(*offset, *len);
-                }
-                Pending::Compare { region, .. } | Pending::Copy { region, .. } => {
-                    map.set(*region);
-                }
-            }
+    /// Stores a bitmap snapshot unless the file already holds a newer one.
+    fn store_bitmap(&self, files: &mut MetaFiles, snap: &BitmapSnapshot) -> bool {
+        let Some((file, stored)) = files.bitmaps.get_mut(snap.link) else {
+            return false;
+        };
+        if snap.gen <= *stored {
+            return true;
         }
-        match map.persist() {
-            Ok(()) => true,
+        match file.store(&snap.words, &snap.tag) {
+            Ok(()) => {
+                *stored = snap.gen;
+                true
+            }
             Err(e) => {
-                tracing::error!(volume = %self.config.volume, "cannot persist the dirty bitmap: {e}");
+                tracing::error!(volume = %self.config.volume, replica = %self.links[snap.link].addr, "cannot store the dirty bitmap: {e}");
                 false
             }
         }
     }
 
-    /// Writes that raced with a fault and registered on a disconnected, out-of-sync link:
-    /// mark them and let them complete (the authority already knows).
-    fn settle_out_of_sync(&self, link: &Link) {
-        if link.state() != LinkState::OutOfSync {
-            return;
-        }
-        let pending: Vec<Pending> = link.tx().take_pending();
-        if pending.is_empty() {
-            return;
-        }
-        let ok = self.mark_all(link, &pending);
-        self.post_outcomes(pending, ok);
-    }
+    // -----------------------------------------------------------------------------------
+    // Stop
+    // -----------------------------------------------------------------------------------
 
-    /// Tells the queue workers how the guest requests among `pending` ended on this link.
-    fn post_outcomes(&self, pending: Vec<Pending>, ok: bool) {
-        for p in pending {
-            if let Pending::Guest {
-                queue,
-                connection,
-                head,
-                ..
-            } = p
-            {
-                self.post(queue, connection, head, ok);
-            }
+    /// Stops replication after the disk drained (and its local copy was flushed): the last
+    /// checkpoint empties the activity log if every fault was recorded, so that the next
+    /// start reconciles nothing. Returns whether the stop was clean.
+    pub fn shutdown(&self) -> bool {
+        let mut out = Vec::new();
+        {
+            let now = self.now();
+            self.core().stop(now, &mut out);
         }
-    }
-
-    /// Fenced: everything waiting fails.
-    fn fail_pending(&self, link: &Link) {
-        let pending: Vec<Pending> = link.tx().take_pending();
-        self.post_outcomes(pending, false);
-    }
-
-    fn on_reply(&self, link: &Link, msg: Msg, rs: &mut Resync) -> Result<(), String> {
-        match msg {
-            Msg::Ack { seq, .. } => {
-                let p = link.tx().pending.remove(&seq);
-                match p {
-                    Some(Pending::Guest {
-                        queue,
-                        connection,
-                        head,
-                        ..
-                    }) => self.post(queue, connection, head, true),
-                    Some(Pending::Copy { region, .. }) => {
-                        rs.outstanding -= 1;
-                        link.counters
-                            .resynced_regions
-                            .fetch_add(1, Ordering::Relaxed);
-                        link.counters
-                            .resync_bytes
-                            .fetch_add(self.region_len(region), Ordering::Relaxed);
-                    }
-                    Some(Pending::Compare { .. }) => {
-                        return Err("ack for a checksum request".into())
-                    }
-                    None => {}
-                }
-                Ok(())
+        self.execute(out, Ctx::Other, &mut Local::default());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let clean = loop {
+            if let Phase::Stopped { clean } = self.core().phase() {
+                break clean;
             }
-            Msg::Nack {
-                code: Code::Stale,
-                message,
-                ..
-            } => {
-                self.fence(&format!(
-                    "replica {} refused epoch {}: {message}",
-                    link.addr, self.epoch
-                ));
-                Ok(())
+            if Instant::now() >= deadline {
+                break false;
             }
-            Msg::Nack { code, message, .. } => {
-                tracing::error!(volume = %self.config.volume, replica = %link.addr, ?code, "replica failed a request: {message}");
-                Err(format!("replica error ({code:?}): {message}"))
-            }
-            Msg::SumsReply { seq, crcs } => {
-                let mut tx = link.tx();
-                let Some(Pending::Compare {
-                    region,
-                    generation,
-                    data,
-                    ..
-                }) = tx.pending.remove(&seq)
-                else {
-                    return Err("unexpected checksum reply".into());
-                };
-                rs.outstanding -= 1;
-                link.counters
-                    .compared_regions
-                    .fetch_add(1, Ordering::Relaxed);
-                if crcs == [crc32c::crc32c(&data)] {
-                    return Ok(()); // already equal
-                }
-                // Copy only if no write touched the region since it was read; a newer write
-                // is (or will be) sent on this connection after the copy, in order.
-                let unchanged = self.regions.generation[region].load(Ordering::SeqCst)
-                    == generation
-                    && self.regions.in_flight[region].load(Ordering::SeqCst) == 0;
-                if !unchanged {
-                    drop(tx);
-                    self.maps[link.idx]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set(region);
-                    return Ok(());
-                }
-                let seq = tx.next_seq;
-                tx.next_seq += 1;
-                let offset = region as u64 * self.config.region_bytes;
-                let crc = crc32c::crc32c(&data);
-                let epoch = self.epoch;
-                let Some(s) = &mut tx.sender else {
-                    return Err("disconnected".into());
-                };
-                s.send_write(seq, epoch, offset, crc, &data)
-                    .map_err(|e| format!("send: {e}"))?;
-                tx.pending.insert(
-                    seq,
-                    Pending::Copy {
-                        region,
-                        sent: Instant::now(),
-                    },
-                );
-                rs.outstanding += 1;
-                Ok(())
-            }
-            _ => Err("unexpected message from the replica".into()),
-        }
-    }
-
-    fn region_len(&self, region: usize) -> u64 {
-        let start = region as u64 * self.config.region_bytes;
-        self.config
-            .region_bytes
-            .min(self.disk_bytes.saturating_sub(start))
-    }
-
-    /// Connected again: switch to resyncing and wait until every write that saw the old
-    /// state has marked its bits.
-    fn start_resync(&self, link: &Link, rs: &mut Resync) {
-        if link.state() == LinkState::InSync {
-            return;
-        }
-        link.set_state(LinkState::Resyncing);
-        while self.unforwarded.load(Ordering::SeqCst) != 0 {
-            std::hint::spin_loop();
-        }
-        *rs = Resync {
-            started: Some(Instant::now()),
-            last: Some(Instant::now()),
-            ..Resync::default()
+            std::thread::sleep(Duration::from_millis(5));
         };
-        let dirty = self.dirty_regions(link.idx);
-        link.resync_total.store(dirty as u64, Ordering::Relaxed);
-        tracing::info!(volume = %self.config.volume, replica = %link.addr, dirty_regions = dirty, "replica back: resyncing");
+        self.stop_threads();
+        if clean {
+            tracing::info!(volume = %self.config.volume, "replication stopped cleanly");
+        } else {
+            tracing::warn!(volume = %self.config.volume, "replication stopped with work outstanding: the next start reconciles the active regions");
+        }
+        clean
     }
 
-    /// Issues more resync work, up to a window, within the rate limit.
-    fn pump_resync(&self, link: &Link, rs: &mut Resync) -> Result<(), String> {
-        const WINDOW: usize = 4;
-        let rate = self.config.resync_rate;
-        if rate > 0 {
-            let now = Instant::now();
-            let last = rs.last.unwrap_or(now);
-            let add = (now.duration_since(last).as_secs_f64() * rate as f64) as u64;
-            rs.last = Some(now);
-            rs.allowance = (rs.allowance + add).min(rate / 10 + self.config.region_bytes);
+    fn stop_threads(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for l in &self.links {
+            let _ = l.wake.write(1);
         }
-        let mut skipped = 0;
-        while rs.outstanding < WINDOW {
-            let (region, remaining) = {
-                let map = self.maps[link.idx]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                (map.next_set(rs.cursor), map.count())
-            };
-            let Some(region) = region else {
-                if rs.outstanding == 0 {
-                    self.finish_resync(link, rs);
-                }
-                return Ok(());
-            };
-            rs.cursor = region + 1;
-            // The generation before the in-flight count (see `begin`).
-            let generation = self.regions.generation[region].load(Ordering::SeqCst);
-            if self.regions.in_flight[region].load(Ordering::SeqCst) > 0 {
-                skipped += 1;
-                if skipped >= remaining {
-                    return Ok(()); // every dirty region is busy: try again shortly
-                }
-                continue;
-            }
-            let len = self.region_len(region);
-            if rate > 0 {
-                if rs.allowance < len {
-                    return Ok(());
-                }
-                rs.allowance -= len;
-            }
-            self.maps[link.idx]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear(region);
-            let offset = region as u64 * self.config.region_bytes;
-            let mut data = vec![0u8; len as usize];
-            if let Err(e) = self.local.read_exact_at(&mut data, offset) {
-                self.maps[link.idx]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(region);
-                return Err(format!("cannot read the local copy for resync: {e}"));
-            }
-            let mut tx = link.tx();
-            let seq = tx.next_seq;
-            tx.next_seq += 1;
-            let Some(s) = &mut tx.sender else {
-                drop(tx);
-                self.maps[link.idx]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(region);
-                return Err("disconnected".into());
-            };
-            s.send(&Msg::Sums {
-                seq,
-                offset,
-                len,
-                chunk: len as u32,
-            })
-            .map_err(|e| format!("send: {e}"))?;
-            tx.pending.insert(
-                seq,
-                Pending::Compare {
-                    region,
-                    generation,
-                    data,
-                    sent: Instant::now(),
-                },
-            );
-            rs.outstanding += 1;
-        }
-        Ok(())
-    }
-
-    /// The bitmap is empty and nothing is outstanding: the replica is in sync again.
-    fn finish_resync(&self, link: &Link, rs: &mut Resync) {
-        {
-            let mut map = self.maps[link.idx]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if map.count() != 0 {
-                return;
-            }
-            if let Err(e) = map.persist() {
-                tracing::error!("cannot persist the dirty bitmap: {e}");
-                return;
-            }
-        }
-        // Until the state machine tracks generations: the resynced copy is vouched for as
-        // generation `epoch` of this volume (applied after every copy sent before it), so
-        // that `promote` accepts it.
-        {
-            let mut tx = link.tx();
-            let seq = tx.next_seq;
-            tx.next_seq += 1;
-            let adopt = Msg::Adopt {
-                seq,
-                epoch: self.epoch,
-                gen: self.epoch,
-            };
-            let Some(s) = &mut tx.sender else {
-                return;
-            };
-            if let Err(e) = s.send(&adopt) {
-                // The link thread sees the missing sender as a fault.
-                tracing::warn!(replica = %link.addr, "cannot send Adopt: {e}");
-                tx.sender = None;
-                return;
-            }
-        }
-        match self.authority.set_in_sync(
-            &self.config.volume,
-            &self.config.node,
-            self.epoch,
-            &link.addr,
-            true,
-        ) {
-            Ok(_) => {
-                link.recorded_in_sync.store(true, Ordering::SeqCst);
-                link.set_state(LinkState::InSync);
-                link.set_error(String::new());
-                tracing::info!(
-                    volume = %self.config.volume,
-                    replica = %link.addr,
-                    seconds = rs.started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0),
-                    compared = link.counters.compared_regions.load(Ordering::Relaxed),
-                    copied = link.counters.resynced_regions.load(Ordering::Relaxed),
-                    "replica in sync"
-                );
-            }
-            Err(e @ AuthorityError::Fenced { .. }) => self.fence(&e.to_string()),
-            Err(e) => tracing::error!("cannot record the replica as in sync, retrying: {e}"),
+        let _ = self.meta_wake.write(1);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
         }
     }
 }
 
-/// Resync progress of one link.
-#[derive(Default)]
-struct Resync {
-    cursor: usize,
-    outstanding: usize,
-    allowance: u64,
-    last: Option<Instant>,
-    started: Option<Instant>,
+/// Whether more bytes can be read from `fd` without blocking.
+fn readable_now(fd: i32) -> bool {
+    let mut fds = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    crate::sys::poll(&mut fds, 0).is_ok_and(|n| n > 0)
 }
-
-/// How often the link thread wakes up when idle.
-const POLL: Duration = Duration::from_millis(50);
-/// How long to wait between reconnection attempts.
-const RECONNECT: Duration = Duration::from_secs(1);

@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,37 +20,37 @@ pub fn health_json(disks: &[Arc<Replication>]) -> (bool, serde_json::Value) {
         .map(|r| {
             let fenced = r.is_fenced();
             healthy &= !fenced;
-            let replicas: Vec<_> = r
-                .links
+            let (phase, links) = r.status();
+            let replicas: Vec<_> = links
                 .iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let state = l.state();
-                    let dirty = r.dirty_regions(i);
-                    let total = l.resync_total.load(Ordering::Relaxed);
+                .map(|l| {
+                    let resyncing = l.state == LinkState::Resyncing.name();
                     serde_json::json!({
                         "addr": l.addr,
-                        "state": state.name(),
-                        "dirty_regions": dirty,
-                        "resync_progress": if state == LinkState::Resyncing && total > 0 {
-                            serde_json::json!(1.0 - dirty as f64 / total as f64)
+                        "state": l.state,
+                        "dirty_regions": l.dirty_regions,
+                        "resync_progress": if resyncing && l.resync_total > 0 {
+                            serde_json::json!(1.0 - l.dirty_regions.min(l.resync_total) as f64 / l.resync_total as f64)
                         } else {
                             serde_json::Value::Null
                         },
-                        "writes": l.counters.writes.load(Ordering::Relaxed),
-                        "failures": l.counters.failures.load(Ordering::Relaxed),
-                        "compared_regions": l.counters.compared_regions.load(Ordering::Relaxed),
-                        "copied_regions": l.counters.resynced_regions.load(Ordering::Relaxed),
-                        "copied_bytes": l.counters.resync_bytes.load(Ordering::Relaxed),
-                        "last_error": l.last_error(),
+                        "writes": l.writes,
+                        "failures": l.failures,
+                        "compared_regions": l.compared_regions,
+                        "copied_regions": l.copied_regions,
+                        "copied_bytes": l.copied_bytes,
+                        "last_error": l.last_error,
+                        "generation": l.identity.as_ref().map(|i| i.gen),
                     })
                 })
                 .collect();
-            let degraded = r.links.iter().any(|l| l.state() != LinkState::InSync);
+            let degraded = links.iter().any(|l| l.state != LinkState::InSync.name());
             serde_json::json!({
                 "volume": r.config.volume,
+                "uuid": r.uuid,
                 "node": r.config.node,
                 "epoch": r.epoch,
+                "phase": format!("{phase:?}"),
                 "status": if fenced { "fenced" } else if degraded { "degraded" } else { "ok" },
                 "fence_reason": r.fence_reason(),
                 "replicas": replicas,

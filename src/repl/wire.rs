@@ -21,6 +21,7 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -508,6 +509,8 @@ pub struct Sender {
     mac: HmacSha256,
     counter: u64,
     buf: Vec<u8>,
+    /// Bytes at the front of `buf` already written (by a partial non-blocking send).
+    sent: usize,
 }
 
 /// The receiving half of an authenticated connection.
@@ -607,6 +610,7 @@ fn halves(
             mac: tx,
             counter: 0,
             buf: Vec::with_capacity(64 << 10),
+            sent: 0,
         },
         Receiver {
             stream: BufReader::with_capacity(256 << 10, r),
@@ -675,24 +679,73 @@ impl Sender {
     /// whole batch when the socket takes it. After an error the connection is unusable
     /// (a frame may be cut), and the caller closes it.
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+        if self.buf.len() == self.sent {
+            return self.reset();
         }
-        let r = self.stream.write_all(&self.buf);
-        self.buf.clear();
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf.shrink_to(KEEP_CAPACITY);
+        let r = self.stream.write_all(&self.buf[self.sent..]);
+        self.sent = self.buf.len();
+        self.reset().and(r)
+    }
+
+    /// Writes what the socket takes now of the queued frames, without blocking. Returns
+    /// whether everything queued is written; the rest waits for the next call (when the
+    /// socket is writable again).
+    pub fn try_flush(&mut self) -> io::Result<bool> {
+        while self.sent < self.buf.len() {
+            let n = crate::sys::send_nonblocking(self.stream.as_raw_fd(), &self.buf[self.sent..])?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.sent += n;
         }
-        r
+        self.reset()?;
+        Ok(true)
+    }
+
+    /// Empties a fully written buffer (and gives back a large one).
+    fn reset(&mut self) -> io::Result<()> {
+        if self.sent == self.buf.len() {
+            self.buf.clear();
+            self.sent = 0;
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf.shrink_to(KEEP_CAPACITY);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals `msg` and queues it without writing anything (see [`try_flush`](Self::try_flush)).
+    pub fn push(&mut self, msg: &Msg) {
+        let start = self.begin_frame();
+        msg.encode(&mut self.buf);
+        self.seal(start, msg.kind());
+    }
+
+    /// Queues a write straight from `data` without writing anything.
+    pub fn push_write(&mut self, seq: u64, epoch: u64, offset: u64, crc: u32, data: &[u8]) {
+        let start = self.begin_frame();
+        encode_write_header(&mut self.buf, seq, epoch, offset, crc);
+        self.buf.extend_from_slice(data);
+        self.seal(start, 2);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// The socket, for `poll`.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
     }
 
     /// Whether frames are queued and not written yet.
     pub fn has_queued(&self) -> bool {
-        !self.buf.is_empty()
+        self.buf.len() > self.sent
     }
 
     fn flush_if_large(&mut self) -> io::Result<()> {
-        if self.buf.len() >= FLUSH_AT {
+        if self.unsent() >= FLUSH_AT {
             self.flush()
         } else {
             Ok(())
@@ -776,6 +829,11 @@ impl Receiver {
             .map_err(|_| WireError::BadTag)?;
         self.counter += 1;
         Msg::decode(head[4], &self.buf[..len])
+    }
+
+    /// The socket, for `poll`.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.get_ref().as_raw_fd()
     }
 
     /// Whether a whole frame header is already buffered (more messages are waiting).

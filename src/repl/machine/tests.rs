@@ -1,0 +1,707 @@
+//! Scripted tests of the replication state machine: each drives [`Core`] by hand, the way
+//! the daemon's threads do, and checks the actions it asks for.
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 16 * MIB;
+const UUID: &str = "0123456789abcdef0123456789abcdef";
+
+fn cfg() -> CoreConfig {
+    let mut c = CoreConfig::new("v", UUID, 5, DISK, MIB);
+    c.timeout = 1_000_000;
+    c.reconnect = 100_000;
+    c
+}
+
+fn tag(gen: u64) -> Tag {
+    Tag {
+        uuid: UUID.into(),
+        gen,
+    }
+}
+
+fn empty() -> DirtyMap {
+    DirtyMap::in_memory(DISK, MIB)
+}
+
+fn in_sync(addr: &str, gen: u64) -> LinkInit {
+    LinkInit {
+        addr: addr.into(),
+        in_sync: true,
+        bitmap: Some((empty(), tag(gen))),
+    }
+}
+
+/// A core and the actions it asked for, not yet looked at.
+struct H {
+    core: Core,
+    out: Vec<Action>,
+    now: Micros,
+}
+
+impl H {
+    fn new(links: Vec<LinkInit>, activity: Option<DirtyMap>) -> H {
+        let mut out = Vec::new();
+        let core = Core::new(cfg(), links, activity, 0, &mut out);
+        H { core, out, now: 0 }
+    }
+
+    fn take(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The connection id of the pending `Connect` for `link`.
+    fn connecting(&mut self, link: usize) -> u64 {
+        let i = self
+            .out
+            .iter()
+            .position(|a| matches!(a, Action::Connect { link: l, .. } if *l == link))
+            .unwrap_or_else(|| panic!("no Connect for link {link} in {:?}", self.out));
+        match self.out.remove(i) {
+            Action::Connect { conn, .. } => conn,
+            _ => unreachable!(),
+        }
+    }
+
+    fn open(&mut self, link: usize, id: Tag) -> u64 {
+        let conn = self.connecting(link);
+        self.core
+            .on_open(self.now, link, conn, Ok(id), &mut self.out);
+        conn
+    }
+
+    fn open_fails(&mut self, link: usize) {
+        let conn = self.connecting(link);
+        self.core.on_open(
+            self.now,
+            link,
+            conn,
+            Err(OpenError::Failed("refused".into())),
+            &mut self.out,
+        );
+    }
+
+    fn write(&mut self, head: u16, offset: u64, len: u64) -> Verdict {
+        let d = OpDesc {
+            queue: 0,
+            conn: 1,
+            head,
+            offset,
+            len,
+            kind: Mutation::Write {
+                crc: 0,
+                data: Arc::new(vec![0; len as usize]),
+            },
+        };
+        self.core.begin(self.now, d, &mut self.out)
+    }
+
+    /// Stores whatever activity log store is pending, successfully.
+    fn store_activity(&mut self) {
+        let gens: Vec<u64> = self
+            .out
+            .iter()
+            .filter_map(|a| match a {
+                Action::StoreActivity { gen, .. } => Some(*gen),
+                _ => None,
+            })
+            .collect();
+        self.out
+            .retain(|a| !matches!(a, Action::StoreActivity { .. }));
+        for g in gens {
+            self.core
+                .on_activity_stored(self.now, g, true, &mut self.out);
+        }
+    }
+
+    /// Sends `(link, conn, seq)` of every guest write frame asked for, removing them.
+    fn sent_writes(&mut self) -> Vec<(usize, u64, u64)> {
+        let mut v = Vec::new();
+        self.out.retain(|a| match a {
+            Action::Send {
+                link,
+                conn,
+                frame: Frame::Write { seq, .. } | Frame::Zero { seq, .. },
+            } => {
+                v.push((*link, *conn, *seq));
+                false
+            }
+            _ => true,
+        });
+        v
+    }
+
+    fn ack(&mut self, link: usize, conn: u64, seq: u64) {
+        self.core
+            .on_reply(self.now, link, conn, Reply::Ack { seq }, &mut self.out);
+    }
+
+    fn completes(&self) -> Vec<(u16, bool)> {
+        self.out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Complete { head, ok, .. } => Some((*head, *ok)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn releases(&self) -> Vec<u16> {
+        self.out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Release { head, .. } => Some(*head),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn records(&mut self) -> Vec<(usize, bool)> {
+        let mut v = Vec::new();
+        self.out.retain(|a| match a {
+            Action::Record { link, in_sync } => {
+                v.push((*link, *in_sync));
+                false
+            }
+            _ => true,
+        });
+        v
+    }
+
+    fn recorded(&mut self, link: usize, in_sync: bool) {
+        self.core
+            .on_recorded(self.now, link, in_sync, Ok(()), &mut self.out);
+    }
+
+    /// Two in-sync replicas opened with the identity our bitmaps describe: serving.
+    fn serving_pair() -> (H, u64, u64) {
+        let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(empty()));
+        let c0 = h.open(0, tag(7));
+        let c1 = h.open(1, tag(7));
+        assert_eq!(h.core.phase(), Phase::Serving);
+        h.take();
+        (h, c0, c1)
+    }
+}
+
+#[test]
+fn a_clean_start_with_matching_replicas_serves_at_once() {
+    let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(empty()));
+    assert_eq!(h.core.phase(), Phase::Starting);
+    h.open(0, tag(7));
+    assert_eq!(
+        h.core.phase(),
+        Phase::Starting,
+        "waits for every in-sync replica"
+    );
+    h.open(1, tag(7));
+    assert_eq!(h.core.phase(), Phase::Serving);
+    assert!(h.records().is_empty(), "nothing to record");
+    assert!(
+        !h.out.iter().any(|a| matches!(a, Action::Send { .. })),
+        "nothing to pull or compare: {:?}",
+        h.out
+    );
+}
+
+#[test]
+fn a_write_waits_for_the_activity_log_then_for_every_replica() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(3, 0, 4096) else {
+        panic!("the region is not in the log yet")
+    };
+    assert!(
+        h.sent_writes().is_empty(),
+        "nothing leaves before the log is durable"
+    );
+    h.store_activity();
+    assert_eq!(h.releases(), vec![3]);
+    let sent = h.sent_writes();
+    assert_eq!(sent.len(), 2);
+    h.take();
+    // The region is in the log now: the next write to it goes at once.
+    assert!(matches!(h.write(4, 8192, 4096), Verdict::Go(_)));
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    assert!(h.completes().is_empty(), "one replica still owes its ack");
+    h.ack(1, c1, sent[1].2);
+    assert_eq!(h.completes(), vec![(3, true)]);
+}
+
+#[test]
+fn overlapping_writes_are_ordered_and_others_are_not() {
+    let (mut h, c0, c1) = H::serving_pair();
+    h.write(1, 0, MIB);
+    h.store_activity();
+    h.take();
+    let first = h.core.ops.keys().copied().max().unwrap();
+    let sent = {
+        // Re-send is not needed: collect the frames of the first write from its pending.
+        let mut v: Vec<(usize, u64, u64)> = Vec::new();
+        for (i, l) in h.core.links.iter().enumerate() {
+            for (seq, _) in l.pending.iter() {
+                v.push((i, if i == 0 { c0 } else { c1 }, *seq));
+            }
+        }
+        v
+    };
+    assert!(
+        matches!(h.write(2, 4096, 4096), Verdict::Parked(_)),
+        "overlaps the first"
+    );
+    assert!(matches!(
+        h.write(3, 2 * MIB, 4096),
+        Verdict::Parked(_) | Verdict::Go(_)
+    ));
+    h.store_activity();
+    h.take();
+    assert!(
+        matches!(h.write(4, 2 * MIB + 8192, 4096), Verdict::Go(_)),
+        "no overlap, no wait"
+    );
+    h.take();
+    h.core.local_done(h.now, first, true, &mut h.out);
+    for (l, c, s) in sent {
+        h.ack(l, c, s);
+    }
+    assert_eq!(h.completes(), vec![(1, true)]);
+    assert_eq!(
+        h.releases(),
+        vec![2],
+        "the overlapping write goes once the first is done everywhere"
+    );
+}
+
+#[test]
+fn a_fault_is_recorded_before_the_writes_it_holds_complete() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 0, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.core
+        .on_disconnect(h.now, 1, c1, "reset".into(), &mut h.out);
+    assert_eq!(h.core.link_state(1), LinkState::Failing);
+    assert!(
+        h.core.dirty(1).is_set(0),
+        "the write is marked for the replica"
+    );
+    assert!(h.completes().is_empty(), "not before the authority knows");
+    assert_eq!(h.records(), vec![(1, false)]);
+    // The authority is unreachable for a while: still nothing completes.
+    h.core.on_recorded(
+        h.now,
+        1,
+        false,
+        Err(RecordError::Failed("down".into())),
+        &mut h.out,
+    );
+    assert!(h.completes().is_empty());
+    h.now += 200_000;
+    h.core.tick(h.now, 1, &mut h.out);
+    assert_eq!(h.records(), vec![(1, false)], "retried");
+    h.recorded(1, false);
+    assert_eq!(h.core.link_state(1), LinkState::OutOfSync);
+    assert_eq!(h.completes(), vec![(1, true)]);
+}
+
+#[test]
+fn a_fault_while_being_recorded_in_sync_is_recorded_before_anything_completes() {
+    let mut h = H::new(
+        vec![LinkInit {
+            addr: "a".into(),
+            in_sync: false,
+            bitmap: Some((empty(), tag(9))),
+        }],
+        Some(empty()),
+    );
+    assert_eq!(h.core.phase(), Phase::Serving);
+    let c = h.open(0, tag(9));
+    assert_eq!(h.core.link_state(0), LinkState::Resyncing);
+    let snap = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::StoreBitmap(s) => Some(s.clone()),
+            _ => None,
+        })
+        .expect("the empty bitmap is stored first");
+    h.take();
+    h.core.on_bitmap_stored(0, snap.gen, true, &mut h.out);
+    assert_eq!(h.records(), vec![(0, true)]);
+    // A write goes to the resyncing replica, then the connection drops while the
+    // authority is recording it in sync.
+    h.write(1, 0, 4096);
+    h.store_activity();
+    h.take();
+    h.core
+        .on_disconnect(h.now, 0, c, "reset".into(), &mut h.out);
+    assert_eq!(h.core.link_state(0), LinkState::Failing);
+    h.recorded(0, true);
+    assert_eq!(
+        h.records(),
+        vec![(0, false)],
+        "recorded in sync, then at once out of sync"
+    );
+    h.recorded(0, false);
+    assert_eq!(h.core.link_state(0), LinkState::OutOfSync);
+    assert!(h.core.dirty(0).is_set(0));
+}
+
+#[test]
+fn a_replica_that_lost_its_copy_gets_a_full_rebuild() {
+    let (mut h, _, c1) = H::serving_pair();
+    h.core
+        .on_disconnect(h.now, 1, c1, "killed".into(), &mut h.out);
+    h.recorded(1, false);
+    h.take();
+    h.now += 200_000;
+    h.core.tick(h.now, 1, &mut h.out);
+    // It comes back blank: our uuid (taken at Open), no generation.
+    let conn = h.open(
+        1,
+        Tag {
+            uuid: UUID.into(),
+            gen: 0,
+        },
+    );
+    assert_eq!(h.core.link_state(1), LinkState::Resyncing);
+    assert_eq!(h.core.dirty(1).count(), 16, "every region");
+    let adopt = h.out.iter().find_map(|a| match a {
+        Action::Send {
+            link: 1,
+            conn: c,
+            frame: Frame::Adopt { gen, .. },
+        } if *c == conn => Some(*gen),
+        _ => None,
+    });
+    let gen = adopt.expect("a fresh generation is adopted first");
+    assert_ne!(gen, 7);
+    assert!(
+        h.out
+            .iter()
+            .any(|a| matches!(a, Action::ReadLocal { link: 1, .. })),
+        "the rebuild starts"
+    );
+}
+
+#[test]
+fn a_delta_resync_compares_then_copies_and_guest_writes_wait_behind_a_copy() {
+    let (mut h, _, c1) = H::serving_pair();
+    h.core
+        .on_disconnect(h.now, 1, c1, "killed".into(), &mut h.out);
+    h.recorded(1, false);
+    h.write(1, 0, 4096);
+    h.store_activity();
+    h.take();
+    assert!(h.core.dirty(1).is_set(0));
+    let op = h.core.ops.keys().copied().max().unwrap();
+    h.core.local_done(h.now, op, true, &mut h.out);
+    let sent_to_a: Vec<u64> = h.core.links[0].pending.keys().copied().collect();
+    let c0 = h.core.links[0].conn.unwrap();
+    for s in sent_to_a {
+        h.ack(0, c0, s);
+    }
+    h.take();
+    h.now += 200_000;
+    h.core.tick(h.now, 1, &mut h.out);
+    let conn = h.open(1, tag(7));
+    assert!(
+        !h.out.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                frame: Frame::Adopt { .. },
+                ..
+            }
+        )),
+        "same copy: delta"
+    );
+    let read = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::ReadLocal {
+                link: 1, region, ..
+            } => Some(*region),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(read, 0);
+    h.take();
+    let data = vec![9u8; MIB as usize];
+    h.core
+        .on_local_read(h.now, 1, 0, Ok(data.clone()), &mut h.out);
+    let sums = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                frame: Frame::Sums { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .unwrap();
+    h.take();
+    h.core.on_reply(
+        h.now,
+        1,
+        conn,
+        Reply::Sums {
+            seq: sums,
+            crcs: vec![1],
+        },
+        &mut h.out,
+    );
+    let copy = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                frame: Frame::Write { seq, data: d, .. },
+                ..
+            } => Some((*seq, d.len())),
+            _ => None,
+        })
+        .expect("different: copied");
+    assert_eq!(copy.1, MIB as usize);
+    h.take();
+    assert!(
+        matches!(h.write(2, 4096, 512), Verdict::Parked(_)),
+        "a guest write to the region waits behind the copy"
+    );
+    h.ack(1, conn, copy.0);
+    assert_eq!(h.releases(), vec![2]);
+    assert!(!h.core.dirty(1).is_set(0));
+}
+
+#[test]
+fn an_unclean_start_pulls_the_active_regions_from_an_in_sync_replica() {
+    let mut al = empty();
+    al.set(2);
+    al.set(5);
+    let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(al));
+    let c0 = h.open(0, tag(7));
+    h.open(1, tag(7));
+    assert_eq!(h.core.phase(), Phase::Starting);
+    let reads: Vec<(u64, u64)> = h
+        .out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                link: 0,
+                frame: Frame::Read { seq, offset, .. },
+                ..
+            } => Some((*seq, *offset)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reads.iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![2 * MIB, 5 * MIB]
+    );
+    h.take();
+    for (seq, offset) in reads {
+        h.core.on_reply(
+            h.now,
+            0,
+            c0,
+            Reply::Data {
+                seq,
+                data: vec![1; MIB as usize],
+            },
+            &mut h.out,
+        );
+        let region = (offset / MIB) as usize;
+        assert!(h
+            .out
+            .iter()
+            .any(|a| matches!(a, Action::WriteLocal { region: r, .. } if *r == region)));
+        h.take();
+        h.core
+            .on_local_written(h.now, 0, region, Ok(()), &mut h.out);
+    }
+    // The other in-sync replica is brought up to date on those regions before serving.
+    assert_eq!(h.core.phase(), Phase::Starting);
+    assert_eq!(h.core.link_state(1), LinkState::Resyncing);
+    assert!(h.core.recorded_in_sync(1), "it stays recorded in sync");
+    assert_eq!(h.core.dirty(1).count(), 2);
+}
+
+#[test]
+fn an_unclean_start_waits_for_an_unreachable_in_sync_replica() {
+    let mut al = empty();
+    al.set(0);
+    let mut h = H::new(vec![in_sync("a", 7)], Some(al.clone()));
+    h.open_fails(0);
+    assert_eq!(h.core.phase(), Phase::Starting);
+    assert!(
+        h.records().is_empty(),
+        "it may hold writes we lost: not recorded away"
+    );
+    assert!(h
+        .core
+        .start_blocker()
+        .is_some_and(|b| b.contains("unclean")));
+    // With a clean stop (empty log) the local copy is complete: the replica is recorded
+    // out of sync and the disk serves.
+    let mut h = H::new(vec![in_sync("a", 7)], Some(empty()));
+    h.open_fails(0);
+    assert_eq!(h.records(), vec![(0, false)]);
+    h.recorded(0, false);
+    assert_eq!(h.core.phase(), Phase::Serving);
+}
+
+#[test]
+fn in_sync_replicas_that_lost_their_data_are_not_a_source() {
+    let mut al = empty();
+    al.set(0);
+    let mut h = H::new(vec![in_sync("a", 7)], Some(al));
+    h.open(
+        0,
+        Tag {
+            uuid: String::new(),
+            gen: 0,
+        },
+    );
+    assert_eq!(h.records(), vec![(0, false)], "blank: recorded out of sync");
+    assert!(!h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            frame: Frame::Read { .. },
+            ..
+        }
+    )));
+    h.recorded(0, false);
+    assert_eq!(
+        h.core.phase(),
+        Phase::Serving,
+        "the local copy is the best there is"
+    );
+    assert_eq!(h.core.link_state(0), LinkState::Resyncing, "full rebuild");
+}
+
+#[test]
+fn a_stale_nack_fences_and_fails_everything() {
+    let (mut h, c0, _) = H::serving_pair();
+    let Verdict::Parked(running) = h.write(1, 0, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    h.take();
+    assert!(
+        matches!(h.write(2, 0, 4096), Verdict::Parked(_)),
+        "overlaps"
+    );
+    h.take();
+    let seq = *h.core.links[0].pending.keys().next().unwrap();
+    h.core.on_reply(
+        h.now,
+        0,
+        c0,
+        Reply::Nack {
+            seq,
+            stale: true,
+            message: "epoch 9".into(),
+        },
+        &mut h.out,
+    );
+    assert!(h.core.fenced().is_some());
+    assert!(h.out.iter().any(|a| matches!(a, Action::Fenced { .. })));
+    assert_eq!(
+        h.completes(),
+        vec![(2, false)],
+        "the parked write fails at once"
+    );
+    h.take();
+    h.core.local_done(h.now, running, true, &mut h.out);
+    assert_eq!(
+        h.completes(),
+        vec![(1, false)],
+        "the running one after its local I/O"
+    );
+    assert_eq!(h.write(3, 0, 512), Verdict::Refused);
+}
+
+#[test]
+fn idle_regions_leave_the_activity_log_after_a_checkpoint() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.ack(1, c1, sent[1].2);
+    h.take();
+    assert!(h.core.activity().is_set(3));
+    h.now += 1_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    assert!(h.out.is_empty(), "not idle long enough");
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let id = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(id, true, &mut h.out);
+    assert!(!h.core.activity().is_set(3));
+    assert!(h.out.iter().any(
+        |a| matches!(a, Action::StoreActivity { words, .. } if words.iter().all(|w| *w == 0))
+    ));
+}
+
+#[test]
+fn a_clean_stop_empties_the_log_only_when_every_fault_was_recorded() {
+    let stop = |fault: bool| {
+        let (mut h, c0, c1) = H::serving_pair();
+        let Verdict::Parked(id) = h.write(1, 0, 4096) else {
+            panic!()
+        };
+        h.store_activity();
+        let sent = h.sent_writes();
+        h.take();
+        h.core.local_done(h.now, id, true, &mut h.out);
+        h.ack(0, c0, sent[0].2);
+        if fault {
+            // The fault cannot be recorded (the authority is down): the write never
+            // completes, and the stop must not call this copy clean.
+            h.core
+                .on_disconnect(h.now, 1, c1, "reset".into(), &mut h.out);
+        } else {
+            h.ack(1, c1, sent[1].2);
+        }
+        h.take();
+        h.core.stop(h.now, &mut h.out);
+        loop {
+            let acts = h.take();
+            if acts.is_empty() {
+                break;
+            }
+            for a in acts {
+                match a {
+                    Action::Checkpoint { id, .. } => h.core.on_checkpoint(id, true, &mut h.out),
+                    Action::StoreActivity { gen, .. } => {
+                        h.core.on_activity_stored(h.now, gen, true, &mut h.out)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        h.core.phase()
+    };
+    assert_eq!(stop(false), Phase::Stopped { clean: true });
+    assert_eq!(
+        stop(true),
+        Phase::Stopping,
+        "still waiting for the fault to be recorded"
+    );
+}
