@@ -268,7 +268,7 @@ fn start_replication(disks: &[Arc<Disk>], ctx: Option<&ReplContext>) -> Result<(
             p.push(".ferrodisk");
             p.into()
         });
-        let r = ferrodisk::repl::primary::start_for_disk(d, path, ctx, meta)
+        let r = ferrodisk::repl::primary::start_for_disk(d, path, ctx, meta, None)
             .map_err(|e| (format!("volume {volume}: {}", chain(&e)), 1))?;
         let _ = d.repl.set(r);
     }
@@ -534,7 +534,10 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
         if let Err(e) = s.disk.sync() {
             tracing::error!(disk = %s.disk.config.socket.display(), "flush failed: {e}");
             ok = false;
-        } else if let Some(r) = s.disk.repl.get() {
+        }
+        // Replication stops either way; its last checkpoint syncs again and, if that
+        // fails too, leaves the activity log for the next start to reconcile.
+        if let Some(r) = s.disk.repl.get() {
             r.shutdown();
         }
         println!(

@@ -87,6 +87,11 @@ pub struct Volume {
     /// `resync-mbps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_mbps: Option<u32>,
+    /// A replicated volume's UUID, minted at creation: the authority and the replicas know
+    /// this incarnation by it, so a volume re-created under the same name never pairs with
+    /// an old copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 pub use crate::repl::primary::ReplContext;
@@ -413,6 +418,11 @@ impl Manager {
             replicas: req.replicas,
             replica_timeout_ms: req.replica_timeout_ms,
             resync_mbps: req.resync_mbps,
+            uuid: None,
+        };
+        let vol = Volume {
+            uuid: (!vol.replicas.is_empty()).then(crate::repl::authority::new_uuid),
+            ..vol
         };
         let v = vol.clone();
         let r = self.commit(&mut inner, |s| {
@@ -464,6 +474,11 @@ impl Manager {
             return Err(ApiError::bad(format!(
                 "shrinking {name} from {} to {bytes} bytes is refused (the guest may have data there)",
                 vol.size
+            )));
+        }
+        if !vol.replicas.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is replicated: resizing a replicated volume is not supported yet (its replicas and bitmaps have a fixed size)"
             )));
         }
         let live: Vec<Arc<DiskServer>> = inner
@@ -519,6 +534,9 @@ impl Manager {
                 a.id
             )));
         }
+        if !vol.replicas.is_empty() {
+            self.forget_replicated(&vol);
+        }
         self.commit(&mut inner, |s| {
             s.volumes.remove(name);
         })?;
@@ -529,6 +547,42 @@ impl Manager {
         }
         tracing::info!(volume = name, "volume deleted");
         Ok(())
+    }
+
+    /// Deleting a replicated volume: its authority record becomes a tombstone (a higher
+    /// epoch, no members, no UUID), which fences every old primary and copy; its replicas
+    /// drop their copies; its replication metadata goes. What cannot be reached is logged:
+    /// a volume created again under this name gets a new UUID, so no old copy is ever taken
+    /// for one of its copies.
+    fn forget_replicated(&self, vol: &Volume) {
+        let name = &vol.name;
+        if let Some(ctx) = &self.repl {
+            match ctx.authority.delete(name) {
+                Ok(Some(before)) => {
+                    let epoch = before.epoch + 1;
+                    for m in &before.replicas {
+                        match crate::repl::tools::drop_copy(&m.addr, &ctx.key, name, epoch) {
+                            Ok(()) => {
+                                tracing::info!(volume = %name, replica = %m.addr, "replica copy dropped")
+                            }
+                            Err(e) => {
+                                tracing::warn!(volume = %name, replica = %m.addr, "cannot drop the replica's copy (its UUID keeps it from ever being used again): {e}")
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %name, "cannot delete the volume's authority record (a volume created again under this name gets a new UUID anyway): {e}")
+                }
+            }
+        }
+        let meta = self.dir.join("replication").join(name);
+        if let Err(e) = std::fs::remove_dir_all(&meta) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
+            }
+        }
     }
 
     pub fn attach(&self, req: Attach) -> Result<Attachment, ApiError> {
@@ -568,6 +622,12 @@ impl Manager {
             .values()
             .filter(|a| a.volume == req.volume)
             .collect();
+        if let (Some(o), false) = (others.first(), vol.replicas.is_empty()) {
+            return Err(ApiError::conflict(format!(
+                "volume {} is replicated and attached to {} already: a replicated volume has one writer, its primary (detach it first)",
+                req.volume, o.instance
+            )));
+        }
         if let Some(o) = others.first() {
             if !req.multi_attach || others.iter().any(|a| !a.multi_attach) {
                 return Err(ApiError::conflict(format!(
@@ -637,14 +697,14 @@ impl Manager {
         };
         if let Some(s) = server {
             s.close();
-            match s.disk.sync() {
-                Err(e) => tracing::error!(attachment = id, "flush at detach failed: {e}"),
-                // A replicated volume records a clean stop (no resync at the next attach).
-                Ok(()) => {
-                    if let Some(r) = s.disk.repl.get() {
-                        r.shutdown();
-                    }
-                }
+            if let Err(e) = s.disk.sync() {
+                tracing::error!(attachment = id, "flush at detach failed: {e}");
+            }
+            // Replication stops either way (its threads and connections end). A clean stop
+            // empties the activity log; after a failed flush its own sync fails too, and
+            // the next attach reconciles the active regions.
+            if let Some(r) = s.disk.repl.get() {
+                r.shutdown();
             }
         }
         tracing::info!(attachment = id, "detached");
@@ -1031,19 +1091,30 @@ fn serve(
     })?;
     if let Some((ctx, dir)) = repl {
         let meta = dir.join("replication").join(&vol.name);
-        let r = crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta).map_err(|e| {
-            let _ = std::fs::remove_file(&a.socket);
-            match e {
-                crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
-                e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
-            }
-        })?;
+        let r =
+            crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta, vol.uuid.as_deref())
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&a.socket);
+                    match e {
+                        crate::repl::primary::ReplError::Local { .. } => {
+                            ApiError::internal(chain(&e))
+                        }
+                        e => ApiError::new(
+                            409,
+                            format!("replication of {}: {}", vol.name, chain(&e)),
+                        ),
+                    }
+                })?;
         let _ = disk.repl.set(r);
     }
+    let repl = disk.repl.get().cloned();
     DiskServer::start(Arc::new(disk), listener)
         .map(Arc::new)
         .map_err(|e| {
             let _ = std::fs::remove_file(&a.socket);
+            if let Some(r) = repl {
+                r.shutdown();
+            }
             ApiError::internal(format!("cannot start the disk thread: {e}"))
         })
 }
