@@ -536,7 +536,7 @@ pub struct Core {
     recovery: Recovery,
 }
 
-/// Most replicas per disk (a bit each in [`Op::waiting`]).
+/// Most replicas per disk (an operation keeps a bit per replica it waits for).
 pub const MAX_LINKS: usize = 16;
 
 impl Core {
