@@ -45,7 +45,8 @@ const MAX_BATCH: usize = 256;
 /// How often an `Open` looks the volume up again when a `Drop` retired it meanwhile.
 const OPEN_ATTEMPTS: usize = 3;
 
-type Refusal = (Code, String);
+/// Why a replica refused a request: the code it answers with, and a message.
+pub type Refusal = (Code, String);
 
 pub struct ReplicaServer {
     data: PathBuf,
@@ -276,7 +277,7 @@ impl Volume {
 /// volume stores: `Ok(true)` if the copy becomes a blank copy of `uuid` (it had no identity,
 /// or it belongs to an older incarnation and `epoch` is newer), `Ok(false)` if it is
 /// already that incarnation's, or a `Stale` refusal.
-fn admit_open(
+pub fn admit_open(
     name: &str,
     stored_epoch: u64,
     stored_uuid: &str,
