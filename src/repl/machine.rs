@@ -1234,6 +1234,7 @@ impl Core {
     ) {
         if self.links[link].conn == Some(conn) {
             self.fault(now, link, format!("connection lost: {why}"), out);
+            self.advance_start(now, out);
         }
     }
 
@@ -1447,12 +1448,13 @@ impl Core {
             }
         }
         self.recovery.pulling = self.recovery.pulling.saturating_sub(pulls_lost);
-        if self.phase == Phase::Starting
-            && (self.recovery.source.is_none() || self.recovery.source == Some(Source::Link(link)))
+        let source = self.recovery.source == Some(Source::Link(link));
+        let pulled = self.recovery.queue.is_empty() && self.recovery.pulling == 0;
+        if self.phase == Phase::Starting && (self.recovery.source.is_none() || (source && !pulled))
         {
             // Before the disk serves, an in-sync replica that drops is not recorded out of
-            // sync: it may hold writes this copy lacks. The start decides again without it.
-            if self.recovery.source == Some(Source::Link(link)) {
+            // sync while it may hold writes this copy lacks: the start decides again.
+            if source {
                 tracing::warn!(volume = %self.cfg.volume, replica = %self.links[link].addr, "lost the recovery source; choosing again");
                 self.recovery.source = None;
                 self.recovery.queue.clear();

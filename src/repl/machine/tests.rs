@@ -705,3 +705,65 @@ fn a_clean_stop_empties_the_log_only_when_every_fault_was_recorded() {
         "still waiting for the fault to be recorded"
     );
 }
+
+#[test]
+fn losing_the_recovery_source_mid_pull_chooses_again_without_recording_it() {
+    let mut al = empty();
+    al.set(1);
+    let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(al));
+    let c0 = h.open(0, tag(7));
+    h.open(1, tag(7));
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            link: 0,
+            frame: Frame::Read { .. },
+            ..
+        }
+    )));
+    h.take();
+    h.core
+        .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
+    // Not recorded out of sync: it may hold what this copy lacks. The other in-sync
+    // replica becomes the source, and the lost one is recorded out of sync instead.
+    let records = h.records();
+    assert_eq!(records, vec![(0, false)]);
+    assert!(
+        h.out.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                link: 1,
+                frame: Frame::Read { .. },
+                ..
+            }
+        )),
+        "{:?}",
+        h.out
+    );
+}
+
+#[test]
+fn the_only_in_sync_source_lost_mid_pull_blocks_the_start_until_it_is_back() {
+    let mut al = empty();
+    al.set(1);
+    let mut h = H::new(vec![in_sync("a", 7)], Some(al));
+    let c0 = h.open(0, tag(7));
+    h.take();
+    h.core
+        .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
+    assert!(h.records().is_empty());
+    assert_eq!(h.core.phase(), Phase::Starting);
+    assert!(h.core.start_blocker().is_some());
+    h.now += 200_000;
+    h.core.tick(h.now, 0, &mut h.out);
+    let c = h.open(0, tag(7));
+    let read = h.out.iter().find_map(|a| match a {
+        Action::Send {
+            link: 0,
+            conn,
+            frame: Frame::Read { seq, .. },
+        } if *conn == c => Some(*seq),
+        _ => None,
+    });
+    assert!(read.is_some(), "pulled again once it is back");
+}
