@@ -284,8 +284,8 @@ pub struct Replication {
     connection: AtomicU64,
     stop: AtomicBool,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// The exclusive lock on the metadata directory, held while this primary lives.
-    _lock: File,
+    /// The exclusive lock on the metadata directory, held until [`Replication::shutdown`].
+    lock: Mutex<Option<File>>,
 }
 
 fn map_name(addr: &str) -> String {
@@ -403,13 +403,14 @@ impl Replication {
             connection: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             config,
         });
         repl.spawn_threads(files)?;
         repl.execute(first, Ctx::Other, &mut Local::default());
         if let Err(e) = repl.wait_serving() {
             repl.stop_threads();
+            drop(repl.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
             return Err(e);
         }
         Ok(repl)
@@ -1202,6 +1203,8 @@ impl Replication {
             std::thread::sleep(Duration::from_millis(5));
         };
         self.stop_threads();
+        // Another primary (a re-attach) may take the volume from here on.
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         if clean {
             tracing::info!(volume = %self.config.volume, "replication stopped cleanly");
         } else {
