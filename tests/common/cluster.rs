@@ -394,6 +394,16 @@ impl Model {
         }
     }
 
+    /// Records an acknowledged write of `data` at `offset`.
+    pub fn record(&mut self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.data[o..o + data.len()].copy_from_slice(data);
+        for s in o / 512..(o + data.len()) / 512 {
+            self.unknown[s] = false;
+        }
+        self.acked += 1;
+    }
+
     /// Checks every acknowledged write against `actual`; returns the bad sectors.
     pub fn mismatches(&self, actual: &[u8]) -> Vec<u64> {
         assert_eq!(actual.len(), self.data.len());
@@ -429,6 +439,18 @@ pub struct Writer {
 impl Writer {
     /// Writes 4-64 KiB at random 4 KiB-aligned offsets in the first `span` bytes.
     pub fn start(socket: &Path, model: Model, seed: u64, span: u64) -> Writer {
+        Writer::spawn(socket, model, seed, span, false)
+    }
+
+    /// As [`Writer::start`], for a daemon whose writes may stall (an unreachable authority)
+    /// or never complete (the daemon goes away): a write without a completion is waited
+    /// for without a time limit but stays unknown in the model, and the thread ends as soon
+    /// as it is stopped, even with that write in flight, or when the connection fails.
+    pub fn start_patient(socket: &Path, model: Model, seed: u64, span: u64) -> Writer {
+        Writer::spawn(socket, model, seed, span, true)
+    }
+
+    fn spawn(socket: &Path, model: Model, seed: u64, span: u64, patient: bool) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let model = Arc::new(Mutex::new(model));
@@ -454,7 +476,14 @@ impl Writer {
                         m.unknown[sct] = true;
                     }
                 }
-                let r = c.write(0, offset, &data[..len], ReqFlags::empty());
+                let r = if patient {
+                    match patient_write(&mut c, offset, &data[..len], &s) {
+                        Some(r) => r,
+                        None => return, // stopped or disconnected: the write stays unknown
+                    }
+                } else {
+                    c.write(0, offset, &data[..len], ReqFlags::empty())
+                };
                 let mut m = m.lock().unwrap();
                 if r == 0 {
                     m.data[o..o + l].copy_from_slice(&data[..len]);
@@ -489,6 +518,28 @@ impl Writer {
             t.join().expect("writer thread");
         }
         self.model.lock().unwrap().clone()
+    }
+}
+
+/// Writes `data` at `offset` on queue 0 and waits for its completion in slices of 200 ms;
+/// `None` once `stop` is set or the connection fails before the write completes.
+fn patient_write(c: &mut Client, offset: u64, data: &[u8], stop: &AtomicBool) -> Option<i32> {
+    c.buf()[..data.len()].copy_from_slice(data);
+    let p = c.buf;
+    c.queues[0].write(offset, p, data.len(), 0, ReqFlags::empty());
+    loop {
+        let mut done = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+        let mut slice = Duration::from_millis(200);
+        match c.queues[0].do_io(&mut done, 1, Some(&mut slice), None) {
+            // SAFETY: do_io initialized the first completion.
+            Ok(1) => return Some(unsafe { done[0].assume_init_read() }.ret),
+            Ok(_) => {}
+            Err(e) if e.errno() == blkio::Errno::TIME => {}
+            Err(_) => return None,
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
     }
 }
 
