@@ -23,12 +23,13 @@ mod etcd;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
 use cluster::{
-    free_port, health, make_image, replica_state, wait_in_sync, wait_until, Env, Model, Proc, SIZE,
-    VOLUME,
+    free_port, health, make_image, replica_state, wait_in_sync, wait_until, Env, Model, Proc,
+    Writer, SIZE, VOLUME,
 };
 use common::api_daemon::ApiDaemon;
 use common::{Client, Rng};
@@ -881,4 +882,304 @@ fn overlapping_writes_on_one_queue_leave_identical_copies() {
     if let Err(e) = r {
         panic!("{e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Smaller ones.
+
+/// (a) A dirty bitmap with no valid slot means "everything may differ", not "nothing".
+#[test]
+fn unreadable_dirty_bitmap_fails_closed() {
+    let mut c = Cluster::start(false, "");
+    c.write_every_region(71);
+    c.r2.kill();
+    wait_not_in_sync(c.hp, c.p2);
+    // Recorded out of sync; these writes are marked in r2's bitmap only.
+    {
+        let mut client = Client::connect(&c.sock, 1, false).unwrap();
+        let mut rng = Rng(72);
+        write_chunks(
+            &mut client,
+            &mut c.model,
+            &mut rng,
+            (0..32).map(|i| 2 * i * MIB + 8192),
+        );
+    }
+    let (state, dirty, _) = replica_state(c.hp, c.p2);
+    assert!(
+        state == "out-of-sync" && dirty > 0,
+        "r2 is out of sync with dirty regions: {state}, {dirty}"
+    );
+    c.stop_primary();
+    let bitmap = c
+        .env
+        .path(&format!("img.ferrodisk/dirty-127.0.0.1_{}", c.p2));
+    let len = std::fs::metadata(&bitmap)
+        .unwrap_or_else(|e| panic!("r2's dirty bitmap {}: {e}", bitmap.display()))
+        .len();
+    assert!(len > 0, "the bitmap file is empty");
+    let mut garbage = vec![0u8; len as usize];
+    Rng(73).fill(&mut garbage);
+    std::fs::write(&bitmap, &garbage).unwrap();
+
+    c.r2 = c.env.replica("r2", c.p2);
+    let (sock2, hp2) = (c.env.path("s2.sock"), free_port());
+    let mut a = c.env.primary("a", &c.img, &sock2, &[c.p1, c.p2], hp2, "");
+    wait_in_sync(hp2, &[c.p1, c.p2], Duration::from_secs(60));
+    let summary = replica_summary(hp2, c.p2);
+    assert!(a.terminate().success(), "{}", a.log());
+    c.check_copies(&format!(
+        "r2 missed 32 writes, recorded only in a dirty bitmap that was then overwritten with \
+         garbage; r2 was called in sync again ({summary})."
+    ));
+}
+
+/// (b) A fault that could not be recorded in the authority makes the next start unclean.
+#[test]
+fn clean_stop_is_recorded_only_when_every_fault_was() {
+    let mut c = Cluster::start(true, "");
+    let w = Writer::start_patient(&c.sock, c.model.clone(), 7, SIZE);
+    w.wait_acked(100);
+    c.env.etcd.as_mut().unwrap().kill(0);
+    // Every replica is in sync: writes need no authority.
+    w.wait_acked(20);
+    c.r1.kill();
+    // The primary cannot record r1's fault: the writes in flight wait for the authority.
+    wait_not_in_sync(c.hp, c.p1);
+    std::thread::sleep(Duration::from_secs(1));
+    w.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    c.model = w.finish();
+    // The stalled writes keep the drain waiting (30 s); then the primary stops.
+    let stopped = c.primary.terminate_within(Duration::from_secs(90));
+    c.env.etcd.as_mut().unwrap().restart(0);
+    c.r1 = c.env.replica("r1", c.p1);
+    let (sock2, hp2) = (c.env.path("s2.sock"), free_port());
+    let mut a = c.env.primary("a", &c.img, &sock2, &[c.p1, c.p2], hp2, "");
+    wait_in_sync(hp2, &[c.p1, c.p2], Duration::from_secs(60));
+    let summary = replica_summary(hp2, c.p1);
+    assert!(a.terminate().success(), "{}", a.log());
+    c.check_copies(&format!(
+        "r1 was killed while the authority was unreachable, so its fault was never recorded; \
+         the primary then stopped ({stopped:?}) and was restarted: r1 must not be trusted \
+         ({summary})."
+    ));
+}
+
+/// (c) `volume resize` of a replicated volume that is not attached is refused.
+#[test]
+fn resizing_a_detached_replicated_volume_is_refused() {
+    let a = ApiCluster::start();
+    a.create("16M", &[]);
+    let sock = a.env.path("v.sock");
+    a.attach("vm", &sock, &[]);
+    a.wait_in_sync("vm");
+    a.detach("vm");
+    let (rc, out, err) = a.d.cli(&["volume", "resize", VOLUME, "--size", "32M"]);
+    let len = std::fs::metadata(a.primary_image()).unwrap().len();
+    assert!(
+        rc != 0 && len == 16 * MIB,
+        "resizing a detached replicated volume must be refused (docs/api.md): exit {rc} \
+         ({out}{err}), the primary image is now {len} bytes (was {})",
+        16 * MIB
+    );
+    let (_, vols) = a.d.call("GET", "/v1/volumes", None);
+    assert_eq!(vols[0]["size"], 16 * MIB, "{vols}");
+}
+
+/// An ext4 file system on a loop device whose backing file lives on a small tmpfs: once the
+/// tmpfs is full, writing back the file system's new blocks fails, so `fdatasync` fails
+/// (`ENOSPC`, then `EIO`) although `write` succeeded. No journal and `errors=continue`, so
+/// the file system works again once space is freed. Unmounted on drop.
+struct ThinFs {
+    tmpfs: PathBuf,
+    mnt: PathBuf,
+    /// Holds the mount points; removed after they are unmounted.
+    _dir: tempfile::TempDir,
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is needed (root, e2fsprogs, loop devices): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl ThinFs {
+    fn mount() -> ThinFs {
+        assert!(
+            Path::new("/dev/loop-control").exists(),
+            "the flush-failure test needs loop devices (/dev/loop-control)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (tmpfs, mnt) = (dir.path().join("tmpfs"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&tmpfs).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=24m",
+                "tmpfs",
+                tmpfs.to_str().unwrap(),
+            ],
+        );
+        let fs = ThinFs {
+            tmpfs,
+            mnt,
+            _dir: dir,
+        };
+        let disk = fs.tmpfs.join("disk");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=0",
+                disk.to_str().unwrap(),
+            ],
+        );
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop,errors=continue",
+                disk.to_str().unwrap(),
+                fs.mnt.to_str().unwrap(),
+            ],
+        );
+        fs
+    }
+
+    /// Fills the tmpfs under the file system: its unwritten blocks can no longer be stored.
+    fn exhaust(&self) {
+        let mut f = std::fs::File::create(self.tmpfs.join("hog")).unwrap();
+        let chunk = vec![0xeeu8; 1 << 20];
+        use std::io::Write;
+        while f.write_all(&chunk).is_ok() {}
+    }
+
+    fn release(&self) {
+        std::fs::remove_file(self.tmpfs.join("hog")).unwrap();
+    }
+}
+
+impl Drop for ThinFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        let _ = Command::new("umount").arg("-l").arg(&self.tmpfs).output();
+    }
+}
+
+/// Established TCP connections to `port` on loopback made from this host (the primary's
+/// links to the replica listening there), from /proc/net/tcp.
+fn connections_to(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+/// (d) A detach whose flush fails still stops the replication links.
+#[test]
+fn failed_flush_at_detach_still_stops_the_links() {
+    let fs = ThinFs::mount();
+    let env = Env::new(false);
+    let (p1, p2) = (free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let key = env.key.display().to_string();
+    let d = ApiDaemon::start(
+        env.dir.path(),
+        &[
+            "--authority",
+            &env.authority,
+            "--node",
+            "api-node",
+            "--replication-key",
+            &key,
+        ],
+    );
+    let a = ApiCluster {
+        env,
+        p1,
+        p2,
+        _r1,
+        _r2,
+        d,
+    };
+    let img = fs.mnt.join("v.img");
+    a.create("8M", &["--path", img.to_str().unwrap()]);
+    // Opened before the write-back fails, so its own fdatasync reports the failure too.
+    let probe = std::fs::File::open(&img).unwrap();
+    let sock = a.env.path("v.sock");
+    a.attach("vm", &sock, &[]);
+    a.wait_in_sync("vm");
+    assert!(
+        connections_to(p1) > 0 && connections_to(p2) > 0,
+        "precondition: /proc/net/tcp shows the primary's connections to both replicas"
+    );
+    {
+        let mut c = Client::connect(&sock, 1, false).unwrap();
+        let data = vec![0x33u8; MIB as usize];
+        assert_eq!(c.write(0, MIB, &data, ReqFlags::empty()), 0);
+    }
+    fs.exhaust();
+    let (rc, out, err) = a.d.cli(&["detach", &format!("{VOLUME}@vm")]);
+    assert!(
+        probe.sync_data().is_err(),
+        "precondition: the write-back of the volume must fail (detach: {rc} {out}{err})"
+    );
+    let mut problems = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connections_to(p1) + connections_to(p2) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = connections_to(p1) + connections_to(p2);
+    if left > 0 {
+        problems.push(format!(
+            "5 s after a detach whose flush failed (detach exit {rc}), the daemon still holds \
+             {left} connection(s) to the replicas: the link threads were not stopped"
+        ));
+    }
+    // Space again: the volume attaches and works.
+    fs.release();
+    let (rc, out, err) = a.d.cli(&a.attach_args("vm", &sock, &[]));
+    if rc != 0 {
+        problems.push(format!("re-attach after the failed flush: {out}{err}"));
+    } else {
+        a.wait_in_sync("vm");
+        let mut c = Client::connect(&sock, 1, false).unwrap();
+        let data = vec![0x44u8; 65536];
+        let w = c.write(0, 2 * MIB, &data, ReqFlags::empty());
+        let r = c.read(0, 2 * MIB, data.len());
+        if w != 0 || r.as_deref() != Ok(&data[..]) {
+            problems.push(format!("the re-attached disk does not work: write {w}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
