@@ -447,6 +447,12 @@ impl QueueWorker {
         let Some(p) = h.parked.take() else { return };
         self.iov = p.iov;
         self.submit_local(&p.req, &p.mem, p.bounce);
+        // Released outside any batch of this worker (a completion, a mailbox): submit now.
+        if let QueueEngine::Uring(u) = &mut self.engine {
+            if let Err(e) = u.submit() {
+                self.log(format_args!("io_uring submit failed: {e}"));
+            }
+        }
     }
 
     /// A replicated request is done everywhere: it completes (failed if `ok` is false).

@@ -1628,7 +1628,8 @@ impl Core {
             if l.state != LinkState::Resyncing || l.conn.is_none() || l.finishing.is_some() {
                 return;
             }
-            if rate > 0 {
+            // Before the disk serves, no guest I/O competes: no rate limit.
+            if rate > 0 && self.phase == Phase::Serving {
                 let last = l.resync.last.unwrap_or(now);
                 let add = (now.saturating_sub(last) as u128 * rate as u128 / 1_000_000) as u64;
                 l.resync.last = Some(now);
@@ -1642,7 +1643,7 @@ impl Core {
             let len = self.region_len(region);
             let generation = self.regions[region].generation;
             let l = &mut self.links[link];
-            if rate > 0 {
+            if rate > 0 && self.phase == Phase::Serving {
                 if l.resync.allowance < len {
                     break;
                 }

@@ -250,7 +250,11 @@ struct MetaFiles {
 /// The thread a batch of actions runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ctx {
-    Worker(usize),
+    /// A queue worker; `batched`: it flushes its frames itself at the end of its batch.
+    Worker {
+        queue: usize,
+        batched: bool,
+    },
     Link(usize),
     Meta,
     Other,
@@ -429,7 +433,8 @@ impl Replication {
             BitmapFile::open(&path, disk_bytes, rb)
                 .map_err(|source| ReplError::Meta { path, source })
         };
-        let (al_file, loaded) = open(ACTIVITY)?;
+        let (mut al_file, loaded) = open(ACTIVITY)?;
+        let current = matches!(&loaded, Loaded::Valid(_, tag) if tag.uuid == record.uuid);
         let activity = match loaded {
             Loaded::Valid(map, tag) if tag.uuid == record.uuid => Some(map),
             // Another incarnation's log: nothing of this volume was ever written here.
@@ -443,6 +448,24 @@ impl Replication {
                 None
             }
         };
+        if !current {
+            // From now on the log is this incarnation's: a new primary stores its (empty)
+            // log at once, so that the next start can tell a clean stop from an old
+            // version's metadata; an unreadable one is stored as every region active.
+            let mut words = DirtyMap::in_memory(disk_bytes, rb);
+            match &activity {
+                Some(map) => words = map.clone(),
+                None => words.set_all(),
+            }
+            let tag = Tag {
+                uuid: record.uuid.clone(),
+                gen: 0,
+            };
+            let path = config.meta_dir.join(ACTIVITY);
+            al_file
+                .store(words.words(), &tag)
+                .map_err(|source| ReplError::Meta { path, source })?;
+        }
         let mut links = Vec::new();
         let mut bitmaps = Vec::new();
         for addr in &config.replicas {
@@ -601,7 +624,7 @@ impl Replication {
             let now = self.now();
             self.core().begin(now, desc, &mut actions)
         };
-        self.execute_for_worker(actions, queue, own);
+        self.execute_for_worker(actions, queue, own, true);
         match verdict {
             Verdict::Go(id) => Begin::Go(id),
             Verdict::Parked(id) => Begin::Parked(id),
@@ -617,7 +640,8 @@ impl Replication {
             let now = self.now();
             self.core().local_done(now, op, ok, &mut actions);
         }
-        self.execute_for_worker(actions, queue, own);
+        // What this releases is sent now: the worker's batch may be over.
+        self.execute_for_worker(actions, queue, own, false);
     }
 
     /// A parked request will never run (its worker is going away).
@@ -638,12 +662,20 @@ impl Replication {
         }
     }
 
-    fn execute_for_worker(&self, actions: Vec<Action>, queue: usize, own: &mut Vec<Delivery>) {
+    /// Performs actions a worker caused; with `batched`, the frames wait for the worker's
+    /// [`flush`](Self::flush) at the end of its batch.
+    fn execute_for_worker(
+        &self,
+        actions: Vec<Action>,
+        queue: usize,
+        own: &mut Vec<Delivery>,
+        batched: bool,
+    ) {
         if actions.is_empty() {
             return;
         }
         let mut local = Local::default();
-        self.execute(actions, Ctx::Worker(queue), &mut local);
+        self.execute(actions, Ctx::Worker { queue, batched }, &mut local);
         own.append(&mut local.own);
     }
 
@@ -716,7 +748,7 @@ impl Replication {
             }
         }
         // A worker writes its batch's frames once, at the end of the batch.
-        if !matches!(ctx, Ctx::Worker(_)) {
+        if !matches!(ctx, Ctx::Worker { batched: true, .. }) {
             for i in 0..self.links.len() {
                 if touched & (1 << i) != 0 {
                     self.flush_link(i);
@@ -742,7 +774,7 @@ impl Replication {
             op,
             kind,
         };
-        if ctx == Ctx::Worker(usize::from(queue)) {
+        if matches!(ctx, Ctx::Worker { queue: q, .. } if q == usize::from(queue)) {
             local.own.push(d);
         } else if let Some(m) = self.mailboxes.get(usize::from(queue)) {
             m.post(d);

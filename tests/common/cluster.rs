@@ -140,7 +140,10 @@ pub struct Env {
 
 impl Env {
     pub fn new(use_etcd: bool) -> Env {
-        let dir = tempfile::tempdir().unwrap();
+        // FERRODISK_KEEP_TEST_DIR=1 keeps the directory (logs, images) for a post-mortem.
+        let mut builder = tempfile::Builder::new();
+        builder.disable_cleanup(std::env::var_os("FERRODISK_KEEP_TEST_DIR").is_some());
+        let dir = builder.tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
         let (authority, etcd) = if use_etcd {
