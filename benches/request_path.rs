@@ -5,7 +5,13 @@
 //! - `complete`: write the status and a used-ring entry for 32 requests, then decide on one
 //!   notification;
 //! - `worker_null`: the whole worker batch on the null engine (pop, parse, dispatch,
-//!   complete, notify) for 32 requests.
+//!   complete, notify) for 32 requests;
+//! - `repl_machine`: the replication state machine's share of one replicated write (admit
+//!   it with write ordering and the activity log, its local completion, two replica
+//!   acknowledgements) with 32 writes in flight: `spread` puts every write in its own
+//!   region (the ordering check's fast path only), `random` is 4 KiB at random offsets of
+//!   256 MiB as `benches/replication.sh` writes (writes often share a region with another
+//!   one in flight, and the overlap scan runs; none overlaps).
 //!
 //! Run with `cargo bench --bench request_path`. These count instructions more than
 //! anything: compare runs on the same machine, before and after a change.
@@ -150,5 +156,154 @@ fn worker_null(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, complete, worker_null);
+/// A serving state machine with two in-sync replicas, driven by hand.
+struct Machine {
+    core: ferrodisk::repl::machine::Core,
+    conns: [u64; 2],
+    now: u64,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        use ferrodisk::repl::bitmap::{DirtyMap, Tag};
+        use ferrodisk::repl::machine::{Action, Core, CoreConfig, LinkInit};
+        const UUID: &str = "0123456789abcdef0123456789abcdef";
+        let disk = 1u64 << 30;
+        let tag = Tag {
+            uuid: UUID.into(),
+            gen: 7,
+        };
+        let link = |a: &str| LinkInit {
+            addr: a.into(),
+            in_sync: true,
+            bitmap: Some((DirtyMap::in_memory(disk, 1 << 20), tag.clone())),
+        };
+        let mut active = DirtyMap::in_memory(disk, 1 << 20);
+        active.set_all(); // steady state: every region is in the activity log
+        let mut out = Vec::new();
+        let mut core = Core::new(
+            CoreConfig::new("v", UUID, 3, disk, 1 << 20),
+            vec![link("a"), link("b")],
+            Some(active),
+            0,
+            &mut out,
+        );
+        let mut conns = [0; 2];
+        for a in std::mem::take(&mut out) {
+            if let Action::Connect { link, conn } = a {
+                conns[link] = conn;
+                core.on_open(0, link, conn, Ok(tag.clone()), &mut Vec::new());
+            }
+        }
+        Machine {
+            core,
+            conns,
+            now: 1,
+        }
+    }
+
+    /// Admits a write; returns its id and the (link, seq) of its frames.
+    fn begin(
+        &mut self,
+        head: u16,
+        offset: u64,
+        data: &Arc<Vec<u8>>,
+        out: &mut Vec<ferrodisk::repl::machine::Action>,
+    ) -> (ferrodisk::repl::machine::OpId, [(usize, u64); 2]) {
+        use ferrodisk::repl::machine::{Action, Frame, Mutation, OpDesc, Verdict};
+        self.now += 1;
+        let d = OpDesc {
+            queue: 0,
+            conn: 1,
+            head,
+            offset,
+            len: data.len() as u64,
+            kind: Mutation::Write {
+                crc: 0,
+                data: Arc::clone(data),
+            },
+        };
+        let Verdict::Go(id) = self.core.begin(self.now, d, out) else {
+            panic!("non-overlapping writes in the activity log go at once")
+        };
+        let mut seqs = [(0, 0); 2];
+        let mut n = 0;
+        for a in out.drain(..) {
+            if let Action::Send {
+                link,
+                frame: Frame::Write { seq, .. },
+                ..
+            } = a
+            {
+                seqs[n] = (link, seq);
+                n += 1;
+            }
+        }
+        (id, seqs)
+    }
+
+    fn finish(
+        &mut self,
+        id: ferrodisk::repl::machine::OpId,
+        seqs: [(usize, u64); 2],
+        out: &mut Vec<ferrodisk::repl::machine::Action>,
+    ) {
+        use ferrodisk::repl::machine::Reply;
+        self.core.local_done(self.now, id, true, out);
+        for (link, seq) in seqs {
+            self.core
+                .on_reply(self.now, link, self.conns[link], Reply::Ack { seq }, out);
+        }
+        out.clear();
+    }
+}
+
+fn repl_machine(c: &mut Criterion) {
+    let data = Arc::new(vec![0u8; 4096]);
+    let mut g = c.benchmark_group("repl_machine");
+    g.throughput(Throughput::Elements(1));
+    for (name, spread) in [("spread", true), ("random", false)] {
+        let mut m = Machine::new();
+        let mut out = Vec::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next_offset = move |i: u64| {
+            if spread {
+                (i % 1024) << 20
+            } else {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % 65536) * 4096
+            }
+        };
+        // 32 writes in flight, never overlapping one another; each iteration retires the
+        // oldest and admits a new one.
+        let mut ring = std::collections::VecDeque::new();
+        let mut i = 0u64;
+        let mut admit =
+            |m: &mut Machine, ring: &mut std::collections::VecDeque<_>, out: &mut Vec<_>| loop {
+                i += 1;
+                let off = next_offset(i);
+                if ring.iter().any(|&(o, _, _)| o == off) {
+                    continue;
+                }
+                let (id, seqs) = m.begin((i % 256) as u16, off, &data, out);
+                ring.push_back((off, id, seqs));
+                return;
+            };
+        for _ in 0..32 {
+            admit(&mut m, &mut ring, &mut out);
+        }
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (_, id, seqs) = ring.pop_front().unwrap();
+                m.finish(id, seqs, &mut out);
+                admit(&mut m, &mut ring, &mut out);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, parse, complete, worker_null, repl_machine);
 criterion_main!(benches);
