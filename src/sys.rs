@@ -369,3 +369,43 @@ pub fn send_nonblocking(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize>
         }
     }
 }
+
+/// What tells one file from another that took its place: the inode number, and the birth
+/// time in nanoseconds (0 where the file system does not record it). A file deleted and
+/// re-created gets another pair even when the file system reuses the inode number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileId {
+    pub ino: u64,
+    pub birth: u64,
+}
+
+/// The [`FileId`] of an open file.
+pub fn file_id(file: &File) -> io::Result<FileId> {
+    // SAFETY: `statx` is plain old data; all zeros is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid NUL-terminated empty string, `file` owns the descriptor
+    // for the duration of the call, and the kernel writes only into `st`, which we own.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_INO | libc::STATX_BTIME,
+            &mut st,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let birth = if st.stx_mask & libc::STATX_BTIME != 0 {
+        (st.stx_btime.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(u64::from(st.stx_btime.tv_nsec))
+    } else {
+        0
+    };
+    Ok(FileId {
+        ino: st.stx_ino,
+        birth,
+    })
+}

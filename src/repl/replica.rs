@@ -23,7 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver as ChanRx};
@@ -60,7 +60,14 @@ struct Meta {
     epoch: u64,
     uuid: String,
     gen: u64,
+    /// The image the identity was written for: its inode number, its birth time
+    /// (nanoseconds; 0 where the file system has none) and its length. File systems reuse
+    /// inode numbers, so the number alone does not tell a re-created image.
     ino: u64,
+    #[serde(default)]
+    birth: u64,
+    #[serde(default)]
+    len: u64,
 }
 
 /// The open image of a volume.
@@ -69,8 +76,8 @@ struct Image {
     /// The same file with O_DIRECT, for aligned writes (`None` if the filesystem refuses it).
     direct: Option<File>,
     dio_align: u64,
-    /// The inode number of `file`: the identity in the sidecar is valid only for it.
-    ino: u64,
+    /// Which file `file` is: the identity in the sidecar is valid only for it.
+    id: crate::sys::FileId,
 }
 
 struct Volume {
@@ -149,7 +156,9 @@ impl Volume {
             epoch: next.epoch,
             uuid: next.uuid.clone(),
             gen: next.gen,
-            ino: self.image.as_ref().map_or(0, |i| i.ino),
+            ino: self.image.as_ref().map_or(0, |i| i.id.ino),
+            birth: self.image.as_ref().map_or(0, |i| i.id.birth),
+            len: self.size(),
         };
         write_meta(&self.meta, &meta).map_err(|e| {
             tracing::error!(volume = %self.name, "cannot persist the volume's identity: {e}");
@@ -354,21 +363,33 @@ fn read_meta(meta: &Path, legacy: &Path) -> Result<Option<Meta>, String> {
     }
 }
 
-/// Voids the identity in `meta` (gen 0, for inode `ino`) unless the image is the one it was
-/// written for: not (re)created, and the same inode. Returns whether it did.
-fn void_if_not_for(name: &str, meta: &mut Meta, created: bool, ino: u64) -> bool {
-    if meta.gen == 0 || (!created && ino == meta.ino) {
+/// Voids the identity in `meta` (gen 0, for image `id` of `len` bytes) unless the image is
+/// the one it was written for: not (re)created, the same file (inode and birth time) and
+/// the same length. Returns whether it did.
+fn void_if_not_for(
+    name: &str,
+    meta: &mut Meta,
+    created: bool,
+    id: crate::sys::FileId,
+    len: u64,
+) -> bool {
+    let same = !created && id.ino == meta.ino && id.birth == meta.birth && len == meta.len;
+    if meta.gen == 0 || same {
         return false;
     }
-    tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new or not the one its identity was written for: identity void");
+    tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new, resized, or not the file its identity was written for: identity void");
     meta.gen = 0;
-    meta.ino = ino;
+    meta.ino = id.ino;
+    meta.birth = id.birth;
+    meta.len = len;
     true
 }
 
-/// The inode of the file at `path`, if there is one.
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.ino())
+/// Which file is at `path`, and its length, if there is one.
+fn file_at(path: &Path) -> Option<(crate::sys::FileId, u64)> {
+    let f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    Some((crate::sys::file_id(&f).ok()?, len))
 }
 
 impl ReplicaServer {
@@ -422,11 +443,12 @@ impl ReplicaServer {
         let mut prior_epoch = 0;
         let mut retired = None;
         if let Some(v) = vols.get(name) {
-            let on_disk = inode(&self.image_path(name));
+            let on_disk = file_at(&self.image_path(name));
             let mut st = v.lock();
             let current = !st.dropped
                 && match &v.image {
-                    Some(img) => on_disk == Some(img.ino),
+                    // The same file, not truncated or extended under us.
+                    Some(img) => on_disk == Some((img.id, v.size())),
                     None => on_disk.is_none() && size == 0,
                 };
             if current {
@@ -497,10 +519,12 @@ impl ReplicaServer {
         } else {
             None
         };
-        let (ino, created, len) = image.as_ref().map_or((0, false, 0), |(img, created, len)| {
-            (img.ino, *created, *len)
-        });
-        let voided = void_if_not_for(name, &mut meta, created, ino);
+        let (id, created, len) = image
+            .as_ref()
+            .map_or((crate::sys::FileId::default(), false, 0), |(img, created, len)| {
+                (img.id, *created, *len)
+            });
+        let voided = void_if_not_for(name, &mut meta, created, id, len);
         // The epoch may have been carried over from a retired volume.
         if voided || stored_epoch < meta.epoch {
             write_meta(&meta_path, &meta).map_err(|e| {
@@ -573,12 +597,13 @@ impl ReplicaServer {
             .map_or(4096, u64::from)
             .max(512);
         let len = file.metadata().map_err(io)?.len();
+        let id = crate::sys::file_id(&file).map_err(io)?;
         Ok((
             Image {
                 file,
                 direct,
                 dio_align,
-                ino: md.ino(),
+                id,
             },
             created,
             len,
@@ -1329,8 +1354,8 @@ mod tests {
         serde_json::from_slice(&std::fs::read(dir.join("v.meta")).unwrap()).unwrap()
     }
 
-    fn ino(path: &Path) -> u64 {
-        std::fs::metadata(path).unwrap().ino()
+    fn id(path: &Path) -> crate::sys::FileId {
+        crate::sys::file_id(&File::open(path).unwrap()).unwrap()
     }
 
     const MIB: u64 = 1 << 20;
@@ -1538,7 +1563,9 @@ mod tests {
                 epoch: 2,
                 uuid: "u1".into(),
                 gen: 7,
-                ino: ino(&img),
+                ino: id(&img).ino,
+                birth: id(&img).birth,
+                len: MIB,
             }
         );
         let (_, reply) = open_as(addr, 0, 0, "");
@@ -1615,7 +1642,7 @@ mod tests {
         let addr = serve(dir.path());
         let (_, reply) = open_as(addr, 3, MIB, "u1");
         assert_eq!(ident(&reply), (3, "u1", 0));
-        assert_eq!(sidecar(dir.path()).ino, ino(&img));
+        assert_eq!(sidecar(dir.path()).ino, id(&img).ino);
         // Emptied in place (same inode).
         let dir = tempfile::tempdir().unwrap();
         adopted(dir.path());
@@ -1630,6 +1657,44 @@ mod tests {
         let (_, reply) = open_as(addr, 3, MIB, "u1");
         assert_eq!(ident(&reply), (3, "u1", 0));
         assert_eq!(std::fs::metadata(&img).unwrap().len(), MIB);
+    }
+
+    #[test]
+    fn an_image_recreated_blank_with_a_reused_inode_number_voids_the_identity() {
+        // ext4 reuses a freed inode number at once: the number alone would match.
+        let dir = tempfile::tempdir().unwrap();
+        adopted(dir.path());
+        let img = dir.path().join("v.img");
+        let before = id(&img);
+        let mut reused = false;
+        for _ in 0..20 {
+            std::fs::remove_file(&img).unwrap();
+            File::create(&img).unwrap().set_len(MIB).unwrap();
+            if id(&img).ino == before.ino {
+                reused = true;
+                break;
+            }
+        }
+        let addr = serve(dir.path());
+        let (_, reply) = open_as(addr, 3, MIB, "u1");
+        assert_eq!(ident(&reply), (3, "u1", 0), "inode number reused: {reused}");
+    }
+
+    #[test]
+    fn an_image_truncated_under_a_running_replica_voids_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = serve(dir.path());
+        let (mut c, _) = open_as(addr, 2, MIB, "u1");
+        assert_eq!(adopt(&mut c, 1, 2, 7), Msg::Ack { seq: 1, value: 7 });
+        let img = dir.path().join("v.img");
+        OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let (_, reply) = open_as(addr, 3, MIB, "u1");
+        assert_eq!(ident(&reply), (3, "u1", 0));
     }
 
     #[test]
