@@ -1442,11 +1442,6 @@ impl Core {
                 self.links[link].mark_bits(offset, len);
             }
         }
-        for op in copies {
-            if let Some(o) = self.ops.remove(&op) {
-                self.retire(now, o, out);
-            }
-        }
         self.recovery.pulling = self.recovery.pulling.saturating_sub(pulls_lost);
         let source = self.recovery.source == Some(Source::Link(link));
         let pulled = self.recovery.queue.is_empty() && self.recovery.pulling == 0;
@@ -1460,6 +1455,7 @@ impl Core {
                 self.recovery.queue.clear();
                 self.recovery.pulling = 0;
             }
+            self.retire_copies(now, copies, out);
             return;
         }
         let l = &mut self.links[link];
@@ -1471,9 +1467,24 @@ impl Core {
                 self.record(link, false, out);
             }
         } else {
+            // The authority knows already: nothing waits for a record.
             l.state = LinkState::OutOfSync;
-            for op in guest {
+            let waiting = std::mem::take(&mut l.waiting_record);
+            for op in guest.into_iter().chain(waiting) {
                 self.resolve(now, op, link, true, out);
+            }
+        }
+        // Only now, with the link's state settled, may the operations that waited behind
+        // its copies go: released earlier, a write would have run against a link still
+        // resyncing without a connection (found by the simulation).
+        self.retire_copies(now, copies, out);
+    }
+
+    /// Abandoned resync copies leave the tracker; what waited behind them is released.
+    fn retire_copies(&mut self, now: Micros, copies: Vec<OpId>, out: &mut Vec<Action>) {
+        for op in copies {
+            if let Some(o) = self.ops.remove(&op) {
+                self.retire(now, o, out);
             }
         }
     }

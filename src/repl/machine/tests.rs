@@ -767,3 +767,80 @@ fn the_only_in_sync_source_lost_mid_pull_blocks_the_start_until_it_is_back() {
     });
     assert!(read.is_some(), "pulled again once it is back");
 }
+
+/// Found by the simulation (tests/replication_sim.rs): a resync copy in flight to a replica
+/// that is not recorded in sync, a guest write to the region parked behind it, and the
+/// replica times out. The fault retired the copy before it settled the link's state, so the
+/// released write ran against a link still "resyncing" with no connection, waited for a
+/// record that never comes, and hung with every write that overlapped it.
+#[test]
+fn a_write_parked_behind_a_copy_completes_when_the_replica_fails() {
+    let mut dirty = empty();
+    dirty.set(0);
+    let out_of_sync = LinkInit {
+        addr: "a".into(),
+        in_sync: false,
+        bitmap: Some((dirty, tag(7))),
+    };
+    let mut h = H::new(vec![out_of_sync], Some(empty()));
+    assert_eq!(h.core.phase(), Phase::Serving);
+    // The copy our bitmap describes: a delta resync of region 0, found different, copied.
+    let conn = h.open(0, tag(7));
+    assert_eq!(h.core.link_state(0), LinkState::Resyncing);
+    assert!(h
+        .out
+        .iter()
+        .any(|a| matches!(a, Action::ReadLocal { region: 0, .. })));
+    h.take();
+    h.core
+        .on_local_read(h.now, 0, 0, Ok(vec![9u8; MIB as usize]), &mut h.out);
+    let sums = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                frame: Frame::Sums { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .expect("compared");
+    h.take();
+    h.core.on_reply(
+        h.now,
+        0,
+        conn,
+        Reply::Sums {
+            seq: sums,
+            crcs: vec![1],
+        },
+        &mut h.out,
+    );
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            frame: Frame::Write { .. },
+            ..
+        }
+    )));
+    h.take();
+    let Verdict::Parked(op) = h.write(1, 4096, 512) else {
+        panic!("a guest write to the region waits behind the copy")
+    };
+    h.store_activity();
+    assert!(h.releases().is_empty());
+    // The replica stops answering.
+    h.now += 2_000_000;
+    h.core.tick(h.now, 0, &mut h.out);
+    assert_eq!(h.core.link_state(0), LinkState::OutOfSync);
+    assert_eq!(h.releases(), vec![1], "released once the copy is given up");
+    assert!(
+        h.records().is_empty(),
+        "never recorded in sync: nothing to record"
+    );
+    h.take();
+    h.core.local_done(h.now, op, true, &mut h.out);
+    assert_eq!(h.completes(), vec![(1, true)], "the write completes");
+    assert!(h.core.dirty(0).is_set(0), "and is marked for the replica");
+    assert_eq!(h.core.in_flight(), 0);
+}
