@@ -23,7 +23,7 @@
 //! - **Fencing.** A replica refusing our epoch, or the authority saying we were superseded,
 //!   fences the disk: every request fails from then on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::bitmap::{DirtyMap, Tag};
@@ -390,7 +390,7 @@ struct Resync {
     /// Regions being read, compared or copied.
     busy: Vec<usize>,
     /// Generations of regions whose local read is under way.
-    reading: HashMap<usize, u32>,
+    reading: BTreeMap<usize, u32>,
     allowance: u64,
     last: Option<Micros>,
     total: usize,
@@ -418,7 +418,7 @@ struct Link {
     bits_stored: u64,
     /// The empty bitmap being stored before the link is recorded in sync.
     finishing: Option<u64>,
-    pending: HashMap<u64, Pending>,
+    pending: BTreeMap<u64, Pending>,
     /// Guest operations waiting for this link's fault to be recorded.
     waiting_record: Vec<OpId>,
     next_seq: u64,
@@ -523,7 +523,7 @@ pub struct Core {
     links: Vec<Link>,
     regions: Vec<Region>,
     al: Activity,
-    ops: HashMap<OpId, Op>,
+    ops: BTreeMap<OpId, Op>,
     next_op: u64,
     write_seq: u64,
     gens_minted: u64,
@@ -588,7 +588,7 @@ impl Core {
                     bits_gen: 1,
                     bits_stored: 0,
                     finishing: None,
-                    pending: HashMap::new(),
+                    pending: BTreeMap::new(),
                     waiting_record: Vec::new(),
                     next_seq: 0,
                     resync: Resync::default(),
@@ -607,7 +607,7 @@ impl Core {
             phase: Phase::Starting,
             fenced: None,
             links,
-            ops: HashMap::new(),
+            ops: BTreeMap::new(),
             next_op: 0,
             write_seq: 1,
             gens_minted: 0,
@@ -1421,7 +1421,7 @@ impl Core {
         l.finishing = None;
         l.resync.busy.clear();
         l.resync.reading.clear();
-        let pending: Vec<Pending> = l.pending.drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = std::mem::take(&mut l.pending).into_values().collect();
         let mut guest = Vec::new();
         let mut copies = Vec::new();
         let mut pulls_lost = 0;
