@@ -939,7 +939,7 @@ impl Core {
         let mut waits = false;
         for r in regions {
             added |= self.al.wanted.set(r);
-            waits |= !self.al.stored.is_set(r);
+            waits |= !self.logged(r);
         }
         if added {
             self.al.wanted_gen += 1;
@@ -948,6 +948,13 @@ impl Core {
             self.store_activity(out);
         }
         waits
+    }
+
+    /// Whether region `r` is in the durable activity log and stays there: a store under
+    /// way that drops it (an idle region checkpointed out) may land at any moment.
+    fn logged(&self, r: usize) -> bool {
+        let kept = |words: &[u64]| words.get(r / 64).is_some_and(|w| w & (1 << (r % 64)) != 0);
+        self.al.stored.is_set(r) && self.al.storing.as_ref().is_none_or(|(_, w)| kept(w))
     }
 
     fn store_activity(&mut self, out: &mut Vec<Action>) {
@@ -979,7 +986,7 @@ impl Core {
             let mut ready: Vec<OpId> = self
                 .ops
                 .iter()
-                .filter(|(_, o)| o.wants_al && o.regions.clone().all(|r| self.al.stored.is_set(r)))
+                .filter(|(_, o)| o.wants_al && o.regions.clone().all(|r| self.logged(r)))
                 .map(|(id, _)| *id)
                 .collect();
             ready.sort();

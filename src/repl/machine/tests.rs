@@ -875,3 +875,49 @@ fn a_fault_completes_the_writes_it_held_in_the_order_they_were_sent() {
     assert_eq!(heads, (0..24).collect::<Vec<u16>>());
     let _ = c0;
 }
+
+/// Found by the simulation (tests/replication_sim.rs): a write began on a region while the
+/// store that takes the idle region out of the activity log was under way. It went at once
+/// (the last completed store had the region), was sent to a replica, and the primary's host
+/// crashed after the store landed: the restart did not reconcile the region, and the
+/// replica kept a write the primary never had. A region counts as logged only if the store
+/// in flight keeps it too.
+#[test]
+fn a_write_waits_while_the_log_being_stored_drops_its_region() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.ack(1, c1, sent[1].2);
+    h.take();
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let id = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(id, true, &mut h.out);
+    let dropping = match h.take().as_slice() {
+        [Action::StoreActivity { gen, words }] if words.iter().all(|w| *w == 0) => *gen,
+        other => panic!("{other:?}"),
+    };
+    // The store that drops region 3 is under way: a new write there must wait for a store
+    // that has it again.
+    assert!(
+        matches!(h.write(2, 3 * MIB, 4096), Verdict::Parked(_)),
+        "the log on disk is about to lose the region"
+    );
+    assert!(h.sent_writes().is_empty());
+    h.core.on_activity_stored(h.now, dropping, true, &mut h.out);
+    let again = match h.take().as_slice() {
+        [Action::StoreActivity { gen, words }] if words[0] & (1 << 3) != 0 => *gen,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_activity_stored(h.now, again, true, &mut h.out);
+    assert_eq!(h.releases(), vec![2]);
+}
