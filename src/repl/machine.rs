@@ -1093,6 +1093,9 @@ impl Core {
         if c.last {
             self.stop_checkpointed = Some(ok);
             self.maybe_stopped();
+        } else {
+            // A stop that began during this checkpoint takes its last one now.
+            self.maybe_stop(out);
         }
     }
 

@@ -921,3 +921,51 @@ fn a_write_waits_while_the_log_being_stored_drops_its_region() {
     h.core.on_activity_stored(h.now, again, true, &mut h.out);
     assert_eq!(h.releases(), vec![2]);
 }
+
+/// Runs the metadata work of a stop (checkpoints and log stores, all successful) until
+/// nothing is left; returns the phase and whether the log was stored.
+fn finish_stop(h: &mut H) -> (Phase, bool) {
+    let mut stored = false;
+    for _ in 0..10 {
+        for a in h.take() {
+            match a {
+                Action::Checkpoint { id, .. } => h.core.on_checkpoint(id, true, &mut h.out),
+                Action::StoreActivity { gen, .. } => {
+                    stored = true;
+                    h.core.on_activity_stored(h.now, gen, true, &mut h.out)
+                }
+                _ => {}
+            }
+        }
+    }
+    (h.core.phase(), stored)
+}
+
+/// Found by the simulation (tests/replication_sim.rs): a clean stop that began while a
+/// periodic checkpoint was under way never took its last checkpoint (the stop waited for
+/// the checkpoint, and nothing went on once it was done): it timed out as unclean, and the
+/// next start reconciled every active region.
+#[test]
+fn a_stop_during_a_checkpoint_takes_the_last_checkpoint_after_it() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.ack(1, c1, sent[1].2);
+    h.take();
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let periodic = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.stop(h.now, &mut h.out);
+    assert_eq!(h.core.phase(), Phase::Stopping);
+    h.core.on_checkpoint(periodic, true, &mut h.out);
+    assert_eq!(finish_stop(&mut h).0, Phase::Stopped { clean: true });
+}
