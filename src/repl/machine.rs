@@ -485,6 +485,8 @@ struct Activity {
     wanted_gen: u64,
     /// The store in flight: its generation and words.
     storing: Option<(u64, Vec<u64>)>,
+    /// A store succeeded since start (a clean stop leaves a stored log, even an empty one).
+    persisted: bool,
 }
 
 #[derive(Debug)]
@@ -602,6 +604,7 @@ impl Core {
                 stored,
                 wanted_gen: 1,
                 storing: None,
+                persisted: false,
             },
             cfg,
             phase: Phase::Starting,
@@ -983,6 +986,7 @@ impl Core {
         }
         if ok {
             self.al.stored.load_words(&words);
+            self.al.persisted = true;
             let mut ready: Vec<OpId> = self
                 .ops
                 .iter()
@@ -1017,7 +1021,7 @@ impl Core {
             }
         }
         self.store_activity(out);
-        self.maybe_stopped();
+        self.maybe_stopped(out);
     }
 
     /// The metadata thread's tick: checkpoints idle regions out of the activity log.
@@ -1092,7 +1096,7 @@ impl Core {
         }
         if c.last {
             self.stop_checkpointed = Some(ok);
-            self.maybe_stopped();
+            self.maybe_stopped(out);
         } else {
             // A stop that began during this checkpoint takes its last one now.
             self.maybe_stop(out);
@@ -1567,7 +1571,7 @@ impl Core {
             }
         }
         self.advance_start(now, out);
-        self.maybe_stopped();
+        self.maybe_stopped(out);
     }
 
     /// The link's periodic tick (its own thread): timeouts, retries, reconnection, resync.
@@ -2030,7 +2034,7 @@ impl Core {
     }
 
     /// In a stop, once the last checkpoint and the activity log store are done.
-    fn maybe_stopped(&mut self) {
+    fn maybe_stopped(&mut self, out: &mut Vec<Action>) {
         if self.phase != Phase::Stopping || self.al.storing.is_some() {
             return;
         }
@@ -2047,6 +2051,17 @@ impl Core {
         }
         if self.al.wanted != self.al.stored && ok && faults_recorded {
             return; // the emptied log is still being stored
+        }
+        if clean && !self.al.persisted {
+            // Nothing was stored since start: the daemon would find no log next to the
+            // bitmaps, and reconcile everything. Store the empty one.
+            let words = self.al.wanted.words().to_vec();
+            self.al.storing = Some((self.al.wanted_gen, words.clone()));
+            out.push(Action::StoreActivity {
+                gen: self.al.wanted_gen,
+                words,
+            });
+            return;
         }
         self.phase = Phase::Stopped { clean };
     }

@@ -969,3 +969,17 @@ fn a_stop_during_a_checkpoint_takes_the_last_checkpoint_after_it() {
     h.core.on_checkpoint(periodic, true, &mut h.out);
     assert_eq!(finish_stop(&mut h).0, Phase::Stopped { clean: true });
 }
+
+/// Found by the simulation (tests/replication_sim.rs): a primary that never wrote stopped
+/// cleanly without ever storing its activity log. The daemon then finds dirty bitmaps and
+/// no log, which it must read as "anything may have been in flight": the next start
+/// reconciled every region (pulling the whole volume from a replica, or not serving while
+/// none was reachable). A clean stop always leaves a stored, empty log.
+#[test]
+fn a_clean_stop_stores_the_empty_log_even_if_nothing_was_written() {
+    let (mut h, _, _) = H::serving_pair();
+    h.core.stop(h.now, &mut h.out);
+    let (phase, stored) = finish_stop(&mut h);
+    assert_eq!(phase, Phase::Stopped { clean: true });
+    assert!(stored, "the empty log is stored");
+}
