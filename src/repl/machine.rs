@@ -404,6 +404,9 @@ struct Link {
     recorded_in_sync: bool,
     /// A `Record` in flight, with the value asked for.
     recording: Option<bool>,
+    /// A `Record` of "in sync" failed: the authority may have applied it all the same (its
+    /// reply lost), so a fault is recorded as if it had.
+    maybe_recorded: bool,
     /// When to try recording again after an authority error.
     record_retry_at: Option<Micros>,
     conn: Option<u64>,
@@ -579,6 +582,7 @@ impl Core {
                     },
                     recorded_in_sync: l.in_sync,
                     recording: None,
+                    maybe_recorded: false,
                     record_retry_at: None,
                     conn: None,
                     connecting: None,
@@ -1473,7 +1477,7 @@ impl Core {
             return;
         }
         let l = &mut self.links[link];
-        let maybe_in_sync = l.recorded_in_sync || l.recording == Some(true);
+        let maybe_in_sync = l.recorded_in_sync || l.recording == Some(true) || l.maybe_recorded;
         if maybe_in_sync {
             l.state = LinkState::Failing;
             l.waiting_record.extend(guest);
@@ -1531,7 +1535,9 @@ impl Core {
             }
             Err(RecordError::Failed(why)) => {
                 // What waits for this keeps waiting: acknowledging before the authority
-                // knows could let a stale replica be promoted.
+                // knows could let a stale replica be promoted. A failed "in sync" may have
+                // been applied (found by the simulation).
+                l.maybe_recorded |= in_sync;
                 tracing::error!(volume = %self.cfg.volume, replica = %l.addr, "cannot record the replica's state in the authority, retrying: {why}");
                 l.status.last_error = format!("authority: {why}");
                 l.record_retry_at = Some(now + self.cfg.reconnect);
@@ -1540,6 +1546,7 @@ impl Core {
             Ok(()) => {}
         }
         l.recorded_in_sync = in_sync;
+        l.maybe_recorded = false;
         if in_sync {
             if l.state == LinkState::Failing {
                 // It failed while being recorded in sync: record the fault now.

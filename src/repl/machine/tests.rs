@@ -983,3 +983,55 @@ fn a_clean_stop_stores_the_empty_log_even_if_nothing_was_written() {
     assert_eq!(phase, Phase::Stopped { clean: true });
     assert!(stored, "the empty log is stored");
 }
+
+/// Found by the simulation (tests/replication_sim.rs): recording a resynced replica in sync
+/// failed, but the authority had applied it (the reply was lost: a timeout). The replica
+/// then failed, and the fault was not recorded because the machine believed it had never
+/// been recorded in sync: the authority kept calling a replica in sync while it was being
+/// rebuilt from blank, under a fresh generation `promote` would accept. A `Record` that
+/// failed may have been applied.
+#[test]
+fn a_failed_record_in_sync_may_have_been_applied() {
+    let out_of_sync = LinkInit {
+        addr: "a".into(),
+        in_sync: false,
+        bitmap: Some((empty(), tag(7))),
+    };
+    let mut h = H::new(vec![out_of_sync], Some(empty()));
+    let conn = h.open(0, tag(7));
+    let gen = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::StoreBitmap(s) => Some(s.gen),
+            _ => None,
+        })
+        .expect("caught up: the empty bitmap is stored first");
+    h.take();
+    h.core.on_bitmap_stored(0, gen, true, &mut h.out);
+    assert_eq!(h.records(), vec![(0, true)]);
+    h.core.on_recorded(
+        h.now,
+        0,
+        true,
+        Err(RecordError::Failed("the reply was lost".into())),
+        &mut h.out,
+    );
+    let Verdict::Parked(op) = h.write(1, 0, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    assert_eq!(h.sent_writes().len(), 1, "sent to the resyncing replica");
+    h.take();
+    h.core.local_done(h.now, op, true, &mut h.out);
+    h.core
+        .on_disconnect(h.now, 0, conn, "reset".into(), &mut h.out);
+    assert_eq!(
+        h.records(),
+        vec![(0, false)],
+        "the authority may call it in sync: the fault is recorded"
+    );
+    assert!(h.completes().is_empty(), "the write waits for the record");
+    h.recorded(0, false);
+    assert_eq!(h.completes(), vec![(1, true)]);
+}
