@@ -1463,8 +1463,9 @@ impl Core {
         self.recovery.pulling = self.recovery.pulling.saturating_sub(pulls_lost);
         let source = self.recovery.source == Some(Source::Link(link));
         let pulled = self.recovery.queue.is_empty() && self.recovery.pulling == 0;
-        if self.phase == Phase::Starting && (self.recovery.source.is_none() || (source && !pulled))
-        {
+        // (Any replica recorded in sync, not only the source: if the source is lost, another
+        // one may be the only copy of what this one lacks.)
+        if self.phase == Phase::Starting && (self.recovery.source.is_none() || !pulled) {
             // Before the disk serves, an in-sync replica that drops is not recorded out of
             // sync while it may hold writes this copy lacks: the start decides again.
             if source {
@@ -1818,6 +1819,7 @@ impl Core {
                 return;
             }
         }
+        self.demote_unusable(out);
         // The other replicas recorded in sync catch up before the disk serves.
         let mut waiting = false;
         for i in 0..self.links.len() {
@@ -1912,13 +1914,28 @@ impl Core {
             if source == Source::Link(i) {
                 continue;
             }
-            let matched = self.links[i].matches(&uuid);
             let l = &mut self.links[i];
             if l.bits.union(&differ) > 0 {
                 l.bits_gen += 1;
             }
-            if l.recorded_in_sync && !(l.conn.is_some() && matched) {
-                // Unreachable, or not the copy we know: it cannot stay in sync.
+        }
+        let _ = out;
+    }
+
+    /// Once the source's regions are pulled: a replica recorded in sync that is unreachable,
+    /// or not the copy we know, cannot stay in sync. Not earlier: if the source is lost
+    /// mid-pull, it may be the only copy left of acknowledged writes this one lacks (found
+    /// by the simulation).
+    fn demote_unusable(&mut self, out: &mut Vec<Action>) {
+        let uuid = self.cfg.uuid.clone();
+        for i in 0..self.links.len() {
+            if self.recovery.source == Some(Source::Link(i)) {
+                continue;
+            }
+            let matched = self.links[i].matches(&uuid);
+            let l = &mut self.links[i];
+            if l.recorded_in_sync && !(l.conn.is_some() && matched) && l.state != LinkState::Failing
+            {
                 l.state = LinkState::Failing;
                 if l.recording.is_none() {
                     self.record(i, false, out);

@@ -725,21 +725,35 @@ fn losing_the_recovery_source_mid_pull_chooses_again_without_recording_it() {
     h.core
         .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
     // Not recorded out of sync: it may hold what this copy lacks. The other in-sync
-    // replica becomes the source, and the lost one is recorded out of sync instead.
-    let records = h.records();
-    assert_eq!(records, vec![(0, false)]);
-    assert!(
-        h.out.iter().any(|a| matches!(
-            a,
+    // replica becomes the source, and the lost one is recorded out of sync once the new
+    // source's regions are pulled.
+    assert!(h.records().is_empty());
+    let (seq, c1) = h
+        .out
+        .iter()
+        .find_map(|a| match a {
             Action::Send {
                 link: 1,
-                frame: Frame::Read { .. },
-                ..
-            }
-        )),
-        "{:?}",
-        h.out
+                conn,
+                frame: Frame::Read { seq, .. },
+            } => Some((*seq, *conn)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{:?}", h.out));
+    h.take();
+    h.core.on_reply(
+        h.now,
+        1,
+        c1,
+        Reply::Data {
+            seq,
+            data: vec![1; MIB as usize],
+        },
+        &mut h.out,
     );
+    h.take();
+    h.core.on_local_written(h.now, 1, 1, Ok(()), &mut h.out);
+    assert_eq!(h.records(), vec![(0, false)]);
 }
 
 #[test]
@@ -1034,4 +1048,53 @@ fn a_failed_record_in_sync_may_have_been_applied() {
     assert!(h.completes().is_empty(), "the write waits for the record");
     h.recorded(0, false);
     assert_eq!(h.completes(), vec![(1, true)]);
+}
+
+/// Found by the simulation (tests/replication_sim.rs): at an unclean start with two
+/// replicas recorded in sync, one unreachable, the start chose the other as its source and
+/// recorded the unreachable one out of sync at once. The source then lost its disk
+/// mid-pull, and the start, finding no replica recorded in sync any more, served the local
+/// copy without the acknowledged writes the demoted replica still held. No replica recorded
+/// in sync is recorded out of sync before the pulls are done.
+#[test]
+fn replicas_in_sync_stay_candidates_until_the_recovery_pulls_are_done() {
+    let mut al = empty();
+    al.set(1);
+    let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(al));
+    let c0 = h.open(0, tag(7));
+    h.open_fails(1);
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            link: 0,
+            frame: Frame::Read { .. },
+            ..
+        }
+    )));
+    assert!(h.records().is_empty(), "b may be needed if a goes away");
+    h.take();
+    // The source loses its disk mid-pull and comes back blank.
+    h.core
+        .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
+    h.now += 200_000;
+    h.core.tick(h.now, 0, &mut h.out);
+    h.open(
+        0,
+        Tag {
+            uuid: UUID.into(),
+            gen: 0,
+        },
+    );
+    assert_eq!(
+        h.core.phase(),
+        Phase::Starting,
+        "the local copy may lack acknowledged writes that b holds"
+    );
+    h.take();
+    h.core.tick(h.now, 1, &mut h.out);
+    let c1 = h.open(1, tag(7));
+    let read = h.out.iter().any(
+        |a| matches!(a, Action::Send { link: 1, conn, frame: Frame::Read { .. } } if *conn == c1),
+    );
+    assert!(read, "b is the source now: {:?}", h.out);
 }
