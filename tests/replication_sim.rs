@@ -798,6 +798,8 @@ struct Prim {
     meta: MetaT,
     guest: Guest,
     stopping: Option<Stopping>,
+    /// The replicas `promote` would accept when this primary took the volume over.
+    holders_at_start: BTreeSet<usize>,
 }
 
 struct WriteRec {
@@ -1964,6 +1966,16 @@ impl Sim {
         if !n.rs.up {
             return;
         }
+        if !host {
+            // The kernel finishes the RWF_DSYNC writes a dead process had in flight: they
+            // are durable, or (not started) absent; never left in the page cache alone.
+            let ids: Vec<u64> =
+                n.rs.conns
+                    .values()
+                    .flat_map(|rc| rc.uncommitted.iter().map(|u| u.1))
+                    .collect();
+            n.disk.settle(&ids);
+        }
         let old = n.rs.incarnation;
         n.rs = Rs::new(old + 1, false);
         trace!(self, "replica server n{node} crashed (host: {host})");
@@ -2169,6 +2181,7 @@ impl Sim {
                 write_through,
             },
             stopping: None,
+            holders_at_start: self.holders(),
         });
         for i in 0..n_links {
             let d = self.rng.range(1, TICK);
@@ -2257,7 +2270,10 @@ impl Sim {
         trace!(self, "P{p} serving");
         self.set_busy(false);
         if let Some(loss) = self.loss.take() {
-            if loss.node == node && loss.holders.is_empty() {
+            // A holder still in sync when this primary took over (a Record of its fault may
+            // have landed after the crash) must provide what the page cache lost.
+            let still = self.prims[p].holders_at_start.clone();
+            if loss.node == node && loss.holders.intersection(&still).next().is_none() {
                 // Every copy of those page-cache writes is gone: the guest's unflushed
                 // writes to them may be lost (as on a local disk).
                 trace!(
