@@ -1,75 +1,103 @@
-//! A deterministic discrete-event simulation of replication: one primary (sometimes two,
-//! after a split brain), two or three replica servers, the membership authority, a guest
-//! that writes, and faults.
+//! A deterministic discrete-event simulation of replication that drives the REAL primary:
+//! the state machine [`Core`] of `src/repl/machine.rs`, performed the way the daemon's
+//! driver (`src/repl/primary.rs`) performs it, against simulated replica servers, a network,
+//! disks, the real [`Authority`] and a guest, under faults.
 //!
-//! What is real and what is modelled:
-//! - The authority is the real [`Authority`] over an in-memory [`Store`] (compare-and-set on
-//!   a revision), so `take_over`, `set_in_sync` and `promote` are the production code.
-//! - The replica's fencing decision is the real [`admit`], and the primary's dirty bitmaps
-//!   are real [`DirtyMap::in_memory`] maps; the link states are the real [`LinkState`].
-//! - The primary's decision logic is RE-IMPLEMENTED here as a state machine after
-//!   `src/repl/primary.rs` (`start`, `begin`, `record_failure`, `settle_out_of_sync`,
-//!   `on_reply`, `start_resync`, `pump_resync`, `finish_resync`, `shutdown`): a write
-//!   completes when the local write is done and every in-sync or resyncing replica acked it
-//!   durably, or was declared failed (its regions marked in the bitmap and, if the authority
-//!   recorded it in sync, `set_in_sync(false)` done first; a fenced update fences the
-//!   primary). The replica server is re-implemented after `src/repl/replica.rs`: one
-//!   applier per connection that keeps draining its queue after the primary closed the
-//!   connection, group commit, `Sums` committing first and then reading the page cache, and
-//!   the epoch lock (a raise waits for the batches in progress, batches wait for a queued
-//!   raise). The operator's `promote` follows `src/repl/tools.rs` and `main.rs`: promote in
-//!   the authority, fence what it can reach, start the new primary on the promoted
-//!   replica's file (whose replica server keeps running). Only what the model copies can be
-//!   found here: a divergence between the model and `src/` hides bugs, or invents them.
-//! - Simulated: a clock (microseconds), the network (one FIFO per connection and direction,
-//!   random delays and latency spikes, partitions during which packets wait for the heal,
-//!   connection resets, and - like TCP retransmission - packets of a connection the primary
-//!   already abandoned that still arrive), disks (per node one volume of 16 regions of
-//!   4 KiB, 512-byte sectors, each sector holding the id of the write that wrote it; a page
-//!   cache ("volatile") over a durable copy; `fdatasync` makes the whole file durable; a
-//!   host crash keeps a random prefix of each write not yet synced, i.e. torn writes). The
-//!   primary's local writes are write-through (durable when they complete) and torn if the
-//!   primary dies during them. The link thread is atomic between events except for one
-//!   preemption point in `pump_resync`.
-//! - Not modelled: I/O errors, discard and write-zeroes (same path as writes), resync rate
-//!   limits, authority outages (only latency), several volumes. The guest never overlaps a
-//!   write still in flight (`guest_overlaps` turns that on).
+//! What is real and what is simulated:
+//! - **Real code.** Every decision of the primary: link states, identity and generations,
+//!   fault recording, resync, write ordering, the activity log, recovery after an unclean
+//!   stop, fencing ([`Core`]). The authority is the real [`Authority`] over an in-memory
+//!   [`Store`] (compare-and-set on a revision) with latency and outages: `take_over`,
+//!   `set_in_sync`, `promote_from` and `delete` (tombstones) are the production code. The
+//!   replica's rules are the real [`admit`] and [`admit_open`]; bitmaps are real
+//!   [`DirtyMap`]s.
+//! - **The driver** mirrors `primary.rs`: `Send` and `Disconnect` act at once on the current
+//!   connection; `Connect` (connection setup, handshake, `Open` round trip), `Record` (an
+//!   authority call with latency, which may fail during an outage or lose its reply) and
+//!   `ReadLocal`/`WriteLocal` are done by the link's own thread, one at a time, in order,
+//!   and while it is busy that link's replies wait; `StoreActivity`, `StoreBitmap` and
+//!   `Checkpoint` (an `fdatasync` of the local copy, then the bitmaps) are done by one
+//!   metadata thread in order, durable only at completion (a crash mid-store leaves the old
+//!   or the new version, as the two slots of `BitmapFile` do). `Release` and `Complete` go
+//!   to the mailbox of the guest queue that owns the request. `tick` runs per link and
+//!   `tick_meta` every [`TICK`]. A start is `take_over` with the volume's uuid, the durable
+//!   activity log and bitmaps loaded as `Replication::load_meta` does, then serving once the
+//!   machine serves; a clean stop drains the guest, syncs the local copy, `stop`s and runs
+//!   the actions until `Phase::Stopped`.
+//! - **The replica server** follows `src/repl/replica.rs`: the identity sidecar (epoch, uuid,
+//!   gen, inode) is durable before a reply; `Open` applies [`admit_open`] (a new incarnation
+//!   or an unidentified copy becomes a blank copy, gen 0), voids the identity of an image
+//!   that is new or another file, and starts a session (older connections' writes are
+//!   refused); `Fence`, `Adopt` and `Drop` take the volume's lock for writing after
+//!   committing what came before them; one applier per connection applies batches under the
+//!   read lock (writes durable when acknowledged, `Sums` and `Read` commit first and read the
+//!   page cache), and keeps draining its queue after the primary closed the connection.
+//! - **Simulated.** A clock (microseconds); the network (one FIFO per connection and
+//!   direction, random delays and latency spikes, partitions during which packets wait,
+//!   connection resets, and packets of abandoned connections that still arrive); disks (per
+//!   node one image of 16 regions of 4 KiB, 512-byte sectors, each sector holding the id of
+//!   the write that wrote it; a page cache over a durable copy; `fdatasync`; a host crash
+//!   keeps a random part of each write not yet durable); the guest (two queues, several
+//!   writes, discards and write-zeroes in flight per queue, frequent overlapping writes from
+//!   both queues, flushes, write-back or write-through).
 //!
-//! Faults: replica process or host crashes and restarts, partitions of any node, connection
-//! resets, primary host crash followed by a restart (unclean) or a promotion, promotion
-//! while the old primary keeps running (split brain; the operator's fence misses some
-//! replicas), clean restarts that add or drop replicas, planned migrations (clean stop,
-//! promote an in-sync replica, start there), and crashes during any of these.
+//! Faults: replica process and host crashes; a replica that loses its disk (data and
+//! sidecar wiped, or only the image replaced) and restarts blank; partitions; connection
+//! resets; authority outages; a primary host crash that loses unflushed page-cache writes,
+//! then an unclean restart on the same node with its durable metadata, or a promotion; a
+//! primary process crash (the page cache survives); promotion by an operator with
+//! `tools::promote`'s identity check and fencing, sometimes while the old primary keeps
+//! running and missing some replicas (split brain); clean restarts with membership changes;
+//! planned migrations; the volume deleted (a tombstone, `Drop` to the reachable replicas,
+//! the primary's metadata and local copy discarded) and re-created under the same name (a
+//! new uuid, a blank local copy, the replicas reused); crashes during all of these.
 //!
-//! Invariants, checked per seed (continuously where cheap):
-//! - A write lands on a replica only with an epoch `admit` accepts against the replica's
-//!   stored epoch at that moment, and never into the copy of a running primary.
-//! - A primary whose epoch was superseded never acknowledges a write that an in-sync
-//!   replica refused as stale, nor one issued after every replica it needed was fenced.
-//! - After healing everything, letting resync finish and quiescing without crashes: every
-//!   sector of the current primary holds the last acknowledged write covering it or a write
-//!   that was not yet complete when that one was issued; the same holds for every replica
-//!   the authority records in sync (else promoting it would lose a write), and each of them
-//!   is identical to the primary.
+//! Invariants, checked per seed (continuously where cheap, and at the end after healing
+//! everything, letting resync finish and quiescing without crashes):
+//! - a write lands on a replica only with an epoch [`admit`] accepts against the replica's
+//!   stored epoch at that moment, and never into the copy a running primary serves from;
+//! - every sector of the current primary's copy holds the last acknowledged write covering
+//!   it, or a write not yet complete when that one was issued (checked when a primary starts
+//!   serving, so also after every unclean restart, and then continuously). Acknowledged
+//!   writes may be lost only when every copy holding them was destroyed: the primary's page
+//!   cache at a host crash while no replica with an intact identity was recorded in sync;
+//! - every replica the authority records in sync, with the identity `promote` accepts,
+//!   holds every acknowledged write (checked continuously, and on the promoted copy at each
+//!   promotion), and at the end is byte-identical to the primary;
+//! - after a re-creation, no copy in sync holds a write of an older incarnation;
+//! - a primary never acknowledges a write after the machine fenced it, nor one issued
+//!   after it was superseded and every replica it needed was fenced;
+//! - the run converges, and the final clean stop is clean (an empty activity log).
 //!
-//! The problems this simulation found in the protocol as implemented are switched off by
-//! the `fix_*` flags of [`Model::fixed`], which `simulate_many_seeds` runs; each
-//! `finding_*` test turns one fix off and shows the lost write. The `checker_catches_*`
-//! tests break the model on purpose and show that the invariants notice.
+//! History: the first version of this file re-implemented the primary as a model. It found
+//! five bugs, fixed in `src/` (writes of an abandoned connection landing after a resync:
+//! replica sessions; `promote` leaving the promoted copy unfenced; a new metadata directory
+//! counted as a clean start; a re-added replica reusing its old bitmap; the resync's
+//! in-flight check racing `begin`). The model carried each fix behind a flag; those flags
+//! are gone with the model. The same faults now run against the real code, which is what
+//! regression-tests those five findings.
+//!
+//! The `checker_catches_*` tests break the environment or the driver (never `machine.rs`)
+//! on purpose and show that the invariants notice.
 //!
 //! `FERRODISK_SIM_SEEDS=N` sets how many seeds `simulate_many_seeds` runs;
-//! `FERRODISK_SIM_SEED=S` runs one seed of any test's model and prints the end of its trace
-//! (of a failing seed, or with `FERRODISK_SIM_TRACE=1` the whole trace).
+//! `FERRODISK_SIM_SEED=S` runs one seed of any test's variant and prints the end of its
+//! trace (of a failing seed, or with `FERRODISK_SIM_TRACE=1` the whole trace);
+//! `FERRODISK_SIM_DUMP=1` adds the machines' whole state to a report of a stuck run.
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ferrodisk::repl::authority::{Authority, AuthorityError, Store, Versioned, VolumeRecord};
-use ferrodisk::repl::bitmap::DirtyMap;
-use ferrodisk::repl::primary::LinkState;
-use ferrodisk::repl::replica::admit;
+use ferrodisk::repl::bitmap::{DirtyMap, Tag as Identity};
+use ferrodisk::repl::machine::{
+    Action, BitmapSnapshot, Core, CoreConfig, Frame, LinkInit, LinkState, Mutation, OpDesc, OpId,
+    OpenError, Phase, RecordError, Reply, Verdict,
+};
+use ferrodisk::repl::replica::{admit, admit_open};
 use ferrodisk::repl::wire::Code;
 
 // ---------------------------------------------------------------------------------------
@@ -86,29 +114,37 @@ const VOLUME: &str = "vol";
 
 /// Simulated time in microseconds.
 type Time = u64;
-/// What a sector holds: the id of the write that wrote it (0: never written).
-type Tag = u32;
+/// What a sector holds: the id of the write that wrote it (0: zeroes).
+type Wid = u32;
 
 const NEVER: Time = Time::MAX;
-/// The primary's replica timeout (`ReplConfig::timeout`).
+/// How often each link thread ticks the machine, and the metadata thread too.
+const TICK: Time = 1_000;
+/// The replica timeout (`CoreConfig::timeout`).
 const TIMEOUT: Time = 4_000;
-/// Between reconnection attempts (`RECONNECT`).
-const RECONNECT: Time = 3_000;
-/// How often an idle link thread wakes up (`POLL`).
-const POLL: Time = 1_000;
-/// How long the operator's `promote` waits for a fence reply.
-const OPERATOR_TIMEOUT: Time = 10_000;
+/// Between connection attempts (`CoreConfig::reconnect`).
+const RECONNECT: Time = 2_000;
+/// How long a connection attempt may take (`CONNECT_TIMEOUT`).
+const CONNECT_TIMEOUT: Time = 3_000;
+/// How long a start may wait until the machine serves (`START_TIMEOUT`).
+const START_TIMEOUT: Time = 40_000;
+/// How long a clean stop waits for the guest to drain, and for the machine to stop.
+const DRAIN_LIMIT: Time = 20_000;
+const STOP_TIMEOUT: Time = 20_000;
+/// How long the operator waits for a replica's answer.
+const OPERATOR_TIMEOUT: Time = 8_000;
 /// Faults are injected during this much time; then everything heals.
-const FAULT_PHASE: Time = 120_000;
+const FAULT_PHASE: Time = 60_000;
 /// How long healing and resync may take before the run counts as stuck.
-const CONVERGE_LIMIT: Time = 3_000_000;
-const EVENT_LIMIT: u64 = 2_000_000;
-/// Resync window (`pump_resync`).
-const WINDOW: usize = 4;
-/// Most writes per replica group commit.
+const CONVERGE_LIMIT: Time = 1_500_000;
+const EVENT_LIMIT: u64 = 3_000_000;
+/// Most requests per replica batch.
 const MAX_BATCH: usize = 256;
-/// Guest writes in flight per primary.
-const QUEUE_DEPTH: usize = 4;
+/// Guest queues, and requests in flight per queue.
+const QUEUES: usize = 2;
+const DEPTH: usize = 3;
+/// The frontend connection the guest's requests carry.
+const FRONTEND: u64 = 1;
 
 const TO_R: usize = 0;
 const TO_P: usize = 1;
@@ -117,84 +153,63 @@ const TO_P: usize = 1;
 // Variants
 // ---------------------------------------------------------------------------------------
 
-/// Switches of the model: deliberately broken variants (the checker must catch them),
-/// fixes for problems this simulation found in the protocol as implemented, and the
-/// environment.
+/// The environment: fault mix and network, plus deliberately broken variants of the driver
+/// or the environment (never of `machine.rs`) that the checker must catch.
 #[derive(Debug, Clone, Copy)]
-struct Model {
-    /// BROKEN: on a replica fault, complete the waiting writes before the authority
-    /// learns that the replica is out of sync.
-    bug_ack_before_authority: bool,
-    /// BROKEN: the replica applies writes without the epoch check.
-    bug_replica_skips_admit: bool,
-    /// BROKEN: resync copies a region even if a guest write raced with the read.
-    bug_resync_ignores_writes: bool,
-    /// BROKEN: writes to an out-of-sync replica are not marked in its bitmap.
-    bug_skip_dirty_mark: bool,
-    /// FIX: a replica refuses writes from a connection older than the newest `Open` of the
-    /// volume (a per-volume session counter taken under the epoch write lock).
-    fix_sessions: bool,
-    /// FIX: a new primary raises the stored epoch of its own local replica copy before
-    /// it serves (promote may have failed to fence it).
-    fix_fence_own_copy: bool,
-    /// FIX: a start counts as clean only if the clean marker's epoch is the authority's
-    /// epoch and this node is the authority's primary.
-    fix_clean_epoch: bool,
-    /// FIX: a replica that was not a member before `take_over` gets a full bitmap even if
-    /// an old bitmap file exists.
-    fix_new_member_bitmap: bool,
-    /// FIX: `pump_resync` reads a region's generation before it checks that no write to
-    /// the region is in flight (the real code checks first and reads after). In the real
-    /// code `begin` must then also raise `in_flight` before `generation` (here `begin` is
-    /// atomic, so that half cannot be seen).
-    fix_generation_first: bool,
-    /// Chance (per mille) that the link thread is preempted inside `pump_resync`, between
-    /// the in-flight check and the generation read.
-    preempt_permille: u64,
-    /// The guest may overlap writes that are still in flight.
-    guest_overlaps: bool,
+struct Env {
+    /// BROKEN driver: a write is acknowledged to the guest once its local write is done,
+    /// without waiting for the machine's `Complete`.
+    ack_before_complete: bool,
+    /// BROKEN driver: a parked request is submitted locally at once, not on `Release`.
+    release_at_once: bool,
+    /// BROKEN replica: applies writes without the epoch check (`admit`).
+    replica_skips_admit: bool,
+    /// BROKEN metadata thread: reports a store done when it starts; the store becomes
+    /// durable only later (written back by the kernel), and a host crash loses it.
+    meta_done_early: bool,
+    /// The operator removes, before each start, the dirty bitmaps that may be stale: those
+    /// of replicas that were not members of the previous epoch, and all of them when the
+    /// previous epoch was not this node's (a promotion or a re-creation in between). This
+    /// is what `primary.rs` must do itself (see
+    /// [`finding_a_replica_added_back_is_trusted_with_its_stale_bitmap`]).
+    discard_stale_bitmaps: bool,
     /// Packets of a connection the primary abandoned may still arrive (TCP retransmission).
     late_delivery: bool,
-    /// Chance that the operator cannot reach a replica to fence it.
+    /// Chance that the operator cannot reach a replica to fence it (split brain).
     fence_fail_percent: u64,
     /// Chance (per mille) that a packet is delayed by 3-9 ms.
     spike_permille: u64,
-    /// Chance (per mille) that a replica's group commit stalls for 3-12 ms.
+    /// Chance (per mille) that a replica's commit stalls for 3-12 ms.
     stall_permille: u64,
+    /// Chance that a guest mutation overlaps another one in flight.
+    overlap_percent: u64,
     /// Faults per seed.
     faults: (u64, u64),
-    /// Relative weights of the faults: replica crash, partition, connection reset, primary
-    /// crash, split-brain promotion, clean restart with new membership, planned migration.
-    weights: [u64; 7],
+    /// Relative weights of the faults, see [`Sim::inject_fault`].
+    weights: [u64; 11],
 }
 
-impl Model {
-    /// The protocol as described, with the fixes for what this simulation found.
-    fn fixed() -> Model {
-        Model {
-            bug_ack_before_authority: false,
-            bug_replica_skips_admit: false,
-            bug_resync_ignores_writes: false,
-            bug_skip_dirty_mark: false,
-            fix_sessions: true,
-            fix_fence_own_copy: true,
-            fix_clean_epoch: true,
-            fix_new_member_bitmap: true,
-            fix_generation_first: true,
-            preempt_permille: 20,
-            guest_overlaps: false,
+impl Env {
+    fn standard() -> Env {
+        Env {
+            ack_before_complete: false,
+            release_at_once: false,
+            replica_skips_admit: false,
+            meta_done_early: false,
+            discard_stale_bitmaps: true,
             late_delivery: true,
             fence_fail_percent: 25,
             spike_permille: 5,
             stall_permille: 10,
-            faults: (4, 12),
-            weights: [22, 20, 10, 12, 12, 12, 12],
+            overlap_percent: 40,
+            faults: (3, 10),
+            weights: [16, 8, 16, 8, 8, 10, 6, 10, 8, 8, 4],
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// Pieces: PRNG, authority store, disk
+// Pieces: PRNG, authority store, disk, data
 // ---------------------------------------------------------------------------------------
 
 /// splitmix64.
@@ -231,14 +246,32 @@ impl Rng {
     }
 }
 
-/// The authority's store: a map with compare-and-set on a revision.
+/// The authority's store: a map with compare-and-set on a revision, which can be down.
 #[derive(Default)]
 struct MemStore {
-    map: Mutex<HashMap<String, (u64, VolumeRecord)>>,
+    map: Mutex<BTreeMap<String, (u64, VolumeRecord)>>,
+    down: AtomicBool,
+}
+
+impl MemStore {
+    /// The record as it is, outage or not (for the checker).
+    fn peek(&self) -> Option<VolumeRecord> {
+        self.map.lock().unwrap().get(VOLUME).map(|v| v.1.clone())
+    }
+
+    fn reachable(&self) -> Result<(), AuthorityError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(AuthorityError::Backend(
+                "the authority cannot be reached".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Store for MemStore {
     fn load(&self, volume: &str) -> Result<Option<Versioned>, AuthorityError> {
+        self.reachable()?;
         let map = self.map.lock().unwrap();
         Ok(map.get(volume).map(|(revision, record)| Versioned {
             record: record.clone(),
@@ -251,6 +284,7 @@ impl Store for MemStore {
         expected: Option<u64>,
         record: &VolumeRecord,
     ) -> Result<Option<u64>, AuthorityError> {
+        self.reachable()?;
         let mut map = self.map.lock().unwrap();
         let current = map.get(&record.volume).map(|(r, _)| *r);
         if current != expected {
@@ -266,62 +300,139 @@ impl Store for MemStore {
     }
 }
 
-/// One node's copy of the volume.
+/// One write since the durable base.
+struct Entry {
+    id: u64,
+    start: usize,
+    data: Vec<Wid>,
+    durable: bool,
+}
+
+/// One node's image of the volume: a durable base, and the writes since (the page cache).
 struct Disk {
-    durable: Vec<Tag>,
-    /// What reads see (the page cache).
-    volatile: Vec<Tag>,
-    /// Writes since the last sync, in order: (first sector, content, already durable).
-    unsynced: Vec<(usize, Vec<Tag>, bool)>,
+    base: Vec<Wid>,
+    /// What reads see.
+    view: Vec<Wid>,
+    log: VecDeque<Entry>,
+    next: u64,
 }
 
 impl Disk {
-    fn new() -> Disk {
+    fn blank() -> Disk {
         Disk {
-            durable: vec![0; SECTORS],
-            volatile: vec![0; SECTORS],
-            unsynced: Vec::new(),
+            base: vec![0; SECTORS],
+            view: vec![0; SECTORS],
+            log: VecDeque::new(),
+            next: 1,
         }
     }
 
-    fn write_volatile(&mut self, start: usize, data: &[Tag]) {
-        self.volatile[start..start + data.len()].copy_from_slice(data);
-        self.unsynced.push((start, data.to_vec(), false));
+    /// Writes `data` at sector `start` (durable at once, or in the page cache); returns the
+    /// write's id.
+    fn write(&mut self, start: usize, data: &[Wid], durable: bool) -> u64 {
+        self.view[start..start + data.len()].copy_from_slice(data);
+        let id = self.next;
+        self.next += 1;
+        if durable && self.log.is_empty() {
+            self.base[start..start + data.len()].copy_from_slice(data);
+        } else {
+            self.log.push_back(Entry {
+                id,
+                start,
+                data: data.to_vec(),
+                durable,
+            });
+        }
+        id
     }
 
-    /// A write that is durable once it completes (the primary's local writes).
-    fn write_through(&mut self, start: usize, data: &[Tag]) {
-        self.volatile[start..start + data.len()].copy_from_slice(data);
-        self.durable[start..start + data.len()].copy_from_slice(data);
-        if !self.unsynced.is_empty() {
-            self.unsynced.push((start, data.to_vec(), true));
+    /// What an `fdatasync` started now covers.
+    fn mark(&self) -> u64 {
+        self.next
+    }
+
+    /// An `fdatasync` started at `mark` completed.
+    fn sync(&mut self, mark: u64) {
+        for e in &mut self.log {
+            if e.id < mark {
+                e.durable = true;
+            }
+        }
+        self.compact();
+    }
+
+    /// The writes `ids` completed durably (`RWF_DSYNC`).
+    fn settle(&mut self, ids: &[u64]) {
+        for e in &mut self.log {
+            if ids.contains(&e.id) {
+                e.durable = true;
+            }
+        }
+        self.compact();
+    }
+
+    fn compact(&mut self) {
+        while self.log.front().is_some_and(|e| e.durable) {
+            let e = self.log.pop_front().expect("front");
+            self.base[e.start..e.start + e.data.len()].copy_from_slice(&e.data);
         }
     }
 
-    /// `fdatasync`: everything in the page cache becomes durable.
-    fn sync(&mut self) {
-        if !self.unsynced.is_empty() {
-            self.durable.copy_from_slice(&self.volatile);
-            self.unsynced.clear();
-        }
-    }
-
-    /// Power loss: of every write not yet synced, a random prefix of its sectors made it.
-    fn crash(&mut self, rng: &mut Rng) {
-        for (start, data, durable) in std::mem::take(&mut self.unsynced) {
-            let n = if durable {
-                data.len()
+    /// Power loss: of every write not yet durable, nothing or a random part made it.
+    /// Returns how many writes were not durable.
+    fn crash(&mut self, rng: &mut Rng) -> u64 {
+        let mut lost = 0;
+        for e in std::mem::take(&mut self.log) {
+            let n = if e.durable {
+                e.data.len()
             } else {
-                rng.below(data.len() as u64 + 1) as usize
+                lost += 1;
+                if rng.percent(50) {
+                    0
+                } else {
+                    rng.below(e.data.len() as u64 + 1) as usize
+                }
             };
-            self.durable[start..start + n].copy_from_slice(&data[..n]);
+            self.base[e.start..e.start + n].copy_from_slice(&e.data[..n]);
         }
-        self.volatile.copy_from_slice(&self.durable);
+        self.view.copy_from_slice(&self.base);
+        lost
     }
 
-    fn region(&self, r: usize) -> Vec<Tag> {
-        self.volatile[r * SPR..(r + 1) * SPR].to_vec()
+    fn read(&self, start: usize, n: usize) -> Vec<u8> {
+        encode(&self.view[start..start + n])
     }
+}
+
+/// The bytes of sectors holding `wids`: each sector starts with its write id, the rest is 0.
+fn encode(wids: &[Wid]) -> Vec<u8> {
+    let mut b = vec![0u8; wids.len() * SECTOR_BYTES as usize];
+    for (i, w) in wids.iter().enumerate() {
+        let at = i * SECTOR_BYTES as usize;
+        b[at..at + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+fn decode(bytes: &[u8]) -> Vec<Wid> {
+    bytes
+        .chunks(SECTOR_BYTES as usize)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn map_of(words: &[u64]) -> DirtyMap {
+    let mut m = DirtyMap::in_memory(DISK_BYTES, REGION_BYTES);
+    m.load_words(words);
+    m
+}
+
+/// First sector and sector count of a byte range.
+fn sectors(offset: u64, len: u64) -> (usize, usize) {
+    (
+        (offset / SECTOR_BYTES) as usize,
+        (len / SECTOR_BYTES) as usize,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -330,23 +441,51 @@ impl Disk {
 
 #[derive(Debug, Clone)]
 enum Msg {
+    /// epoch 0: an observer (the operator's tools).
     Open {
         epoch: u64,
+        uuid: String,
     },
     Write {
         seq: u64,
         epoch: u64,
-        start: usize,
-        data: Vec<Tag>,
+        offset: u64,
+        crc: u32,
+        data: Arc<Vec<u8>>,
+    },
+    Zero {
+        seq: u64,
+        epoch: u64,
+        offset: u64,
+        len: u64,
     },
     Sums {
         seq: u64,
-        region: usize,
+        offset: u64,
+        len: u64,
+    },
+    Read {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+    Adopt {
+        seq: u64,
+        epoch: u64,
+        gen: u64,
     },
     Fence {
+        seq: u64,
         epoch: u64,
     },
-    /// Reply to `Open` and `Fence` (seq 0) and to writes.
+    Drop {
+        seq: u64,
+        epoch: u64,
+    },
+    Opened {
+        uuid: String,
+        gen: u64,
+    },
     Ack {
         seq: u64,
     },
@@ -356,21 +495,30 @@ enum Msg {
     },
     SumsReply {
         seq: u64,
-        data: Vec<Tag>,
+        crc: u32,
     },
-    /// The connection was reset (seen by the primary).
+    Data {
+        seq: u64,
+        data: Vec<u8>,
+    },
+    /// The connection was reset (seen by the client).
     Reset,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Link { prim: usize, link: usize },
+    Operator { job: usize },
+}
+
 struct Conn {
-    /// The primary that opened it; `None`: the operator's fence.
-    prim: Option<usize>,
-    /// The operator job waiting for this fence.
-    job: Option<usize>,
+    peer: Peer,
     node: usize,
+    /// The client's node (partitions), if it runs on one.
+    from: Option<usize>,
     /// The replica server incarnation it was opened to.
     incarnation: u64,
-    /// The opening side closed it: replies are dropped, and so are unsent requests unless
+    /// The client closed it: replies are dropped, and so are unsent requests unless
     /// `late_delivery`.
     closed: bool,
     /// Reset: nothing more reaches the replica.
@@ -379,145 +527,290 @@ struct Conn {
     pumping: [bool; 2],
 }
 
-struct Raise {
-    conn: usize,
+/// `<volume>.meta` of a replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Sidecar {
     epoch: u64,
-    open: bool,
+    uuid: String,
+    gen: u64,
+    ino: u64,
+}
+
+/// A replica server's in-memory volume (`replica::Volume`).
+#[derive(Debug, Clone)]
+struct VolObj {
+    /// The inode of the image it opened (`None`: none, opened by an observer).
+    image: Option<u64>,
+    epoch: u64,
+    session: u64,
+    uuid: String,
+    gen: u64,
+    dropped: bool,
 }
 
 /// A replica connection's applier.
 #[derive(Default)]
 struct RConn {
+    obj: u64,
+    /// The session it writes in (`None`: an observer).
+    writable: Option<u64>,
+    bound: bool,
     queue: VecDeque<Msg>,
-    opened: bool,
-    session: u64,
     scheduled: bool,
-    /// Holds the epoch lock for reading (a batch is in progress).
+    /// Holds the volume's lock for reading (a batch is in progress).
     running: bool,
     committing: bool,
-    final_commit: bool,
-    run_epoch: u64,
+    /// Waiting for an exclusive request of its own (`Fence`, `Adopt`, `Drop`).
+    in_excl: bool,
     taken: usize,
-    uncommitted: Vec<u64>,
+    /// What the batch checks its writes against: (epoch, session, dropped).
+    fencing: (u64, u64, bool),
+    uncommitted: Vec<(u64, u64)>,
     replies: Vec<Msg>,
 }
 
-struct Replica {
+/// A request for the volume's lock for writing.
+enum Excl {
+    Open {
+        conn: usize,
+        epoch: u64,
+        uuid: String,
+    },
+    Op {
+        conn: usize,
+        msg: Msg,
+    },
+}
+
+/// A replica server process.
+struct Rs {
     up: bool,
     incarnation: u64,
-    /// The highest epoch seen (durable).
-    epoch: u64,
-    session: u64,
+    objs: BTreeMap<u64, VolObj>,
+    current: Option<u64>,
+    next_obj: u64,
     readers: usize,
-    raises: VecDeque<Raise>,
+    /// An exclusive request holds the lock (its effect lands when it completes).
+    writer: bool,
+    excl: VecDeque<Excl>,
     blocked: Vec<usize>,
     conns: BTreeMap<usize, RConn>,
 }
 
-/// The primary's metadata directory on a node.
-#[derive(Default)]
-struct Meta {
-    started: bool,
-    clean: Option<u64>,
-    maps: HashMap<usize, Vec<bool>>,
+impl Rs {
+    fn new(incarnation: u64, up: bool) -> Rs {
+        Rs {
+            up,
+            incarnation,
+            objs: BTreeMap::new(),
+            current: None,
+            next_obj: 1,
+            readers: 0,
+            writer: false,
+            excl: VecDeque::new(),
+            blocked: Vec::new(),
+            conns: BTreeMap::new(),
+        }
+    }
+}
+
+/// A stored bitmap file: `None` exists but was never stored (`Loaded::New`).
+type Slot = Option<(Vec<u64>, Identity)>;
+
+/// A primary's metadata directory on a node.
+#[derive(Default, Clone)]
+struct MetaDir {
+    /// `None`: no file.
+    activity: Option<Slot>,
+    bitmaps: BTreeMap<String, Slot>,
 }
 
 struct Node {
     name: String,
     addr: String,
-    disk: Disk,
     host_up: bool,
     partitioned_until: Time,
-    rs: Replica,
-    meta: Meta,
+    /// The volume's image: the replica server's copy, and the primary's when it serves here.
+    disk: Disk,
+    /// The inode of `<volume>.img`, if it exists.
+    image: Option<u64>,
+    sidecar: Option<Sidecar>,
+    rs: Rs,
+    meta: MetaDir,
+    /// When the last late metadata write lands ([`Env::meta_done_early`]).
+    meta_late_at: Time,
+}
+
+/// Work in progress on a link's thread.
+enum Busy {
+    Connect {
+        conn: u64,
+        sim: usize,
+    },
+    Record {
+        in_sync: bool,
+        result: Option<Result<(), RecordError>>,
+    },
+    Read {
+        region: usize,
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        region: usize,
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+/// A link's thread.
+struct LinkT {
+    node: usize,
+    addr: String,
+    work: VecDeque<Action>,
+    busy: Option<Busy>,
+    /// Replies received while the thread was busy.
+    inbox: VecDeque<(usize, Msg)>,
+    scheduled: bool,
+    tick_due: bool,
+    /// The sender's connection: the machine's id and the simulated connection.
+    tx: Option<(u64, usize)>,
+    rx: Option<(u64, usize)>,
+}
+
+/// A durable store of the metadata thread.
+#[derive(Clone)]
+enum MetaWrite {
+    Activity(Vec<u64>, Identity),
+    Bitmap(String, Vec<u64>, Identity),
+}
+
+enum MetaDone {
+    Activity(u64),
+    Bitmap(usize, u64),
+}
+
+enum MBusy {
+    Store(MetaWrite, MetaDone),
+    Sync {
+        id: u64,
+        bitmaps: Vec<BitmapSnapshot>,
+        mark: u64,
+    },
+    CkStore {
+        id: u64,
+        bitmaps: Vec<BitmapSnapshot>,
+        next: usize,
+    },
+}
+
+struct MetaT {
+    work: VecDeque<Action>,
+    busy: Option<MBusy>,
+    scheduled: bool,
+    tick_due: bool,
+    /// What each bitmap file holds (`store_bitmap`'s skip of older snapshots).
+    stored: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RKind {
+    Write,
+    Zero { unmap: bool },
+    Flush,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RState {
+    Parked,
+    /// The local I/O is in flight.
+    Local,
+    LocalDone,
+}
+
+struct Req {
+    wid: Wid,
+    queue: usize,
+    kind: RKind,
+    start: usize,
+    len: usize,
+    op: Option<OpId>,
+    state: RState,
+    /// BROKEN driver ([`Env::release_at_once`]): submitted before its `Release`, which has
+    /// not come yet.
+    early: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Delivery {
+    Release,
+    Complete(bool),
+}
+
+struct Guest {
+    reqs: BTreeMap<u16, Req>,
+    ops: BTreeMap<OpId, u16>,
+    next_head: u16,
+    mail: [VecDeque<(OpId, Delivery)>; QUEUES],
+    mail_due: [bool; QUEUES],
+    write_through: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Worker(usize),
+    Link(usize),
+    Meta,
+    Other,
 }
 
 #[derive(Debug, Clone)]
-enum Pending {
-    Guest {
-        tag: Tag,
-        sent: Time,
-    },
-    Compare {
-        region: usize,
-        generation: u32,
-        data: Vec<Tag>,
-        sent: Time,
-    },
-    Copy {
-        region: usize,
-        sent: Time,
-    },
-}
-
-impl Pending {
-    fn sent(&self) -> Time {
-        match self {
-            Pending::Guest { sent, .. }
-            | Pending::Compare { sent, .. }
-            | Pending::Copy { sent, .. } => *sent,
-        }
-    }
-}
-
-struct Link {
-    node: usize,
-    addr: String,
-    state: LinkState,
-    /// Whether the authority records this replica in sync (as this primary knows it).
-    recorded: bool,
-    map: DirtyMap,
-    conn: Option<usize>,
-    connecting: Option<(usize, Time)>,
-    /// `record_failure` is talking to the authority (the link thread is busy).
-    recording: bool,
-    /// An in-sync replica connected before serving.
-    startup: bool,
-    /// The link thread is preempted inside `pump_resync`.
-    preempted: bool,
-    pending: BTreeMap<u64, Pending>,
-    next_seq: u64,
-    cursor: usize,
-    outstanding: usize,
-    next_attempt: Time,
-}
-
-struct PWrite {
-    start: usize,
-    len: usize,
-    local_done: bool,
-    waiting: Vec<usize>,
-    ok: bool,
-}
-
-enum After {
+enum Then {
     Restart(Vec<usize>),
     Migrate,
+    Delete,
+    Final,
 }
 
-struct Primary {
+#[derive(Debug, Clone, Copy)]
+enum StopStage {
+    Drain,
+    Flush(u64),
+    Core(Time),
+}
+
+struct Stopping {
+    stage: StopStage,
+    then: Then,
+    since: Time,
+}
+
+struct Prim {
     node: usize,
     epoch: u64,
+    uuid: String,
+    inc: usize,
+    core: Core,
     alive: bool,
     serving: bool,
-    fenced: bool,
-    stopping: Option<After>,
-    starting: usize,
-    links: Vec<Link>,
-    generation: [u32; REGIONS],
-    in_flight: [u32; REGIONS],
-    writes: BTreeMap<Tag, PWrite>,
+    fenced_at: Option<Time>,
+    links: Vec<LinkT>,
+    meta: MetaT,
+    guest: Guest,
+    stopping: Option<Stopping>,
+    /// The replicas `promote` would accept when this primary took the volume over.
+    holders_at_start: BTreeSet<usize>,
 }
 
 struct WriteRec {
     prim: usize,
-    epoch: u64,
+    inc: usize,
     start: usize,
     len: usize,
+    zero: bool,
     issued: Time,
     ended: Option<Time>,
     acked: bool,
-    stale_nack: bool,
     /// Issued by a superseded primary after every replica it needed was fenced.
     doomed: bool,
 }
@@ -525,33 +818,81 @@ struct WriteRec {
 struct StartReq {
     node: usize,
     replicas: Vec<usize>,
-    promoted: bool,
 }
 
-struct OpJob {
-    waiting: BTreeSet<usize>,
-    done: bool,
-    start: Option<StartReq>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobStage {
+    /// Promote: opened the replica to promote as an observer, waiting for its identity.
+    Identity,
+    /// Promote: fencing the replica to promote.
+    FenceTarget,
+    /// Fencing (or dropping) the others; per connection, whether it is open.
+    Others,
+    Done,
+}
+
+enum JobKind {
+    /// Promote `target`; then start there (or, if it fails and `fallback` is set, restart
+    /// the primary there).
+    Promote {
+        target: usize,
+        fallback: Option<usize>,
+    },
+    /// Drop the copies of the deleted volume, then re-create it on `node`.
+    Drop { node: usize, replicas: Vec<usize> },
+}
+
+struct Job {
+    kind: JobKind,
+    stage: JobStage,
+    before: VolumeRecord,
+    /// The epoch to fence (or drop) at.
+    epoch: u64,
+    target_conn: Option<usize>,
+    conns: BTreeMap<usize, bool>,
+    replicas_after: Vec<usize>,
+}
+
+/// Page-cache writes of the current primary lost at a host crash: acknowledged writes may
+/// go with them only if no replica with an intact identity was recorded in sync (a copy
+/// that would hold them).
+struct Loss {
+    node: usize,
+    sectors: BTreeSet<usize>,
+    at: Time,
+    holders: BTreeSet<usize>,
 }
 
 enum Ev {
     Pump(usize, usize),
-    LocalDone(usize, Tag),
     Apply(usize, usize),
     Committed(usize, usize, u64),
-    Tick(usize),
-    Issue(usize),
-    Recorded(usize, usize, Vec<Tag>, bool),
-    /// The preempted link thread resumes `pump_resync`: (primary, link, connection,
-    /// region, generation read before the preemption).
-    PumpResume(usize, usize, usize, usize, u32),
+    ExclDone(usize, u64),
+    LinkRun(usize, usize),
+    LinkDone(usize, usize),
+    LinkTick(usize, usize),
+    RecordApply(usize, usize, bool),
+    ConnectTimeout(usize, usize, usize),
+    MetaRun(usize),
+    MetaDone(usize),
+    MetaTick(usize),
+    MetaLate(usize, MetaWrite),
+    Issue(usize, usize),
+    LocalDone(usize, u16),
+    FlushDone(usize, u16, u64),
+    Mail(usize, usize),
+    StartTimeout(usize),
+    StopStep(usize),
     Fault,
     ReplicaUp(usize),
     HostUp(usize),
+    AuthorityUp,
     Start(StartReq),
     Recover(usize),
-    OperatorTimeout(usize),
+    Delete(usize),
+    JobTimeout(usize),
     KillStale(usize),
+    FinalStopped(usize, bool),
     Final,
     Check,
 }
@@ -588,46 +929,62 @@ struct Stats {
     writes: u64,
     acked: u64,
     failed: u64,
+    parked: u64,
     faults: u64,
-    promotions: u64,
     starts: u64,
-    fenced_primaries: u64,
-    copies: u64,
+    unclean_starts: u64,
+    failed_starts: u64,
+    promotions: u64,
+    refused_promotions: u64,
     split_brains: u64,
     migrations: u64,
     membership_restarts: u64,
+    recreations: u64,
+    disk_losses: u64,
+    primary_crashes: u64,
+    outages: u64,
+    fenced_primaries: u64,
     stale_refusals: u64,
-    superseded_acks: u64,
     late_packets: u64,
-    torn_writes: u64,
-    preemptions: u64,
-    resync_retries: u64,
+    lost_page_cache: u64,
+    excused_sectors: u64,
+    pulls: u64,
+    full_rebuilds: u64,
+    copies: u64,
     sim_time: Time,
 }
 
 impl Stats {
     fn summary(&self) -> String {
         format!(
-            "{} events, {:.1} s simulated; {} writes ({} acked, {} failed); {} faults: {} split brains, {} planned migrations, {} membership restarts; {} promotions, {} primary starts, {} primaries fenced; {} stale writes refused, {} acks by superseded primaries; {} packets of abandoned connections delivered, {} unsynced writes at host crashes; {} regions copied, {} copies retried, {} preemptions",
+            "{} events, {:.1} s simulated; {} writes ({} acked, {} failed, {} parked); {} faults: {} primary crashes, {} disk losses, {} outages, {} split brains, {} migrations, {} membership restarts, {} re-creations; {} starts ({} unclean, {} failed), {} promotions ({} refused), {} primaries fenced; {} stale writes refused, {} late packets, {} page-cache writes lost at crashes ({} sectors excused); {} regions pulled in recoveries, {} full rebuilds, {} regions copied",
             self.events,
             self.sim_time as f64 / 1e6,
             self.writes,
             self.acked,
             self.failed,
+            self.parked,
             self.faults,
+            self.primary_crashes,
+            self.disk_losses,
+            self.outages,
             self.split_brains,
             self.migrations,
             self.membership_restarts,
-            self.promotions,
+            self.recreations,
             self.starts,
+            self.unclean_starts,
+            self.failed_starts,
+            self.promotions,
+            self.refused_promotions,
             self.fenced_primaries,
             self.stale_refusals,
-            self.superseded_acks,
             self.late_packets,
-            self.torn_writes,
+            self.lost_page_cache,
+            self.excused_sectors,
+            self.pulls,
+            self.full_rebuilds,
             self.copies,
-            self.resync_retries,
-            self.preemptions
         )
     }
 
@@ -636,46 +993,70 @@ impl Stats {
         self.writes += o.writes;
         self.acked += o.acked;
         self.failed += o.failed;
+        self.parked += o.parked;
         self.faults += o.faults;
-        self.promotions += o.promotions;
         self.starts += o.starts;
-        self.fenced_primaries += o.fenced_primaries;
-        self.copies += o.copies;
+        self.unclean_starts += o.unclean_starts;
+        self.failed_starts += o.failed_starts;
+        self.promotions += o.promotions;
+        self.refused_promotions += o.refused_promotions;
         self.split_brains += o.split_brains;
         self.migrations += o.migrations;
         self.membership_restarts += o.membership_restarts;
+        self.recreations += o.recreations;
+        self.disk_losses += o.disk_losses;
+        self.primary_crashes += o.primary_crashes;
+        self.outages += o.outages;
+        self.fenced_primaries += o.fenced_primaries;
         self.stale_refusals += o.stale_refusals;
-        self.superseded_acks += o.superseded_acks;
         self.late_packets += o.late_packets;
-        self.torn_writes += o.torn_writes;
-        self.preemptions += o.preemptions;
-        self.resync_retries += o.resync_retries;
+        self.lost_page_cache += o.lost_page_cache;
+        self.excused_sectors += o.excused_sectors;
+        self.pulls += o.pulls;
+        self.full_rebuilds += o.full_rebuilds;
+        self.copies += o.copies;
         self.sim_time += o.sim_time;
     }
 }
 
 struct Sim {
-    m: Model,
+    env: Env,
     rng: Rng,
     now: Time,
     seq: u64,
     events: BinaryHeap<Item>,
+    store: Arc<MemStore>,
     auth: Authority,
     nodes: Vec<Node>,
     conns: Vec<Conn>,
-    prims: Vec<Primary>,
+    prims: Vec<Prim>,
     writes: Vec<WriteRec>,
-    jobs: Vec<OpJob>,
+    jobs: Vec<Job>,
+    /// The volume's incarnation (bumped by a re-creation) and its uuid.
+    inc: usize,
+    uuid: String,
+    next_ino: u64,
     starting: BTreeSet<usize>,
-    /// A primary lifecycle operation (crash recovery, promotion, restart) is under way.
+    /// A primary lifecycle operation (recovery, promotion, restart, deletion) is under way.
     busy: bool,
+    busy_since: Time,
     final_phase: bool,
     final_at: Time,
+    /// The final clean stop is under way.
+    finishing: bool,
     done: bool,
     violation: Option<String>,
     tracing: bool,
     trace: Vec<String>,
     stats: Stats,
+    /// Per sector: the newest acknowledged write of this incarnation covering it (by issue
+    /// time), and the time before which acknowledged writes were excused (a loss).
+    newest: Vec<Option<Wid>>,
+    excused: Vec<Time>,
+    /// Per sector: write-zeroes in flight, and when the last one covering it ended.
+    zero_inflight: Vec<u32>,
+    zero_end: Vec<Time>,
+    loss: Option<Loss>,
 }
 
 macro_rules! trace {
@@ -688,79 +1069,109 @@ macro_rules! trace {
 }
 
 fn node_of_addr(addr: &str) -> usize {
-    addr[1..addr.find(':').unwrap()].parse().unwrap()
+    addr[1..addr.find(':').expect("port")]
+        .parse()
+        .expect("node")
 }
 
-fn node_of_name(name: &str) -> usize {
-    name[1..].parse().unwrap()
+fn node_of_name(name: &str) -> Option<usize> {
+    name.strip_prefix('n')?.parse().ok()
 }
 
-fn span(start: usize, len: usize) -> std::ops::Range<usize> {
-    start / SPR..(start + len - 1) / SPR + 1
+fn frame_msg(frame: Frame) -> Msg {
+    match frame {
+        Frame::Write {
+            seq,
+            epoch,
+            offset,
+            crc,
+            data,
+        } => Msg::Write {
+            seq,
+            epoch,
+            offset,
+            crc,
+            data,
+        },
+        Frame::Zero {
+            seq,
+            epoch,
+            offset,
+            len,
+            ..
+        } => Msg::Zero {
+            seq,
+            epoch,
+            offset,
+            len,
+        },
+        Frame::Sums { seq, offset, len } => Msg::Sums { seq, offset, len },
+        Frame::Read { seq, offset, len } => Msg::Read { seq, offset, len },
+        Frame::Adopt { seq, epoch, gen } => Msg::Adopt { seq, epoch, gen },
+    }
 }
 
 impl Sim {
-    fn new(seed: u64, m: Model, tracing: bool) -> Sim {
+    fn new(seed: u64, env: Env, tracing: bool) -> Sim {
         let mut rng = Rng(seed ^ 0x5EED_F00D_D15C_0000);
         let n = rng.range(3, 4) as usize;
         let nodes = (0..n)
             .map(|i| Node {
                 name: format!("n{i}"),
-                addr: format!("r{i}:7000"),
-                disk: Disk::new(),
+                addr: format!("n{i}:7700"),
                 host_up: true,
                 partitioned_until: 0,
-                rs: Replica {
-                    up: true,
-                    incarnation: 0,
-                    epoch: 0,
-                    session: 0,
-                    readers: 0,
-                    raises: VecDeque::new(),
-                    blocked: Vec::new(),
-                    conns: BTreeMap::new(),
-                },
-                meta: Meta::default(),
+                disk: Disk::blank(),
+                image: Some(i as u64 + 1),
+                sidecar: None,
+                rs: Rs::new(0, true),
+                meta: MetaDir::default(),
+                meta_late_at: 0,
             })
             .collect();
+        let store = Arc::new(MemStore::default());
+        let uuid = format!("{:016x}{:016x}", rng.next(), rng.next());
         let mut sim = Sim {
-            m,
+            env,
             rng,
             now: 1,
             seq: 0,
             events: BinaryHeap::new(),
-            auth: Authority::new(Arc::new(MemStore::default())),
+            auth: Authority::new(store.clone()),
+            store,
             nodes,
             conns: Vec::new(),
             prims: Vec::new(),
             writes: Vec::new(),
             jobs: Vec::new(),
+            inc: 0,
+            uuid,
+            next_ino: n as u64 + 1,
             starting: BTreeSet::new(),
             busy: true,
+            busy_since: 0,
             final_phase: false,
             final_at: FAULT_PHASE + 2_000,
+            finishing: false,
             done: false,
             violation: None,
             tracing,
             trace: Vec::new(),
             stats: Stats::default(),
+            newest: vec![None; SECTORS],
+            excused: vec![0; SECTORS],
+            zero_inflight: vec![0; SECTORS],
+            zero_end: vec![0; SECTORS],
+            loss: None,
         };
-        sim.starting.insert(0);
-        sim.schedule(
-            1,
-            Ev::Start(StartReq {
-                node: 0,
-                replicas: (1..n).collect(),
-                promoted: false,
-            }),
-        );
-        let faults = sim.rng.range(m.faults.0, m.faults.1);
+        sim.schedule_start(0, (1..n).collect(), 1);
+        let faults = sim.rng.range(env.faults.0, env.faults.1);
         for _ in 0..faults {
             let at = sim.rng.range(3_000, FAULT_PHASE);
             sim.schedule(at, Ev::Fault);
         }
         sim.schedule(sim.final_at, Ev::Final);
-        sim.schedule(5_000, Ev::Check);
+        sim.schedule(2_000, Ev::Check);
         sim
     }
 
@@ -784,6 +1195,11 @@ impl Sim {
         }
     }
 
+    fn set_busy(&mut self, busy: bool) {
+        self.busy = busy;
+        self.busy_since = self.now;
+    }
+
     fn run(&mut self) {
         while let Some(item) = self.events.pop() {
             if self.violation.is_some() || self.done {
@@ -792,7 +1208,8 @@ impl Sim {
             self.now = item.at;
             self.stats.events += 1;
             if self.stats.events > EVENT_LIMIT {
-                self.violation("event budget exhausted".into());
+                let state = self.describe();
+                self.violation(format!("event budget exhausted: {state}"));
                 break;
             }
             self.handle(item.ev);
@@ -806,34 +1223,62 @@ impl Sim {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Pump(c, dir) => self.pump(c, dir),
-            Ev::LocalDone(p, tag) => self.local_done(p, tag),
             Ev::Apply(n, c) => self.apply(n, c),
             Ev::Committed(n, c, inc) => self.committed(n, c, inc),
-            Ev::Tick(p) => self.tick(p),
-            Ev::Issue(p) => self.issue(p),
-            Ev::Recorded(p, i, tags, persisted) => self.recorded(p, i, tags, persisted),
-            Ev::PumpResume(p, i, c, r, g) => self.pump_resume(p, i, c, r, g),
+            Ev::ExclDone(n, inc) => self.excl_done(n, inc),
+            Ev::LinkRun(p, i) => {
+                self.prims[p].links[i].scheduled = false;
+                self.link_run(p, i);
+            }
+            Ev::LinkDone(p, i) => self.link_done(p, i),
+            Ev::LinkTick(p, i) => self.link_tick(p, i),
+            Ev::RecordApply(p, i, in_sync) => self.record_apply(p, i, in_sync),
+            Ev::ConnectTimeout(p, i, sim) => self.connect_timeout(p, i, sim),
+            Ev::MetaRun(p) => {
+                self.prims[p].meta.scheduled = false;
+                self.meta_run(p);
+            }
+            Ev::MetaDone(p) => self.meta_done(p),
+            Ev::MetaTick(p) => self.meta_tick(p),
+            Ev::MetaLate(n, w) => self.apply_meta(n, &w),
+            Ev::Issue(p, q) => self.issue(p, q),
+            Ev::LocalDone(p, head) => self.local_done(p, head),
+            Ev::FlushDone(p, head, mark) => self.flush_done(p, head, mark),
+            Ev::Mail(p, q) => {
+                self.prims[p].guest.mail_due[q] = false;
+                self.process_mail(p, q);
+            }
+            Ev::StartTimeout(p) => self.start_timeout(p),
+            Ev::StopStep(p) => self.stop_step(p),
             Ev::Fault => self.inject_fault(),
             Ev::ReplicaUp(n) => {
-                if self.nodes[n].host_up {
+                if self.nodes[n].host_up && !self.nodes[n].rs.up {
                     self.nodes[n].rs.up = true;
                     trace!(self, "replica server n{n} up");
                 }
             }
             Ev::HostUp(n) => {
-                self.nodes[n].host_up = true;
-                self.nodes[n].rs.up = true;
-                trace!(self, "host n{n} up");
+                if !self.nodes[n].host_up {
+                    self.nodes[n].host_up = true;
+                    self.nodes[n].rs.up = true;
+                    trace!(self, "host n{n} up");
+                }
+            }
+            Ev::AuthorityUp => {
+                self.store.down.store(false, Ordering::Relaxed);
+                trace!(self, "authority up");
             }
             Ev::Start(req) => self.start_primary(req),
             Ev::Recover(n) => self.recover(n),
-            Ev::OperatorTimeout(j) => self.finish_job(j),
+            Ev::Delete(n) => self.delete_volume(n),
+            Ev::JobTimeout(j) => self.job_timeout(j),
             Ev::KillStale(p) => {
                 if self.prims[p].alive && self.current_prim() != Some(p) {
                     trace!(self, "operator kills the stale primary P{p}");
-                    self.kill_primary(p);
+                    self.crash_primary(p);
                 }
             }
+            Ev::FinalStopped(p, clean) => self.final_stopped(p, clean),
             Ev::Final => self.enter_final_phase(),
             Ev::Check => self.check(),
         }
@@ -844,7 +1289,7 @@ impl Sim {
     // -----------------------------------------------------------------------------------
 
     fn latency(&mut self) -> Time {
-        if self.rng.below(1000) < self.m.spike_permille {
+        if self.rng.below(1000) < self.env.spike_permille {
             self.rng.range(3_000, 9_000)
         } else {
             self.rng.range(20, 300)
@@ -852,18 +1297,18 @@ impl Sim {
     }
 
     fn disk_latency(&mut self) -> Time {
-        if self.rng.below(1000) < self.m.stall_permille {
+        if self.rng.below(1000) < self.env.stall_permille {
             self.rng.range(3_000, 12_000)
         } else {
             self.rng.range(50, 400)
         }
     }
 
-    fn new_conn(&mut self, prim: Option<usize>, job: Option<usize>, node: usize) -> usize {
+    fn new_conn(&mut self, peer: Peer, node: usize, from: Option<usize>) -> usize {
         self.conns.push(Conn {
-            prim,
-            job,
+            peer,
             node,
+            from,
             incarnation: self.nodes[node].rs.incarnation,
             closed: false,
             broken: false,
@@ -879,6 +1324,8 @@ impl Sim {
         }
         let at = self.now + self.latency();
         let c = &mut self.conns[conn];
+        // One FIFO per direction: a packet never overtakes an earlier one.
+        let at = c.q[dir].back().map_or(at, |b| b.0.max(at));
         c.q[dir].push_back((at, msg));
         if !c.pumping[dir] {
             c.pumping[dir] = true;
@@ -890,7 +1337,7 @@ impl Sim {
         let c = &mut self.conns[conn];
         c.closed = true;
         c.q[TO_P].clear();
-        if !self.m.late_delivery {
+        if !self.env.late_delivery {
             c.q[TO_R].clear();
         }
     }
@@ -898,8 +1345,8 @@ impl Sim {
     fn blocked_until(&self, conn: usize) -> Time {
         let c = &self.conns[conn];
         let mut t = self.nodes[c.node].partitioned_until;
-        if let Some(p) = c.prim {
-            t = t.max(self.nodes[self.prims[p].node].partitioned_until);
+        if let Some(f) = c.from {
+            t = t.max(self.nodes[f].partitioned_until);
         }
         t
     }
@@ -921,7 +1368,7 @@ impl Sim {
                 self.schedule(at, Ev::Pump(conn, dir));
                 return;
             }
-            let (_, msg) = self.conns[conn].q[dir].pop_front().unwrap();
+            let (_, msg) = self.conns[conn].q[dir].pop_front().expect("front");
             self.deliver(conn, dir, msg);
         }
     }
@@ -929,21 +1376,17 @@ impl Sim {
     fn deliver(&mut self, conn: usize, dir: usize, msg: Msg) {
         let c = &self.conns[conn];
         if dir == TO_R {
-            if c.broken || (c.closed && !self.m.late_delivery) {
+            if c.broken || (c.closed && !self.env.late_delivery) {
                 return;
             }
             if c.closed {
                 self.stats.late_packets += 1;
             }
             let node = c.node;
-            let (up, inc, host) = (
-                self.nodes[node].rs.up,
-                self.nodes[node].rs.incarnation,
-                self.nodes[node].host_up,
-            );
-            if !up || inc != c.incarnation {
+            let n = &self.nodes[node];
+            if !n.rs.up || n.rs.incarnation != c.incarnation {
                 // A restarted (or stopped) server answers with a reset; a dead host is silent.
-                if host && !c.closed {
+                if n.host_up && !c.closed {
                     self.send(conn, TO_P, Msg::Reset);
                     self.conns[conn].broken = true;
                 }
@@ -954,13 +1397,13 @@ impl Sim {
             if c.closed {
                 return;
             }
-            if let Some(j) = c.job {
-                self.operator_reply(j, conn);
-                return;
-            }
-            let Some(p) = c.prim else { return };
-            if self.prims[p].alive {
-                self.primary_receive(p, conn, msg);
+            match c.peer {
+                Peer::Link { prim, link } => {
+                    if self.prims[prim].alive {
+                        self.link_receive(prim, link, conn, msg);
+                    }
+                }
+                Peer::Operator { job } => self.job_reply(job, conn, msg),
             }
         }
     }
@@ -982,93 +1425,290 @@ impl Sim {
 
     fn replica_receive(&mut self, node: usize, conn: usize, msg: Msg) {
         match msg {
-            Msg::Open { epoch } => {
+            Msg::Open { epoch, uuid } => {
                 let rs = &mut self.nodes[node].rs;
                 rs.conns.insert(conn, RConn::default());
-                rs.raises.push_back(Raise {
-                    conn,
-                    epoch,
-                    open: true,
-                });
-                self.try_raises(node);
+                rs.excl.push_back(Excl::Open { conn, epoch, uuid });
+                self.try_excl(node);
             }
-            Msg::Fence { epoch } => {
-                self.nodes[node].rs.raises.push_back(Raise {
-                    conn,
-                    epoch,
-                    open: false,
-                });
-                self.try_raises(node);
-            }
-            m @ (Msg::Write { .. } | Msg::Sums { .. }) => {
+            m => {
                 if let Some(rc) = self.nodes[node].rs.conns.get_mut(&conn) {
                     rc.queue.push_back(m);
                     self.kick(node, conn);
                 }
             }
-            _ => {}
         }
     }
 
-    /// Epoch raises (`Open`, `Fence`) take the epoch lock for writing: they wait for every
-    /// batch in progress, and batches wait while a raise is queued.
-    fn try_raises(&mut self, node: usize) {
-        if self.nodes[node].rs.readers > 0 {
+    /// Exclusive requests take the volume's lock for writing: they wait for every batch in
+    /// progress, and batches wait while one is queued.
+    fn try_excl(&mut self, node: usize) {
+        let rs = &mut self.nodes[node].rs;
+        if rs.writer || rs.readers > 0 {
             return;
         }
-        while let Some(r) = self.nodes[node].rs.raises.pop_front() {
-            let rs = &mut self.nodes[node].rs;
-            let ok = r.epoch >= rs.epoch;
-            if ok {
-                rs.epoch = r.epoch;
+        if rs.excl.is_empty() {
+            for c in std::mem::take(&mut rs.blocked) {
+                self.kick(node, c);
             }
-            let stored = rs.epoch;
-            if r.open && ok {
-                rs.session += 1;
-                let session = rs.session;
-                if let Some(rc) = rs.conns.get_mut(&r.conn) {
-                    rc.opened = true;
-                    rc.session = session;
+            return;
+        }
+        rs.writer = true;
+        let inc = rs.incarnation;
+        let d = self.rng.range(60, 500);
+        self.after(d, Ev::ExclDone(node, inc));
+    }
+
+    fn excl_done(&mut self, node: usize, inc: u64) {
+        let rs = &mut self.nodes[node].rs;
+        if !rs.up || rs.incarnation != inc {
+            return;
+        }
+        rs.writer = false;
+        let Some(x) = rs.excl.pop_front() else {
+            return;
+        };
+        match x {
+            Excl::Open { conn, epoch, uuid } => {
+                let reply = self.replica_open(node, conn, epoch, &uuid);
+                if !matches!(reply, Msg::Opened { .. }) {
+                    self.nodes[node].rs.conns.remove(&conn);
                 }
-                trace!(
-                    self,
-                    "n{node} opened c{} at epoch {} (session {session})",
-                    r.conn,
-                    r.epoch
-                );
-                self.send(r.conn, TO_P, Msg::Ack { seq: 0 });
-                self.kick(node, r.conn);
-            } else if r.open {
-                rs.conns.remove(&r.conn);
-                trace!(
-                    self,
-                    "n{node} refused Open of c{} at epoch {} < {stored}",
-                    r.conn,
-                    r.epoch
-                );
-                self.send(
-                    r.conn,
-                    TO_P,
-                    Msg::Nack {
-                        seq: 0,
-                        code: Code::Stale,
-                    },
-                );
-            } else {
-                trace!(self, "n{node} fence at {} -> stored {stored}", r.epoch);
-                let reply = if ok {
-                    Msg::Ack { seq: 0 }
-                } else {
-                    Msg::Nack {
-                        seq: 0,
-                        code: Code::Stale,
-                    }
-                };
-                self.send(r.conn, TO_P, reply);
+                self.send(conn, TO_P, reply);
+                self.kick(node, conn);
+            }
+            Excl::Op { conn, msg } => {
+                let reply = self.replica_exclusive(node, conn, msg);
+                if let Some(rc) = self.nodes[node].rs.conns.get_mut(&conn) {
+                    rc.in_excl = false;
+                }
+                self.send(conn, TO_P, reply);
+                self.kick(node, conn);
             }
         }
-        for c in std::mem::take(&mut self.nodes[node].rs.blocked) {
-            self.kick(node, c);
+        self.try_excl(node);
+    }
+
+    /// Writes the sidecar for `obj` (durably).
+    fn persist(&mut self, node: usize, obj: u64) {
+        let n = &mut self.nodes[node];
+        let o = &n.rs.objs[&obj];
+        n.sidecar = Some(Sidecar {
+            epoch: o.epoch,
+            uuid: o.uuid.clone(),
+            gen: o.gen,
+            ino: o.image.unwrap_or(0),
+        });
+    }
+
+    /// `ReplicaServer::open` (the volume looked up or loaded, then the session for a
+    /// primary): returns the reply.
+    fn replica_open(&mut self, node: usize, conn: usize, epoch: u64, uuid: &str) -> Msg {
+        let primary = epoch > 0;
+        let nack = |code: Code| Msg::Nack { seq: 0, code };
+        // `volume()`: the loaded volume, unless its image went away or was replaced.
+        let n = &mut self.nodes[node];
+        let mut prior = 0;
+        let mut retired = None;
+        let mut obj = None;
+        if let Some(id) = n.rs.current {
+            let o = n.rs.objs.get_mut(&id).expect("current");
+            let current = !o.dropped
+                && match o.image {
+                    Some(ino) => n.image == Some(ino),
+                    None => n.image.is_none() && !primary,
+                };
+            if current {
+                obj = Some(id);
+            } else {
+                o.dropped = true;
+                o.session += 1;
+                prior = o.epoch;
+                retired = n.rs.current.take();
+            }
+        }
+        let id = match obj {
+            Some(id) => id,
+            None => {
+                // `load()`.
+                let stored = n.sidecar.clone();
+                let stored_epoch = stored.as_ref().map_or(0, |m| m.epoch);
+                if n.image.is_none() && !primary && stored.is_none() && prior == 0 {
+                    n.rs.current = retired;
+                    return nack(Code::Range);
+                }
+                let mut meta = stored.unwrap_or_default();
+                meta.epoch = meta.epoch.max(prior);
+                if primary {
+                    if let Err((code, _)) = admit_open(VOLUME, meta.epoch, &meta.uuid, epoch, uuid)
+                    {
+                        n.rs.current = retired;
+                        return nack(code);
+                    }
+                }
+                let mut created = false;
+                if n.image.is_none() && primary {
+                    n.image = Some(self.next_ino);
+                    self.next_ino += 1;
+                    n.disk = Disk::blank();
+                    created = true;
+                }
+                // `void_if_not_for`.
+                let ino = n.image.unwrap_or(0);
+                let voided = meta.gen != 0 && (created || ino != meta.ino);
+                if voided {
+                    meta.gen = 0;
+                    meta.ino = ino;
+                }
+                if voided || stored_epoch < meta.epoch {
+                    n.sidecar = Some(meta.clone());
+                }
+                let id = n.rs.next_obj;
+                n.rs.next_obj += 1;
+                n.rs.objs.insert(
+                    id,
+                    VolObj {
+                        image: n.image,
+                        epoch: meta.epoch,
+                        session: 0,
+                        uuid: meta.uuid,
+                        gen: meta.gen,
+                        dropped: false,
+                    },
+                );
+                n.rs.current = Some(id);
+                id
+            }
+        };
+        let o = n.rs.objs.get_mut(&id).expect("volume");
+        let mut writable = None;
+        if primary {
+            // `open_session()`.
+            let blank = match admit_open(VOLUME, o.epoch, &o.uuid, epoch, uuid) {
+                Ok(b) => b,
+                Err((code, _)) => return nack(code),
+            };
+            let before = (o.epoch, o.uuid.clone(), o.gen);
+            o.epoch = epoch;
+            if blank {
+                o.uuid = uuid.to_string();
+                o.gen = 0;
+            }
+            let changed = before != (o.epoch, o.uuid.clone(), o.gen);
+            o.session += 1;
+            writable = Some(o.session);
+            if changed {
+                self.persist(node, id);
+            }
+        }
+        let n = &mut self.nodes[node];
+        let o = &n.rs.objs[&id];
+        let reply = Msg::Opened {
+            uuid: o.uuid.clone(),
+            gen: o.gen,
+        };
+        trace!(
+            self,
+            "n{node} c{conn} opened at epoch {epoch}: stored epoch {}, {} gen {}{}",
+            o.epoch,
+            short(&o.uuid),
+            o.gen,
+            if writable.is_some() {
+                ""
+            } else {
+                " (observer)"
+            }
+        );
+        if let Some(rc) = n.rs.conns.get_mut(&conn) {
+            rc.obj = id;
+            rc.writable = writable;
+            rc.bound = true;
+        }
+        reply
+    }
+
+    /// `Fence`, `Adopt` and `Drop`, under the lock for writing.
+    fn replica_exclusive(&mut self, node: usize, conn: usize, msg: Msg) -> Msg {
+        let n = &mut self.nodes[node];
+        let Some(rc) = n.rs.conns.get(&conn) else {
+            return Msg::Reset;
+        };
+        let (id, writable) = (rc.obj, rc.writable);
+        let Some(o) = n.rs.objs.get_mut(&id) else {
+            return Msg::Reset;
+        };
+        match msg {
+            Msg::Fence { seq, epoch } => {
+                if o.dropped {
+                    return Msg::Nack {
+                        seq,
+                        code: Code::Range,
+                    };
+                }
+                if epoch < o.epoch {
+                    return Msg::Nack {
+                        seq,
+                        code: Code::Stale,
+                    };
+                }
+                if epoch > o.epoch {
+                    o.epoch = epoch;
+                    self.persist(node, id);
+                    trace!(self, "n{node} fenced at epoch {epoch}");
+                }
+                Msg::Ack { seq }
+            }
+            Msg::Adopt { seq, epoch, gen } => {
+                let refusal = if writable.is_none() {
+                    Some(Code::Protocol)
+                } else if o.dropped {
+                    Some(Code::Range)
+                } else if let Err((code, _)) = admit(o.epoch, epoch) {
+                    Some(code)
+                } else if Some(o.session) != writable {
+                    Some(Code::Protocol)
+                } else {
+                    None
+                };
+                if let Some(code) = refusal {
+                    return Msg::Nack { seq, code };
+                }
+                o.gen = gen;
+                self.persist(node, id);
+                trace!(self, "n{node} adopted gen {gen}");
+                Msg::Ack { seq }
+            }
+            Msg::Drop { seq, epoch } => {
+                if o.dropped {
+                    return Msg::Nack {
+                        seq,
+                        code: Code::Range,
+                    };
+                }
+                if epoch < o.epoch {
+                    return Msg::Nack {
+                        seq,
+                        code: Code::Stale,
+                    };
+                }
+                o.epoch = epoch;
+                o.session += 1;
+                o.uuid.clear();
+                o.gen = 0;
+                o.dropped = true;
+                self.persist(node, id);
+                let n = &mut self.nodes[node];
+                n.image = None;
+                if n.rs.current == Some(id) {
+                    n.rs.current = None;
+                }
+                trace!(self, "n{node} dropped its copy at epoch {epoch}");
+                Msg::Ack { seq }
+            }
+            _ => Msg::Nack {
+                seq: 0,
+                code: Code::Protocol,
+            },
         }
     }
 
@@ -1087,12 +1727,19 @@ impl Sim {
 
     fn apply(&mut self, node: usize, conn: usize) {
         let rs = &mut self.nodes[node].rs;
-        let writer_waiting = !rs.raises.is_empty();
-        let Some(rc) = rs.conns.get_mut(&conn) else {
+        let writer_waiting = rs.writer || !rs.excl.is_empty();
+        let fencing = |rs: &Rs, obj: u64| {
+            rs.objs.get(&obj).map_or((u64::MAX, u64::MAX, true), |o| {
+                (o.epoch, o.session, o.dropped)
+            })
+        };
+        let Some(rc) = rs.conns.get(&conn) else {
             return;
         };
+        let f = fencing(rs, rc.obj);
+        let rc = rs.conns.get_mut(&conn).expect("conn");
         rc.scheduled = false;
-        if !rc.opened || rc.committing {
+        if !rc.bound || rc.committing || rc.in_excl {
             return;
         }
         if !rc.running {
@@ -1104,104 +1751,170 @@ impl Sim {
                 return;
             }
             rc.running = true;
-            rc.run_epoch = rs.epoch;
             rc.taken = 0;
+            rc.fencing = f;
             rs.readers += 1;
         }
         self.run_batch(node, conn);
     }
 
-    fn run_batch(&mut self, node: usize, conn: usize) {
-        let hosts_primary = self.prims.iter().any(|p| p.alive && p.node == node);
-        let skip_admit = self.m.bug_replica_skips_admit;
-        let sessions = self.m.fix_sessions;
-        let mut problems = Vec::new();
-        let mut landed = Vec::new();
-        let mut stale = 0;
-        let n = &mut self.nodes[node];
-        let (stored, session) = (n.rs.epoch, n.rs.session);
-        let Some(rc) = n.rs.conns.get_mut(&conn) else {
-            return;
+    /// `Applier::check` for a write or zero: the reason to refuse it.
+    fn refusal(&self, rc: &RConn, epoch: u64, offset: u64, len: u64) -> Option<Code> {
+        let Some(session) = rc.writable else {
+            return Some(Code::Protocol);
         };
-        let mut commit = None;
-        while rc.taken < MAX_BATCH {
-            let Some(front) = rc.queue.front() else { break };
-            if matches!(front, Msg::Sums { .. }) && !rc.uncommitted.is_empty() {
-                commit = Some(false); // Sums commits what is before it first
+        let (stored, current, dropped) = rc.fencing;
+        if !self.env.replica_skips_admit {
+            if let Err((code, _)) = admit(stored, epoch) {
+                return Some(code);
+            }
+        }
+        if dropped {
+            return Some(Code::Range);
+        }
+        if current != session {
+            return Some(Code::Protocol);
+        }
+        if offset + len > DISK_BYTES {
+            return Some(Code::Range);
+        }
+        None
+    }
+
+    fn run_batch(&mut self, node: usize, conn: usize) {
+        loop {
+            let rc = self.nodes[node].rs.conns.get_mut(&conn).expect("conn");
+            if rc.taken >= MAX_BATCH {
                 break;
             }
-            let msg = rc.queue.pop_front().unwrap();
-            rc.taken += 1;
-            match msg {
-                Msg::Write {
-                    seq,
-                    epoch,
-                    start,
-                    data,
-                } => {
-                    let gate = if skip_admit {
-                        Ok(())
-                    } else {
-                        admit(rc.run_epoch, epoch)
-                    };
-                    if let Err((code, _)) = gate {
-                        rc.replies.push(Msg::Nack { seq, code });
-                        stale += 1;
-                        continue;
-                    }
-                    if sessions && rc.session != session {
-                        rc.replies.push(Msg::Nack {
-                            seq,
-                            code: Code::Protocol,
-                        });
-                        continue;
-                    }
-                    if let Err((_, why)) = admit(stored, epoch) {
-                        problems.push(format!(
-                            "stale write landed: replica n{node} (stored epoch {stored}) applied a write at epoch {epoch} from c{conn}: {why}"
-                        ));
-                    }
-                    if hosts_primary {
-                        problems.push(format!(
-                            "stale write landed: the replica server on n{node} wrote (epoch {epoch}, c{conn}) into the copy a running primary serves from"
-                        ));
-                    }
-                    landed.push((start, data.len(), data[0], epoch));
-                    n.disk.write_volatile(start, &data);
-                    rc.uncommitted.push(seq);
-                }
-                Msg::Sums { seq, region } => rc.replies.push(Msg::SumsReply {
-                    seq,
-                    data: n.disk.region(region),
-                }),
-                _ => {}
-            }
-        }
-        if commit.is_none() && !rc.uncommitted.is_empty() {
-            commit = Some(true);
-        }
-        self.stats.stale_refusals += stale;
-        for (start, len, tag, epoch) in landed {
-            trace!(
-                self,
-                "n{node} c{conn} applies w{tag} [{start}+{len}] epoch {epoch}"
+            let Some(front) = rc.queue.front() else { break };
+            let reads = matches!(front, Msg::Sums { .. } | Msg::Read { .. });
+            let exclusive = matches!(
+                front,
+                Msg::Fence { .. } | Msg::Adopt { .. } | Msg::Drop { .. }
             );
-        }
-        for p in problems {
-            self.violation(p);
-        }
-        match commit {
-            Some(last) => {
-                let lat = self.disk_latency();
-                let inc = self.nodes[node].rs.incarnation;
-                if let Some(rc) = self.nodes[node].rs.conns.get_mut(&conn) {
-                    rc.committing = true;
-                    rc.final_commit = last;
-                }
-                self.after(lat, Ev::Committed(node, conn, inc));
+            if (reads || exclusive) && !rc.uncommitted.is_empty() {
+                break; // everything before lands first
             }
-            None => self.finish_run(node, conn),
+            let msg = rc.queue.pop_front().expect("front");
+            rc.taken += 1;
+            if exclusive {
+                rc.in_excl = true;
+                self.nodes[node].rs.excl.push_back(Excl::Op { conn, msg });
+                self.finish_run(node, conn);
+                self.try_excl(node);
+                return;
+            }
+            let reply = self.batch_op(node, conn, msg);
+            if let Some(r) = reply {
+                let rc = self.nodes[node].rs.conns.get_mut(&conn).expect("conn");
+                rc.replies.push(r);
+            }
         }
+        let rc = self.nodes[node].rs.conns.get_mut(&conn).expect("conn");
+        if rc.uncommitted.is_empty() {
+            self.finish_run(node, conn);
+        } else {
+            rc.committing = true;
+            let d = self.disk_latency();
+            let inc = self.nodes[node].rs.incarnation;
+            self.after(d, Ev::Committed(node, conn, inc));
+        }
+    }
+
+    /// One request of a batch: a write or zero is applied (its ack comes with the commit),
+    /// anything else answered at once.
+    fn batch_op(&mut self, node: usize, conn: usize, msg: Msg) -> Option<Msg> {
+        let rc = &self.nodes[node].rs.conns[&conn];
+        let (seq, epoch, start, wids, crc_ok) = match msg {
+            Msg::Write {
+                seq,
+                epoch,
+                offset,
+                crc,
+                data,
+            } => {
+                if let Some(code) = self.refusal(rc, epoch, offset, data.len() as u64) {
+                    self.stats.stale_refusals += u64::from(code == Code::Stale);
+                    return Some(Msg::Nack { seq, code });
+                }
+                let ok = crc32c::crc32c(&data) == crc;
+                (seq, epoch, sectors(offset, 0).0, decode(&data), ok)
+            }
+            Msg::Zero {
+                seq,
+                epoch,
+                offset,
+                len,
+            } => {
+                if let Some(code) = self.refusal(rc, epoch, offset, len) {
+                    self.stats.stale_refusals += u64::from(code == Code::Stale);
+                    return Some(Msg::Nack { seq, code });
+                }
+                let (s, n) = sectors(offset, len);
+                (seq, epoch, s, vec![0; n], true)
+            }
+            Msg::Sums { seq, offset, len } | Msg::Read { seq, offset, len } => {
+                let is_sums = matches!(msg, Msg::Sums { .. });
+                let readable = !rc.fencing.2
+                    && self.nodes[node]
+                        .rs
+                        .objs
+                        .get(&rc.obj)
+                        .is_some_and(|o| o.image.is_some())
+                    && offset + len <= DISK_BYTES;
+                if !readable {
+                    return Some(Msg::Nack {
+                        seq,
+                        code: Code::Range,
+                    });
+                }
+                let (s, n) = sectors(offset, len);
+                let data = self.nodes[node].disk.read(s, n);
+                return Some(if is_sums {
+                    Msg::SumsReply {
+                        seq,
+                        crc: crc32c::crc32c(&data),
+                    }
+                } else {
+                    Msg::Data { seq, data }
+                });
+            }
+            _ => {
+                return Some(Msg::Nack {
+                    seq: 0,
+                    code: Code::Protocol,
+                })
+            }
+        };
+        if !crc_ok {
+            return Some(Msg::Nack {
+                seq,
+                code: Code::Checksum,
+            });
+        }
+        // The invariants of a write that lands.
+        let stored = self.nodes[node].rs.objs.get(&rc.obj).map_or(0, |o| o.epoch);
+        if let Err((_, why)) = admit(stored, epoch) {
+            self.violation(format!(
+                "stale write landed: replica n{node} (stored epoch {stored}) applied a write at epoch {epoch} from c{conn}: {why}"
+            ));
+        }
+        if self.prims.iter().any(|p| p.alive && p.node == node) {
+            self.violation(format!(
+                "stale write landed: the replica server on n{node} wrote (epoch {epoch}, c{conn}) into the copy a running primary serves from"
+            ));
+        }
+        trace!(
+            self,
+            "n{node} c{conn} applies w{} [{start}+{}] epoch {epoch}",
+            wids[0],
+            wids.len()
+        );
+        let id = self.nodes[node].disk.write(start, &wids, false);
+        let rc = self.nodes[node].rs.conns.get_mut(&conn).expect("conn");
+        rc.uncommitted.push((seq, id));
+        None
     }
 
     fn committed(&mut self, node: usize, conn: usize, inc: u64) {
@@ -1212,32 +1925,32 @@ impl Sim {
         let Some(rc) = n.rs.conns.get_mut(&conn) else {
             return;
         };
-        n.disk.sync();
-        for seq in rc.uncommitted.drain(..) {
+        let ids: Vec<u64> = rc.uncommitted.iter().map(|u| u.1).collect();
+        for (seq, _) in rc.uncommitted.drain(..) {
             rc.replies.push(Msg::Ack { seq });
         }
         rc.committing = false;
-        if rc.final_commit {
-            self.finish_run(node, conn);
-        } else {
-            self.run_batch(node, conn);
-        }
+        n.disk.settle(&ids);
+        self.run_batch(node, conn);
     }
 
+    /// The batch ends: the lock is released and its replies are sent with one write.
     fn finish_run(&mut self, node: usize, conn: usize) {
         let rs = &mut self.nodes[node].rs;
         let Some(rc) = rs.conns.get_mut(&conn) else {
             return;
         };
-        rc.running = false;
+        if rc.running {
+            rc.running = false;
+            rs.readers -= 1;
+        }
         let replies = std::mem::take(&mut rc.replies);
-        let more = !rc.queue.is_empty();
-        rs.readers -= 1;
+        let more = !rc.queue.is_empty() && !rc.in_excl;
         for r in replies {
             self.send(conn, TO_P, r);
         }
         if self.nodes[node].rs.readers == 0 {
-            self.try_raises(node);
+            self.try_excl(node);
         }
         if more {
             self.kick(node, conn);
@@ -1248,19 +1961,23 @@ impl Sim {
     fn crash_replica(&mut self, node: usize, host: bool) {
         let n = &mut self.nodes[node];
         if host {
-            self.stats.torn_writes += n.disk.unsynced.iter().filter(|u| !u.2).count() as u64;
             n.disk.crash(&mut self.rng);
         }
         if !n.rs.up {
             return;
         }
+        if !host {
+            // The kernel finishes the RWF_DSYNC writes a dead process had in flight: they
+            // are durable, or (not started) absent; never left in the page cache alone.
+            let ids: Vec<u64> =
+                n.rs.conns
+                    .values()
+                    .flat_map(|rc| rc.uncommitted.iter().map(|u| u.1))
+                    .collect();
+            n.disk.settle(&ids);
+        }
         let old = n.rs.incarnation;
-        n.rs.up = false;
-        n.rs.incarnation += 1;
-        n.rs.readers = 0;
-        n.rs.raises.clear();
-        n.rs.blocked.clear();
-        n.rs.conns.clear();
+        n.rs = Rs::new(old + 1, false);
         trace!(self, "replica server n{node} crashed (host: {host})");
         if !host {
             // The kernel resets the connections of a dead process.
@@ -1273,1107 +1990,1716 @@ impl Sim {
         }
     }
 
-    fn crash_host(&mut self, node: usize) {
-        trace!(self, "host n{node} crashes");
-        for p in 0..self.prims.len() {
-            if self.prims[p].alive && self.prims[p].node == node {
-                self.kill_primary(p);
-            }
+    /// A replica loses its disk (a failed mount: an empty data directory), or only its
+    /// image (replaced by another file), and restarts blank.
+    fn lose_disk(&mut self, node: usize) {
+        self.crash_replica(node, false);
+        let all = self.rng.percent(60);
+        let n = &mut self.nodes[node];
+        n.disk = Disk::blank();
+        if all {
+            n.sidecar = None;
+            n.image = None;
+        } else {
+            n.image = Some(self.next_ino);
+            self.next_ino += 1;
         }
-        self.crash_replica(node, true);
-        self.nodes[node].host_up = false;
+        self.stats.disk_losses += 1;
+        if let Some(l) = &mut self.loss {
+            l.holders.remove(&node);
+        }
+        trace!(
+            self,
+            "n{node} loses its {}",
+            if all { "disk" } else { "image" }
+        );
     }
 
     // -----------------------------------------------------------------------------------
-    // Primary
+    // Authority and identity helpers
     // -----------------------------------------------------------------------------------
 
-    fn record(&self) -> VolumeRecord {
-        self.auth.load(VOLUME).unwrap().unwrap().record
-    }
-
-    /// `take_over` as the daemon does it: after an unclean stop, every in-sync replica is
-    /// then recorded out of sync (in-flight writes may differ between the copies).
-    fn take_over(
-        &self,
-        name: &str,
-        addrs: &[String],
-        clean: bool,
-    ) -> Result<VolumeRecord, AuthorityError> {
-        let mut record = self.auth.take_over(VOLUME, name, addrs, None)?;
-        if !clean {
-            let in_sync: Vec<String> = record
-                .replicas
-                .iter()
-                .filter(|m| m.in_sync)
-                .map(|m| m.addr.clone())
-                .collect();
-            for addr in &in_sync {
-                record = self
-                    .auth
-                    .set_in_sync(VOLUME, name, record.epoch, addr, false)?;
-            }
-        }
-        Ok(record)
-    }
-
-    fn auth_epoch(&self) -> u64 {
-        self.auth
-            .load(VOLUME)
-            .unwrap()
-            .map_or(0, |v| v.record.epoch)
+    fn record(&self) -> Option<VolumeRecord> {
+        self.store.peek()
     }
 
     /// The running primary the authority currently names.
     fn current_prim(&self) -> Option<usize> {
-        let rec = self.auth.load(VOLUME).unwrap()?.record;
+        let rec = self.record()?;
+        if rec.deleted {
+            return None;
+        }
         self.prims.iter().rposition(|p| {
             p.alive && p.epoch == rec.epoch && self.nodes[p.node].name == rec.primary
         })
     }
 
-    fn persist_map(&mut self, prim: usize, i: usize) {
-        let p = &self.prims[prim];
-        let l = &p.links[i];
-        let bits = (0..REGIONS).map(|r| l.map.is_set(r)).collect();
-        let (node, replica) = (p.node, l.node);
-        self.nodes[node].meta.maps.insert(replica, bits);
+    fn members(&self) -> Vec<usize> {
+        self.record()
+            .map(|r| r.replicas.iter().map(|m| node_of_addr(&m.addr)).collect())
+            .unwrap_or_default()
     }
 
+    /// Whether node `r` holds a copy `promote` would accept: the record's uuid, gen != 0,
+    /// for the image that exists.
+    fn identified(&self, r: usize, rec: &VolumeRecord) -> bool {
+        let n = &self.nodes[r];
+        n.sidecar.as_ref().is_some_and(|s| {
+            s.uuid == rec.uuid && s.gen != 0 && n.image == Some(s.ino) && !rec.uuid.is_empty()
+        })
+    }
+
+    /// The replicas the authority records in sync whose copies `promote` would accept.
+    fn holders(&self) -> BTreeSet<usize> {
+        let Some(rec) = self.record() else {
+            return BTreeSet::new();
+        };
+        rec.replicas
+            .iter()
+            .filter(|m| m.in_sync)
+            .map(|m| node_of_addr(&m.addr))
+            .filter(|&r| self.identified(r, &rec))
+            .collect()
+    }
+
+    fn has_primary(&self, node: usize) -> bool {
+        self.prims.iter().any(|p| p.alive && p.node == node)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: start
+    // -----------------------------------------------------------------------------------
+
+    fn schedule_start(&mut self, node: usize, replicas: Vec<usize>, delay: Time) {
+        self.starting.insert(node);
+        self.after(delay, Ev::Start(StartReq { node, replicas }));
+    }
+
+    /// `Replication::start`: take the volume over, load the metadata, start the machine.
     fn start_primary(&mut self, req: StartReq) {
         let node = req.node;
         if !self.nodes[node].host_up {
-            self.schedule(self.now + 2_000, Ev::Start(req));
+            self.after(2_000, Ev::Start(req));
             return;
         }
-        if self.prims.iter().any(|p| p.alive && p.node == node) {
+        if self.has_primary(node) {
             self.starting.remove(&node);
             return;
         }
-        if self.m.fix_fence_own_copy && self.nodes[node].rs.readers > 0 {
-            // Raising the local copy's epoch waits for the batches in progress.
-            self.schedule(self.now + 200, Ev::Start(req));
-            return;
-        }
-        self.starting.remove(&node);
         let name = self.nodes[node].name.clone();
-        let before = self.auth.load(VOLUME).unwrap().map(|v| v.record);
-        let meta = &mut self.nodes[node].meta;
-        let first_start = !meta.started;
-        let clean = if self.m.fix_clean_epoch {
-            match (&before, meta.clean) {
-                (None, _) => true,
-                (Some(r), Some(e)) => r.primary == name && r.epoch == e,
-                (Some(_), None) => false,
-            }
-        } else {
-            meta.clean.is_some() || first_start
-        };
-        meta.clean = None;
-        meta.started = true;
         let addrs: Vec<String> = req
             .replicas
             .iter()
             .map(|&r| self.nodes[r].addr.clone())
             .collect();
-        let record = match self.take_over(&name, &addrs, clean) {
+        let uuid = self.uuid.clone();
+        let before = self.record();
+        let rec = match self.auth.take_over(VOLUME, &name, &addrs, Some(&uuid)) {
             Ok(r) => r,
+            Err(AuthorityError::Backend(_)) => {
+                self.after(2_000, Ev::Start(req));
+                return;
+            }
             Err(e) => {
                 trace!(self, "start on n{node} refused: {e}");
-                self.busy = false;
+                self.starting.remove(&node);
+                self.set_busy(false);
                 return;
             }
         };
+        self.starting.remove(&node);
         self.stats.starts += 1;
-        if self.m.fix_fence_own_copy {
-            let rs = &mut self.nodes[node].rs;
-            rs.epoch = rs.epoch.max(record.epoch);
+        if self.env.discard_stale_bitmaps {
+            self.discard_stale_bitmaps(node, before.as_ref());
         }
-        let mut links = Vec::new();
-        for &r in &req.replicas {
-            let addr = self.nodes[r].addr.clone();
-            let mut map = DirtyMap::in_memory(DISK_BYTES, REGION_BYTES);
-            let existed = match self.nodes[node].meta.maps.get(&r) {
-                Some(bits) => {
-                    for (i, &b) in bits.iter().enumerate() {
-                        if b {
-                            map.set(i);
-                        }
-                    }
-                    true
-                }
-                None => false,
-            };
-            let in_sync = record.member(&addr).is_some_and(|m| m.in_sync);
-            let was_member = before.as_ref().is_some_and(|b| b.member(&addr).is_some());
-            let new_member = self.m.fix_new_member_bitmap && !was_member;
-            if !in_sync && (!existed || !clean || new_member) {
-                map.set_all();
-            }
-            links.push(Link {
-                node: r,
-                addr,
-                state: if in_sync {
-                    LinkState::InSync
-                } else {
-                    LinkState::OutOfSync
-                },
-                recorded: in_sync,
-                map,
-                conn: None,
-                connecting: None,
-                recording: false,
-                startup: in_sync,
-                preempted: false,
-                pending: BTreeMap::new(),
-                next_seq: 1,
-                cursor: 0,
-                outstanding: 0,
-                next_attempt: 0,
-            });
-        }
-        let starting = links.iter().filter(|l| l.startup).count();
-        let prim = self.prims.len();
+        let (links, activity) = self.load_meta(node, &rec, &addrs);
+        let unclean = activity.as_ref().is_none_or(|a| !a.is_empty());
+        self.stats.unclean_starts += u64::from(unclean);
+        let mut cfg = CoreConfig::new(VOLUME, &rec.uuid, rec.epoch, DISK_BYTES, REGION_BYTES);
+        cfg.timeout = TIMEOUT;
+        cfg.reconnect = RECONNECT;
+        cfg.resync_rate = if self.rng.percent(25) { 16_000_000 } else { 0 };
+        cfg.al_idle = self.rng.range(1_000, 5_000);
+        cfg.checkpoint_every = TICK;
+        let p = self.prims.len();
         trace!(
             self,
-            "P{prim} starts on n{node} at epoch {} (promoted: {}, clean: {clean}) replicas {:?}",
-            record.epoch,
-            req.promoted,
-            record
-                .replicas
+            "P{p} starts on n{node} at epoch {}, {}, activity {:?}, replicas {:?}",
+            rec.epoch,
+            short(&rec.uuid),
+            activity.as_ref().map(|a| a.iter().collect::<Vec<_>>()),
+            links
                 .iter()
-                .map(|m| (m.addr.as_str(), m.in_sync))
+                .map(|l| (
+                    l.addr.clone(),
+                    l.in_sync,
+                    l.bitmap.as_ref().map(|b| (b.0.count(), b.1.gen))
+                ))
                 .collect::<Vec<_>>()
         );
-        self.prims.push(Primary {
+        let mut out = Vec::new();
+        let n_links = links.len();
+        let core = Core::new(cfg, links, activity, self.now, &mut out);
+        let write_through = self.rng.percent(25);
+        self.prims.push(Prim {
             node,
-            epoch: record.epoch,
+            epoch: rec.epoch,
+            uuid: rec.uuid.clone(),
+            inc: self.inc,
+            core,
             alive: true,
             serving: false,
-            fenced: false,
-            stopping: None,
-            starting,
-            links,
-            generation: [0; REGIONS],
-            in_flight: [0; REGIONS],
-            writes: BTreeMap::new(),
-        });
-        for i in 0..self.prims[prim].links.len() {
-            self.persist_map(prim, i);
-            if self.prims[prim].links[i].startup {
-                self.connect(prim, i);
-            }
-        }
-        if starting == 0 {
-            self.begin_serving(prim);
-        }
-        self.after(POLL, Ev::Tick(prim));
-    }
-
-    fn begin_serving(&mut self, prim: usize) {
-        let p = &mut self.prims[prim];
-        if p.fenced {
-            trace!(self, "P{prim} failed to start: fenced");
-            self.kill_primary(prim);
-            self.busy = false;
-            return;
-        }
-        p.serving = true;
-        for l in &mut p.links {
-            l.next_attempt = 0;
-        }
-        self.busy = false;
-        trace!(self, "P{prim} serving");
-        self.after(0, Ev::Issue(prim));
-    }
-
-    fn startup_resolved(&mut self, prim: usize) {
-        let p = &mut self.prims[prim];
-        p.starting -= 1;
-        if p.starting == 0 && p.alive && !p.serving {
-            self.begin_serving(prim);
-        }
-    }
-
-    fn issue(&mut self, prim: usize) {
-        let p = &self.prims[prim];
-        if !p.alive || p.fenced || p.stopping.is_some() || self.final_phase {
-            return;
-        }
-        if p.writes.len() < QUEUE_DEPTH {
-            self.begin_write(prim);
-        }
-        let d = self.rng.range(40, 400);
-        self.after(d, Ev::Issue(prim));
-    }
-
-    /// `Replication::begin` plus the guest's bookkeeping.
-    fn begin_write(&mut self, prim: usize) {
-        // A well-behaved guest does not overlap writes in flight.
-        let mut range = None;
-        for _ in 0..4 {
-            let len = self.rng.range(1, 12) as usize;
-            let start = self.rng.below((SECTORS - len + 1) as u64) as usize;
-            let overlaps = !self.m.guest_overlaps
-                && self.prims[prim]
-                    .writes
-                    .values()
-                    .any(|w| w.start < start + len && start < w.start + w.len);
-            if !overlaps {
-                range = Some((start, len));
-                break;
-            }
-        }
-        let Some((start, len)) = range else { return };
-        let tag = self.writes.len() as Tag + 1;
-        let auth_epoch = self.auth_epoch();
-        let p = &self.prims[prim];
-        let superseded = auth_epoch > p.epoch;
-        let unfenced_needed = p
-            .links
-            .iter()
-            .any(|l| l.recorded && self.nodes[l.node].rs.epoch <= p.epoch);
-        self.writes.push(WriteRec {
-            prim,
-            epoch: p.epoch,
-            start,
-            len,
-            issued: self.now,
-            ended: None,
-            acked: false,
-            stale_nack: false,
-            doomed: superseded && !unfenced_needed,
-        });
-        self.stats.writes += 1;
-        let local = self.rng.range(20, 300);
-        let (offset, bytes) = (start as u64 * SECTOR_BYTES, len as u64 * SECTOR_BYTES);
-        let skip_mark = self.m.bug_skip_dirty_mark;
-        let now = self.now;
-        let p = &mut self.prims[prim];
-        for r in span(start, len) {
-            p.generation[r] = p.generation[r].wrapping_add(1);
-            p.in_flight[r] += 1;
-        }
-        let mut sends = Vec::new();
-        let mut persist = Vec::new();
-        let mut waiting = Vec::new();
-        for (i, l) in p.links.iter_mut().enumerate() {
-            if l.state == LinkState::OutOfSync {
-                if !skip_mark && l.map.mark(offset, bytes) {
-                    persist.push(i);
-                }
-                continue;
-            }
-            let seq = l.next_seq;
-            l.next_seq += 1;
-            l.pending.insert(seq, Pending::Guest { tag, sent: now });
-            waiting.push(i);
-            if let Some(c) = l.conn {
-                sends.push((
-                    c,
-                    Msg::Write {
-                        seq,
-                        epoch: p.epoch,
-                        start,
-                        data: vec![tag; len],
-                    },
-                ));
-            }
-        }
-        trace!(
-            self,
-            "P{prim} begins w{tag} [{start}+{len}] sent to {:?}",
-            waiting
-        );
-        p.writes.insert(
-            tag,
-            PWrite {
-                start,
-                len,
-                local_done: false,
-                waiting,
-                ok: true,
+            fenced_at: None,
+            links: req
+                .replicas
+                .iter()
+                .map(|&r| LinkT {
+                    node: r,
+                    addr: self.nodes[r].addr.clone(),
+                    work: VecDeque::new(),
+                    busy: None,
+                    inbox: VecDeque::new(),
+                    scheduled: false,
+                    tick_due: false,
+                    tx: None,
+                    rx: None,
+                })
+                .collect(),
+            meta: MetaT {
+                work: VecDeque::new(),
+                busy: None,
+                scheduled: false,
+                tick_due: false,
+                stored: vec![0; n_links],
             },
-        );
-        for i in persist {
-            self.persist_map(prim, i);
+            guest: Guest {
+                reqs: BTreeMap::new(),
+                ops: BTreeMap::new(),
+                next_head: 0,
+                mail: [VecDeque::new(), VecDeque::new()],
+                mail_due: [false; QUEUES],
+                write_through,
+            },
+            stopping: None,
+            holders_at_start: self.holders(),
+        });
+        for i in 0..n_links {
+            let d = self.rng.range(1, TICK);
+            self.after(d, Ev::LinkTick(p, i));
         }
-        for (c, m) in sends {
-            self.send(c, TO_R, m);
-        }
-        self.after(local, Ev::LocalDone(prim, tag));
+        self.after(TICK, Ev::MetaTick(p));
+        self.after(START_TIMEOUT, Ev::StartTimeout(p));
+        self.execute(p, out, Ctx::Other);
     }
 
-    fn local_done(&mut self, prim: usize, tag: Tag) {
-        let p = &mut self.prims[prim];
-        if !p.alive {
-            return;
-        }
-        let Some(w) = p.writes.get_mut(&tag) else {
-            return;
+    /// `Replication::load_meta`: the activity log and one bitmap per replica, creating
+    /// the files that are missing.
+    fn load_meta(
+        &mut self,
+        node: usize,
+        rec: &VolumeRecord,
+        addrs: &[String],
+    ) -> (Vec<LinkInit>, Option<DirtyMap>) {
+        let m = &mut self.nodes[node].meta;
+        let had_bitmaps = !m.bitmaps.is_empty();
+        let empty = DirtyMap::in_memory(DISK_BYTES, REGION_BYTES);
+        let activity = match m.activity.get_or_insert(None) {
+            Some((words, tag)) if tag.uuid == rec.uuid => Some(map_of(words)),
+            // Another incarnation's log.
+            Some(_) => Some(empty.clone()),
+            None if !had_bitmaps => Some(empty.clone()),
+            None => None,
         };
-        w.local_done = true;
-        let (start, len) = (w.start, w.len);
-        for r in span(start, len) {
-            p.in_flight[r] -= 1;
-        }
-        let node = p.node;
-        self.nodes[node].disk.write_through(start, &vec![tag; len]);
-        self.try_complete(prim, tag);
-    }
-
-    fn deliver_result(&mut self, prim: usize, link: usize, tag: Tag, ok: bool) {
-        if let Some(w) = self.prims[prim].writes.get_mut(&tag) {
-            w.waiting.retain(|&l| l != link);
-            w.ok &= ok;
-        }
-        self.try_complete(prim, tag);
-    }
-
-    fn try_complete(&mut self, prim: usize, tag: Tag) {
-        let p = &mut self.prims[prim];
-        let Some(w) = p.writes.get(&tag) else { return };
-        if !w.local_done || !w.waiting.is_empty() {
-            return;
-        }
-        let ok = w.ok;
-        p.writes.remove(&tag);
-        let epoch = p.epoch;
-        if ok {
-            let auth_epoch = self.auth_epoch();
-            let rec = &self.writes[tag as usize - 1];
-            let (stale_nack, doomed) = (rec.stale_nack, rec.doomed);
-            if auth_epoch > epoch && stale_nack {
-                self.violation(format!(
-                    "P{prim} (epoch {epoch}, superseded by {auth_epoch}) acknowledged w{tag}, which an in-sync replica refused as stale"
-                ));
-            }
-            if doomed {
-                self.violation(format!(
-                    "P{prim} (epoch {epoch}, superseded by {auth_epoch}) acknowledged w{tag}, issued after every replica it needed was fenced"
-                ));
-            }
-            if auth_epoch > epoch {
-                self.stats.superseded_acks += 1;
-            }
-            self.stats.acked += 1;
-        } else {
-            self.stats.failed += 1;
-        }
-        let now = self.now;
-        let rec = &mut self.writes[tag as usize - 1];
-        rec.ended = Some(now);
-        rec.acked = ok;
-        trace!(self, "P{prim} {} w{tag}", if ok { "ACKS" } else { "FAILS" });
-    }
-
-    fn primary_receive(&mut self, prim: usize, conn: usize, msg: Msg) {
-        let p = &self.prims[prim];
-        if let Some(i) = p
-            .links
+        let links = addrs
             .iter()
-            .position(|l| l.connecting.map(|c| c.0) == Some(conn))
-        {
-            self.on_open_reply(prim, i, conn, msg);
-            return;
-        }
-        let Some(i) = p.links.iter().position(|l| l.conn == Some(conn)) else {
-            return;
-        };
-        if p.fenced {
-            return;
-        }
-        match self.on_reply(prim, i, msg) {
-            Some(why) => self.link_fault(prim, i, why),
-            None => {
-                let p = &self.prims[prim];
-                if !p.fenced
-                    && p.links[i].state == LinkState::Resyncing
-                    && p.links[i].conn.is_some()
-                {
-                    self.pump_resync(prim, i);
+            .map(|addr| {
+                let slot = m.bitmaps.entry(addr.clone()).or_insert(None);
+                LinkInit {
+                    addr: addr.clone(),
+                    in_sync: rec.member(addr).is_some_and(|x| x.in_sync),
+                    bitmap: slot.as_ref().map(|(w, t)| (map_of(w), t.clone())),
                 }
-            }
+            })
+            .collect();
+        (links, activity)
+    }
+
+    /// The operator's workaround for the stale-bitmap finding (see [`Env`]).
+    fn discard_stale_bitmaps(&mut self, node: usize, before: Option<&VolumeRecord>) {
+        let ours = before.filter(|r| !r.deleted && node_of_name(&r.primary) == Some(node));
+        let m = &mut self.nodes[node].meta;
+        match ours {
+            Some(r) => m.bitmaps.retain(|addr, _| r.member(addr).is_some()),
+            None => m.bitmaps.clear(),
         }
     }
 
-    /// The reply to `connect`'s `Open`.
-    fn on_open_reply(&mut self, prim: usize, i: usize, conn: usize, msg: Msg) {
-        match msg {
-            Msg::Ack { .. } => {
-                let l = &mut self.prims[prim].links[i];
-                l.connecting = None;
-                l.conn = Some(conn);
+    fn start_timeout(&mut self, p: usize) {
+        let pr = &self.prims[p];
+        if pr.alive && !pr.serving && pr.stopping.is_none() {
+            let why = pr.core.start_blocker().unwrap_or("?").to_string();
+            trace!(self, "P{p} failed to start in time: {why}");
+            self.stats.failed_starts += 1;
+            self.stop_threads(p);
+            self.set_busy(false);
+        }
+    }
+
+    /// After every call into the machine: the start and the stop move on.
+    fn after_core(&mut self, p: usize) {
+        let pr = &self.prims[p];
+        if !pr.alive {
+            return;
+        }
+        let phase = pr.core.phase();
+        if !pr.serving && pr.stopping.is_none() && pr.core.fenced().is_some() {
+            trace!(self, "P{p} failed to start: fenced");
+            self.stats.failed_starts += 1;
+            self.stop_threads(p);
+            self.set_busy(false);
+            return;
+        }
+        if phase == Phase::Serving && !pr.serving {
+            self.prims[p].serving = true;
+            self.on_serving(p);
+        }
+    }
+
+    fn on_serving(&mut self, p: usize) {
+        let node = self.prims[p].node;
+        trace!(self, "P{p} serving");
+        self.set_busy(false);
+        if let Some(loss) = self.loss.take() {
+            // A holder still in sync when this primary took over (a Record of its fault may
+            // have landed after the crash) must provide what the page cache lost.
+            let still = self.prims[p].holders_at_start.clone();
+            if loss.node == node && loss.holders.intersection(&still).next().is_none() {
+                // Every copy of those page-cache writes is gone: the guest's unflushed
+                // writes to them may be lost (as on a local disk).
                 trace!(
                     self,
-                    "P{prim} connected to n{} on c{conn}",
-                    self.prims[prim].links[i].node
+                    "excused: {} sector(s) of writes lost with the page cache of n{node}",
+                    loss.sectors.len()
                 );
-                if self.prims[prim].links[i].startup {
-                    self.prims[prim].links[i].startup = false;
-                    self.startup_resolved(prim);
-                } else {
-                    self.start_resync(prim, i);
+                for &s in &loss.sectors {
+                    self.excused[s] = loss.at;
+                    if self.newest[s].is_some_and(|w| self.writes[w as usize - 1].issued < loss.at)
+                    {
+                        self.newest[s] = None;
+                    }
+                    self.stats.excused_sectors += 1;
                 }
             }
+        }
+        let content = self.nodes[node].disk.view.clone();
+        if let Some(e) = self.check_copy(&content) {
+            self.violation(format!(
+                "P{p} on n{node} serves without an acknowledged write: {e}"
+            ));
+        }
+        for q in 0..QUEUES {
+            let d = self.rng.range(1, 100);
+            self.after(d, Ev::Issue(p, q));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: performing actions (`Replication::execute`)
+    // -----------------------------------------------------------------------------------
+
+    fn execute(&mut self, p: usize, actions: Vec<Action>, ctx: Ctx) {
+        for a in actions {
+            match a {
+                Action::Send { link, conn, frame } => {
+                    if let Some((c, sim)) = self.prims[p].links[link].tx {
+                        if c == conn {
+                            if let Frame::Adopt { .. } = frame {
+                                self.stats.full_rebuilds += 1;
+                            }
+                            self.send(sim, TO_R, frame_msg(frame));
+                        }
+                    }
+                }
+                Action::Disconnect { link, conn } => {
+                    if let Some((c, sim)) = self.prims[p].links[link].tx {
+                        if c == conn {
+                            self.close_conn(sim);
+                            self.prims[p].links[link].tx = None;
+                        }
+                    }
+                }
+                Action::Connect { link, .. }
+                | Action::Record { link, .. }
+                | Action::ReadLocal { link, .. }
+                | Action::WriteLocal { link, .. } => {
+                    self.prims[p].links[link].work.push_back(a);
+                    if ctx != Ctx::Link(link) {
+                        self.kick_link(p, link);
+                    }
+                }
+                Action::StoreActivity { .. }
+                | Action::StoreBitmap(_)
+                | Action::Checkpoint { .. } => {
+                    self.prims[p].meta.work.push_back(a);
+                    if ctx != Ctx::Meta {
+                        self.kick_meta(p);
+                    }
+                }
+                Action::Release { queue, op, .. } => {
+                    self.deliver_to(p, usize::from(queue), op, Delivery::Release, ctx)
+                }
+                Action::Complete { queue, op, ok, .. } => {
+                    if let (true, Some(t)) = (ok, self.prims[p].fenced_at) {
+                        self.violation(format!(
+                            "P{p} completed {op:?} successfully after it was fenced at {t}"
+                        ));
+                    }
+                    self.deliver_to(p, usize::from(queue), op, Delivery::Complete(ok), ctx)
+                }
+                Action::Fenced { reason } => {
+                    trace!(self, "P{p} FENCED: {reason}");
+                    self.stats.fenced_primaries += 1;
+                    self.prims[p].fenced_at = Some(self.now);
+                }
+            }
+        }
+        self.after_core(p);
+    }
+
+    fn deliver_to(&mut self, p: usize, q: usize, op: OpId, d: Delivery, ctx: Ctx) {
+        let g = &mut self.prims[p].guest;
+        g.mail[q].push_back((op, d));
+        if ctx != Ctx::Worker(q) && !g.mail_due[q] {
+            g.mail_due[q] = true;
+            let d = self.rng.range(2, 30);
+            self.after(d, Ev::Mail(p, q));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: link threads
+    // -----------------------------------------------------------------------------------
+
+    fn kick_link(&mut self, p: usize, i: usize) {
+        let l = &mut self.prims[p].links[i];
+        if !l.scheduled && l.busy.is_none() {
+            l.scheduled = true;
+            self.schedule(self.now, Ev::LinkRun(p, i));
+        }
+    }
+
+    fn link_tick(&mut self, p: usize, i: usize) {
+        if !self.prims[p].alive {
+            return;
+        }
+        self.after(TICK, Ev::LinkTick(p, i));
+        self.prims[p].links[i].tick_due = true;
+        self.kick_link(p, i);
+    }
+
+    /// The link thread's loop: its blocking work first, then the replies, then the tick.
+    fn link_run(&mut self, p: usize, i: usize) {
+        loop {
+            if !self.prims[p].alive || self.prims[p].links[i].busy.is_some() {
+                return;
+            }
+            let l = &mut self.prims[p].links[i];
+            if let Some(a) = l.work.pop_front() {
+                self.start_link_work(p, i, a);
+                continue;
+            }
+            if let Some((c, msg)) = l.inbox.pop_front() {
+                self.link_reply(p, i, c, msg);
+                continue;
+            }
+            if l.tick_due {
+                l.tick_due = false;
+                let mut out = Vec::new();
+                self.prims[p].core.tick(self.now, i, &mut out);
+                self.execute(p, out, Ctx::Link(i));
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// A packet for link `i`'s thread on connection `c`.
+    fn link_receive(&mut self, p: usize, i: usize, c: usize, msg: Msg) {
+        let l = &mut self.prims[p].links[i];
+        if let Some(Busy::Connect { sim, .. }) = l.busy {
+            if sim == c {
+                self.finish_connect(p, i, msg);
+                return;
+            }
+        }
+        if l.rx.is_some_and(|r| r.1 == c) {
+            l.inbox.push_back((c, msg));
+            self.kick_link(p, i);
+        }
+    }
+
+    fn link_reply(&mut self, p: usize, i: usize, c: usize, msg: Msg) {
+        let l = &mut self.prims[p].links[i];
+        let Some((conn, sim)) = l.rx else { return };
+        if sim != c {
+            return;
+        }
+        if l.tx.map(|t| t.0) != Some(conn) {
+            // The machine closed this connection: its receiver is dropped.
+            l.rx = None;
+            return;
+        }
+        let now = self.now;
+        let mut out = Vec::new();
+        let reply = match msg {
+            Msg::Ack { seq } => Reply::Ack { seq },
+            Msg::Nack { seq, code } => Reply::Nack {
+                seq,
+                stale: code == Code::Stale,
+                message: format!("{code:?}"),
+            },
+            Msg::SumsReply { seq, crc } => Reply::Sums {
+                seq,
+                crcs: vec![crc],
+            },
+            Msg::Data { seq, data } => Reply::Data { seq, data },
+            other => {
+                let why = if matches!(other, Msg::Reset) {
+                    "connection reset".to_string()
+                } else {
+                    "unexpected message".to_string()
+                };
+                self.prims[p].links[i].rx = None;
+                self.prims[p]
+                    .core
+                    .on_disconnect(now, i, conn, why, &mut out);
+                self.execute(p, out, Ctx::Link(i));
+                return;
+            }
+        };
+        self.prims[p].core.on_reply(now, i, conn, reply, &mut out);
+        self.execute(p, out, Ctx::Link(i));
+    }
+
+    fn start_link_work(&mut self, p: usize, i: usize, a: Action) {
+        let pnode = self.prims[p].node;
+        match a {
+            Action::Connect { conn, .. } => {
+                let l = &mut self.prims[p].links[i];
+                l.rx = None;
+                let node = l.node;
+                let sim = self.new_conn(Peer::Link { prim: p, link: i }, node, Some(pnode));
+                let (epoch, uuid) = (self.prims[p].epoch, self.prims[p].uuid.clone());
+                self.send(sim, TO_R, Msg::Open { epoch, uuid });
+                self.prims[p].links[i].busy = Some(Busy::Connect { conn, sim });
+                self.after(CONNECT_TIMEOUT, Ev::ConnectTimeout(p, i, sim));
+            }
+            Action::Record { in_sync, .. } => {
+                self.prims[p].links[i].busy = Some(Busy::Record {
+                    in_sync,
+                    result: None,
+                });
+                let d = if self.rng.percent(3) {
+                    self.rng.range(2_000, 6_000)
+                } else {
+                    self.rng.range(50, 600)
+                };
+                let applied = self.rng.below(d + 1);
+                self.after(applied, Ev::RecordApply(p, i, in_sync));
+                self.after(d, Ev::LinkDone(p, i));
+            }
+            Action::ReadLocal {
+                region,
+                offset,
+                len,
+                ..
+            } => {
+                self.prims[p].links[i].busy = Some(Busy::Read {
+                    region,
+                    offset,
+                    len,
+                });
+                let d = self.rng.range(5, 80);
+                self.after(d, Ev::LinkDone(p, i));
+            }
+            Action::WriteLocal {
+                region,
+                offset,
+                data,
+                ..
+            } => {
+                self.prims[p].links[i].busy = Some(Busy::Write {
+                    region,
+                    offset,
+                    data,
+                });
+                let d = self.rng.range(10, 100);
+                self.after(d, Ev::LinkDone(p, i));
+            }
+            _ => {}
+        }
+    }
+
+    /// The authority applies a `Record`'s change (its reply comes at `LinkDone`). A request
+    /// already sent is applied even if the primary died meanwhile.
+    fn record_apply(&mut self, p: usize, i: usize, in_sync: bool) {
+        let pr = &self.prims[p];
+        let name = self.nodes[pr.node].name.clone();
+        let addr = pr.links[i].addr.clone();
+        let epoch = pr.epoch;
+        let r = self.auth.set_in_sync(VOLUME, &name, epoch, &addr, in_sync);
+        let result = match r {
+            Ok(_) if self.rng.percent(3) => Err(RecordError::Failed("the reply was lost".into())),
+            Ok(_) => Ok(()),
+            Err(e @ AuthorityError::Fenced { .. }) => Err(RecordError::Fenced(e.to_string())),
+            Err(e) => Err(RecordError::Failed(e.to_string())),
+        };
+        trace!(
+            self,
+            "P{p} records {addr} in_sync={in_sync}: {}",
+            match &result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("{e:?}"),
+            }
+        );
+        if let Some(Busy::Record { result: r, .. }) = &mut self.prims[p].links[i].busy {
+            *r = Some(result);
+        }
+    }
+
+    fn link_done(&mut self, p: usize, i: usize) {
+        if !self.prims[p].alive {
+            return;
+        }
+        let now = self.now;
+        let mut out = Vec::new();
+        let Some(busy) = self.prims[p].links[i].busy.take() else {
+            return;
+        };
+        match busy {
+            Busy::Record { in_sync, result } => {
+                let result = result.unwrap_or(Err(RecordError::Failed("no answer".into())));
+                self.prims[p]
+                    .core
+                    .on_recorded(now, i, in_sync, result, &mut out);
+            }
+            Busy::Read {
+                region,
+                offset,
+                len,
+            } => {
+                let (s, n) = sectors(offset, len);
+                let data = self.nodes[self.prims[p].node].disk.read(s, n);
+                self.prims[p]
+                    .core
+                    .on_local_read(now, i, region, Ok(data), &mut out);
+            }
+            Busy::Write {
+                region,
+                offset,
+                data,
+            } => {
+                let (s, _) = sectors(offset, 0);
+                let wids = decode(&data);
+                trace!(
+                    self,
+                    "P{p} recovery writes region {region} from n{}",
+                    self.prims[p].links[i].node
+                );
+                self.stats.pulls += 1;
+                let node = self.prims[p].node;
+                self.nodes[node].disk.write(s, &wids, false);
+                self.prims[p]
+                    .core
+                    .on_local_written(now, i, region, Ok(()), &mut out);
+            }
+            Busy::Connect { .. } => {}
+        }
+        self.execute(p, out, Ctx::Link(i));
+        self.link_run(p, i);
+    }
+
+    fn finish_connect(&mut self, p: usize, i: usize, msg: Msg) {
+        let Some(Busy::Connect { conn, sim }) = self.prims[p].links[i].busy.take() else {
+            return;
+        };
+        let result = match msg {
+            Msg::Opened { uuid, gen } => Ok(Identity { uuid, gen }),
             Msg::Nack {
                 code: Code::Stale, ..
-            } => {
-                self.prims[prim].links[i].connecting = None;
-                self.close_conn(conn);
-                let node = self.prims[prim].links[i].node;
-                self.fence(prim, format!("replica n{node} refused our Open as stale"));
-            }
-            _ => self.open_failed(prim, i, conn, "refused"),
-        }
-    }
-
-    fn open_failed(&mut self, prim: usize, i: usize, conn: usize, why: &str) {
-        self.close_conn(conn);
-        let now = self.now;
-        let l = &mut self.prims[prim].links[i];
-        l.connecting = None;
-        l.next_attempt = now + RECONNECT;
-        trace!(
-            self,
-            "P{prim} connect to n{} failed: {why}",
-            self.prims[prim].links[i].node
-        );
-        if self.prims[prim].links[i].startup {
-            self.prims[prim].links[i].state = LinkState::Failing;
-            self.record_failure(prim, i);
-        }
-    }
-
-    fn connect(&mut self, prim: usize, i: usize) {
-        let node = self.prims[prim].links[i].node;
-        let conn = self.new_conn(Some(prim), None, node);
-        let epoch = self.prims[prim].epoch;
-        self.prims[prim].links[i].connecting = Some((conn, self.now + TIMEOUT));
-        self.send(conn, TO_R, Msg::Open { epoch });
-    }
-
-    /// `on_reply`: returns a fault.
-    fn on_reply(&mut self, prim: usize, i: usize, msg: Msg) -> Option<String> {
-        match msg {
-            Msg::Ack { seq } => {
-                let l = &mut self.prims[prim].links[i];
-                match l.pending.remove(&seq) {
-                    Some(Pending::Guest { tag, .. }) => self.deliver_result(prim, i, tag, true),
-                    Some(Pending::Copy { .. }) => {
-                        l.outstanding -= 1;
-                        self.stats.copies += 1;
-                    }
-                    Some(Pending::Compare { .. }) => {
-                        return Some("ack for a checksum request".into())
-                    }
-                    None => {}
-                }
-                None
-            }
-            Msg::Nack {
-                seq,
-                code: Code::Stale,
-            } => {
-                let l = &self.prims[prim].links[i];
-                if let (true, Some(Pending::Guest { tag, .. })) = (l.recorded, l.pending.get(&seq))
-                {
-                    self.writes[*tag as usize - 1].stale_nack = true;
-                }
-                let node = l.node;
-                self.fence(prim, format!("replica n{node} refused a request as stale"));
-                None
-            }
-            Msg::Nack { code, .. } => Some(format!("replica error {code:?}")),
-            Msg::SumsReply { seq, data } => {
-                let bug = self.m.bug_resync_ignores_writes;
-                let now = self.now;
-                let p = &mut self.prims[prim];
-                let epoch = p.epoch;
-                let l = &mut p.links[i];
-                let Some(Pending::Compare {
-                    region,
-                    generation,
-                    data: local,
-                    ..
-                }) = l.pending.remove(&seq)
-                else {
-                    return Some("unexpected checksum reply".into());
-                };
-                l.outstanding -= 1;
-                if data == local {
-                    return None;
-                }
-                let unchanged =
-                    bug || (p.generation[region] == generation && p.in_flight[region] == 0);
-                if !unchanged {
-                    l.map.set(region);
-                    self.stats.resync_retries += 1;
-                    return None;
-                }
-                let Some(c) = l.conn else {
-                    return Some("disconnected".into());
-                };
-                let seq = l.next_seq;
-                l.next_seq += 1;
-                l.pending.insert(seq, Pending::Copy { region, sent: now });
-                l.outstanding += 1;
-                trace!(
-                    self,
-                    "P{prim} copies region {region} to n{}",
-                    self.prims[prim].links[i].node
-                );
-                self.send(
-                    c,
-                    TO_R,
-                    Msg::Write {
-                        seq,
-                        epoch,
-                        start: region * SPR,
-                        data: local,
-                    },
-                );
-                None
-            }
-            Msg::Reset => Some("connection reset".into()),
-            _ => None,
-        }
-    }
-
-    fn link_fault(&mut self, prim: usize, i: usize, why: String) {
-        let now = self.now;
-        let l = &mut self.prims[prim].links[i];
-        let conn = l.conn.take();
-        l.cursor = 0;
-        l.outstanding = 0;
-        l.next_attempt = now + RECONNECT;
-        if let Some(c) = conn {
-            self.close_conn(c);
-        }
-        if self.prims[prim].fenced {
-            return;
-        }
-        trace!(
-            self,
-            "P{prim} link to n{} fails: {why}",
-            self.prims[prim].links[i].node
-        );
-        self.prims[prim].links[i].state = LinkState::Failing;
-        self.record_failure(prim, i);
-    }
-
-    /// Marks what the drained requests cover and persists the bitmap (`mark_all`).
-    fn mark_all(&mut self, prim: usize, i: usize, drained: &[Pending]) -> Vec<Tag> {
-        let p = &mut self.prims[prim];
-        let mut tags = Vec::new();
-        let mut ranges = Vec::new();
-        for d in drained {
-            match d {
-                Pending::Guest { tag, .. } => {
-                    tags.push(*tag);
-                    if let Some(w) = p.writes.get(tag) {
-                        ranges.push((w.start, w.len));
-                    }
-                }
-                Pending::Compare { region, .. } | Pending::Copy { region, .. } => {
-                    p.links[i].map.set(*region);
-                }
-            }
-        }
-        for (start, len) in ranges {
-            p.links[i]
-                .map
-                .mark(start as u64 * SECTOR_BYTES, len as u64 * SECTOR_BYTES);
-        }
-        self.persist_map(prim, i);
-        tags
-    }
-
-    /// `record_failure`, first half: drain and mark, then ask the authority (which takes
-    /// time; the link thread is busy meanwhile).
-    fn record_failure(&mut self, prim: usize, i: usize) {
-        let drained: Vec<Pending> = std::mem::take(&mut self.prims[prim].links[i].pending)
-            .into_values()
-            .collect();
-        let mut tags = self.mark_all(prim, i, &drained);
-        self.prims[prim].links[i].recording = true;
-        if self.m.bug_ack_before_authority {
-            for t in std::mem::take(&mut tags) {
-                self.deliver_result(prim, i, t, true);
-            }
-        }
-        let d = self.rng.range(0, 600);
-        self.after(d, Ev::Recorded(prim, i, tags, true));
-    }
-
-    /// `record_failure`, second half.
-    fn recorded(&mut self, prim: usize, i: usize, tags: Vec<Tag>, persisted: bool) {
-        if !self.prims[prim].alive {
-            return;
-        }
-        self.prims[prim].links[i].recording = false;
-        if self.prims[prim].links[i].recorded {
-            let p = &self.prims[prim];
-            let name = self.nodes[p.node].name.clone();
-            let addr = p.links[i].addr.clone();
-            match self.auth.set_in_sync(VOLUME, &name, p.epoch, &addr, false) {
-                Ok(_) => {
-                    trace!(self, "P{prim} recorded {addr} out of sync");
-                    self.prims[prim].links[i].recorded = false;
-                }
-                Err(e @ AuthorityError::Fenced { .. }) => self.fence(prim, e.to_string()),
-                Err(e) => self.violation(format!("unexpected authority error: {e}")),
-            }
-        }
-        let p = &mut self.prims[prim];
-        let ok = persisted && !p.fenced && !p.links[i].recorded;
-        p.links[i].state = LinkState::OutOfSync;
-        for t in tags {
-            self.deliver_result(prim, i, t, ok);
-        }
-        if self.prims[prim].links[i].startup {
-            self.prims[prim].links[i].startup = false;
-            self.startup_resolved(prim);
-        }
-    }
-
-    fn settle_out_of_sync(&mut self, prim: usize, i: usize) {
-        let l = &mut self.prims[prim].links[i];
-        if l.state != LinkState::OutOfSync || l.pending.is_empty() {
-            return;
-        }
-        let drained: Vec<Pending> = std::mem::take(&mut l.pending).into_values().collect();
-        let tags = self.mark_all(prim, i, &drained);
-        for t in tags {
-            self.deliver_result(prim, i, t, true);
-        }
-    }
-
-    fn fence(&mut self, prim: usize, why: String) {
-        let p = &mut self.prims[prim];
-        if p.fenced {
-            return;
-        }
-        p.fenced = true;
-        self.stats.fenced_primaries += 1;
-        trace!(self, "P{prim} FENCED: {why}");
-        let mut closes = Vec::new();
-        let mut fails = Vec::new();
-        for (i, l) in p.links.iter_mut().enumerate() {
-            closes.extend(l.conn.take());
-            closes.extend(l.connecting.take().map(|c| c.0));
-            for d in std::mem::take(&mut l.pending).into_values() {
-                if let Pending::Guest { tag, .. } = d {
-                    fails.push((i, tag));
-                }
-            }
-            l.outstanding = 0;
-        }
-        for c in closes {
-            self.close_conn(c);
-        }
-        for (i, t) in fails {
-            self.deliver_result(prim, i, t, false);
-        }
-        if !self.prims[prim].serving && self.prims[prim].alive {
-            trace!(self, "P{prim} failed to start: fenced");
-            self.kill_primary(prim);
-            self.busy = false;
-        }
-    }
-
-    /// One pass of every link thread.
-    fn tick(&mut self, prim: usize) {
-        if !self.prims[prim].alive {
-            return;
-        }
-        self.after(POLL, Ev::Tick(prim));
-        if self.prims[prim].stopping.is_some() && self.prims[prim].writes.is_empty() {
-            self.finish_stop(prim);
-            return;
-        }
-        let now = self.now;
-        for i in 0..self.prims[prim].links.len() {
-            let p = &self.prims[prim];
-            if p.fenced || !p.alive {
-                return;
-            }
-            let l = &p.links[i];
-            if l.recording {
-                continue;
-            }
-            if let Some((c, deadline)) = l.connecting {
-                if now >= deadline {
-                    self.open_failed(prim, i, c, "no answer to Open");
-                }
-                continue;
-            }
-            if l.conn.is_none() {
-                let serving = p.serving;
-                self.settle_out_of_sync(prim, i);
-                if serving && now >= self.prims[prim].links[i].next_attempt {
-                    self.connect(prim, i);
-                }
-                continue;
-            }
-            let oldest = l.pending.values().map(Pending::sent).min();
-            if oldest.is_some_and(|t| now - t > TIMEOUT) {
-                self.link_fault(prim, i, "no answer within the timeout".into());
-                continue;
-            }
-            if l.state == LinkState::Resyncing {
-                self.pump_resync(prim, i);
-            }
-        }
-    }
-
-    fn start_resync(&mut self, prim: usize, i: usize) {
-        let l = &mut self.prims[prim].links[i];
-        if l.state == LinkState::InSync {
-            return;
-        }
-        l.state = LinkState::Resyncing;
-        l.cursor = 0;
-        l.outstanding = 0;
-        trace!(
-            self,
-            "P{prim} resyncs n{}: {} dirty regions",
-            l.node,
-            l.map.count()
-        );
-        self.pump_resync(prim, i);
-    }
-
-    /// `pump_resync`. For each dirty region the real code checks that no write is in
-    /// flight, then reads the region's generation; the link thread may be preempted
-    /// between the two. With `fix_generation_first` the generation is read first.
-    fn pump_resync(&mut self, prim: usize, i: usize) {
-        let bug = self.m.bug_resync_ignores_writes;
-        let fixed = self.m.fix_generation_first;
-        let mut skipped = 0;
-        loop {
-            let p = &mut self.prims[prim];
-            let l = &mut p.links[i];
-            if l.outstanding >= WINDOW || l.preempted {
-                return;
-            }
-            let Some(conn) = l.conn else { return };
-            let remaining = l.map.count();
-            let Some(region) = l.map.next_set(l.cursor) else {
-                if l.outstanding == 0 {
-                    self.finish_resync(prim, i);
-                }
-                return;
-            };
-            l.cursor = region + 1;
-            let early = p.generation[region];
-            if !fixed && !bug && p.in_flight[region] > 0 {
-                skipped += 1;
-                if skipped >= remaining {
-                    return;
-                }
-                continue;
-            }
-            if self.rng.below(1000) < self.m.preempt_permille {
-                self.stats.preemptions += 1;
-                trace!(
-                    self,
-                    "P{prim} link thread preempted in pump_resync (region {region})"
-                );
-                self.prims[prim].links[i].preempted = true;
-                let d = self.rng.range(10, 400);
-                self.after(d, Ev::PumpResume(prim, i, conn, region, early));
-                return;
-            }
-            if !self.compare_region(prim, i, conn, region, early) {
-                skipped += 1;
-                if skipped >= remaining {
-                    return;
-                }
-            }
-        }
-    }
-
-    fn pump_resume(&mut self, prim: usize, i: usize, conn: usize, region: usize, early: u32) {
-        let p = &mut self.prims[prim];
-        p.links[i].preempted = false;
-        let l = &p.links[i];
-        if !p.alive || p.fenced || l.state != LinkState::Resyncing || l.conn != Some(conn) {
-            return;
-        }
-        self.compare_region(prim, i, conn, region, early);
-        self.pump_resync(prim, i);
-    }
-
-    /// The second half of one `pump_resync` step: clear the bit, read the local copy, ask
-    /// for the replica's checksum. Returns false if the region was busy (fixed order).
-    fn compare_region(
-        &mut self,
-        prim: usize,
-        i: usize,
-        conn: usize,
-        region: usize,
-        early: u32,
-    ) -> bool {
-        let bug = self.m.bug_resync_ignores_writes;
-        let p = &mut self.prims[prim];
-        let generation = if self.m.fix_generation_first {
-            if !bug && p.in_flight[region] > 0 {
-                return false;
-            }
-            early
-        } else {
-            p.generation[region]
+            } => Err(OpenError::Stale("stale".into())),
+            Msg::Nack { code, .. } => Err(OpenError::Failed(format!("refused: {code:?}"))),
+            Msg::Reset => Err(OpenError::Failed("connection reset".into())),
+            _ => Err(OpenError::Failed("unexpected reply to Open".into())),
         };
-        let l = &mut p.links[i];
-        l.map.clear(region);
-        let data = self.nodes[p.node].disk.region(region);
-        let seq = l.next_seq;
-        l.next_seq += 1;
-        l.pending.insert(
-            seq,
-            Pending::Compare {
-                region,
-                generation,
-                data,
-                sent: self.now,
-            },
+        trace!(
+            self,
+            "P{p} link {i} (n{}) opened c{sim}: {result:?}",
+            self.prims[p].links[i].node
         );
-        l.outstanding += 1;
-        self.send(conn, TO_R, Msg::Sums { seq, region });
-        true
+        if result.is_ok() {
+            self.prims[p].links[i].tx = Some((conn, sim));
+            self.prims[p].links[i].rx = Some((conn, sim));
+        } else {
+            self.close_conn(sim);
+        }
+        let mut out = Vec::new();
+        self.prims[p]
+            .core
+            .on_open(self.now, i, conn, result, &mut out);
+        self.execute(p, out, Ctx::Link(i));
+        self.link_run(p, i);
     }
 
-    fn finish_resync(&mut self, prim: usize, i: usize) {
-        if self.prims[prim].links[i].map.count() != 0 {
+    fn connect_timeout(&mut self, p: usize, i: usize, sim: usize) {
+        if !self.prims[p].alive {
             return;
         }
-        self.persist_map(prim, i);
-        let p = &self.prims[prim];
-        let name = self.nodes[p.node].name.clone();
-        let addr = p.links[i].addr.clone();
-        match self.auth.set_in_sync(VOLUME, &name, p.epoch, &addr, true) {
-            Ok(_) => {
-                trace!(self, "P{prim}: {addr} in sync");
-                let l = &mut self.prims[prim].links[i];
-                l.recorded = true;
-                l.state = LinkState::InSync;
-            }
-            Err(e @ AuthorityError::Fenced { .. }) => self.fence(prim, e.to_string()),
-            Err(e) => self.violation(format!("unexpected authority error: {e}")),
+        match self.prims[p].links[i].busy {
+            Some(Busy::Connect { sim: s, .. }) if s == sim => {}
+            _ => return,
+        }
+        self.finish_connect(p, i, Msg::Reset);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: the metadata thread
+    // -----------------------------------------------------------------------------------
+
+    fn kick_meta(&mut self, p: usize) {
+        let m = &mut self.prims[p].meta;
+        if !m.scheduled && m.busy.is_none() {
+            m.scheduled = true;
+            self.schedule(self.now, Ev::MetaRun(p));
         }
     }
 
-    /// `Replication::shutdown` after the guest drained.
-    fn finish_stop(&mut self, prim: usize) {
-        let p = &mut self.prims[prim];
-        let after = p.stopping.take();
-        let clean = p.links.iter().all(|l| l.pending.is_empty()) && !p.fenced;
-        p.alive = false;
-        let (node, epoch) = (p.node, p.epoch);
-        let mut closes = Vec::new();
-        for l in &mut p.links {
-            closes.extend(l.conn.take());
-            closes.extend(l.connecting.take().map(|c| c.0));
+    fn meta_tick(&mut self, p: usize) {
+        if !self.prims[p].alive {
+            return;
         }
-        for c in closes {
-            self.close_conn(c);
+        self.after(TICK, Ev::MetaTick(p));
+        self.prims[p].meta.tick_due = true;
+        self.kick_meta(p);
+    }
+
+    fn meta_run(&mut self, p: usize) {
+        loop {
+            if !self.prims[p].alive || self.prims[p].meta.busy.is_some() {
+                return;
+            }
+            let m = &mut self.prims[p].meta;
+            if let Some(a) = m.work.pop_front() {
+                self.start_meta(p, a);
+                continue;
+            }
+            if m.tick_due {
+                m.tick_due = false;
+                let mut out = Vec::new();
+                self.prims[p].core.tick_meta(self.now, &mut out);
+                self.execute(p, out, Ctx::Meta);
+                continue;
+            }
+            return;
         }
-        for i in 0..self.prims[prim].links.len() {
-            self.persist_map(prim, i);
-        }
-        if clean {
-            self.nodes[node].meta.clean = Some(epoch);
-        }
-        trace!(self, "P{prim} stopped (clean: {clean})");
-        match after {
-            Some(After::Restart(replicas)) => self.schedule_start(node, replicas, false, 500),
-            Some(After::Migrate) => {
-                // No in-sync replica to move to: start here again.
-                let promoted = self.operator_promote();
-                if !promoted {
-                    let members = self.members();
-                    self.schedule_start(node, members, false, 500);
+    }
+
+    fn start_meta(&mut self, p: usize, a: Action) {
+        let tag = Identity {
+            uuid: self.prims[p].uuid.clone(),
+            gen: 0,
+        };
+        match a {
+            Action::StoreActivity { gen, words } => {
+                self.store_meta(p, MetaWrite::Activity(words, tag), MetaDone::Activity(gen));
+            }
+            Action::StoreBitmap(snap) => {
+                if snap.gen <= self.prims[p].meta.stored[snap.link] {
+                    let mut out = Vec::new();
+                    self.prims[p]
+                        .core
+                        .on_bitmap_stored(snap.link, snap.gen, true, &mut out);
+                    self.execute(p, out, Ctx::Meta);
+                    return;
                 }
+                let addr = self.prims[p].links[snap.link].addr.clone();
+                self.store_meta(
+                    p,
+                    MetaWrite::Bitmap(addr, snap.words, snap.tag),
+                    MetaDone::Bitmap(snap.link, snap.gen),
+                );
+            }
+            Action::Checkpoint { id, bitmaps } => {
+                let mark = self.nodes[self.prims[p].node].disk.mark();
+                self.prims[p].meta.busy = Some(MBusy::Sync { id, bitmaps, mark });
+                let d = self.rng.range(100, 800);
+                self.after(d, Ev::MetaDone(p));
+            }
+            _ => {}
+        }
+    }
+
+    fn store_meta(&mut self, p: usize, w: MetaWrite, done: MetaDone) {
+        if self.env.meta_done_early {
+            // BROKEN: done before it is durable; the kernel writes it back later.
+            let node = self.prims[p].node;
+            let d = self.rng.range(3_000, 30_000);
+            // Written back in order: the kernel writes the latest content.
+            let at = (self.now + d).max(self.nodes[node].meta_late_at + 1);
+            self.nodes[node].meta_late_at = at;
+            self.schedule(at, Ev::MetaLate(node, w));
+            self.meta_report(p, done);
+            return;
+        }
+        self.prims[p].meta.busy = Some(MBusy::Store(w, done));
+        let d = self.rng.range(40, 300);
+        self.after(d, Ev::MetaDone(p));
+    }
+
+    fn apply_meta(&mut self, node: usize, w: &MetaWrite) {
+        let m = &mut self.nodes[node].meta;
+        match w {
+            MetaWrite::Activity(words, tag) => {
+                m.activity = Some(Some((words.clone(), tag.clone())));
+            }
+            MetaWrite::Bitmap(addr, words, tag) => {
+                m.bitmaps
+                    .insert(addr.clone(), Some((words.clone(), tag.clone())));
+            }
+        }
+    }
+
+    fn meta_report(&mut self, p: usize, done: MetaDone) {
+        let mut out = Vec::new();
+        match done {
+            MetaDone::Activity(gen) => {
+                self.prims[p]
+                    .core
+                    .on_activity_stored(self.now, gen, true, &mut out);
+            }
+            MetaDone::Bitmap(link, gen) => {
+                let s = &mut self.prims[p].meta.stored[link];
+                *s = (*s).max(gen);
+                self.prims[p]
+                    .core
+                    .on_bitmap_stored(link, gen, true, &mut out);
+            }
+        }
+        self.execute(p, out, Ctx::Meta);
+    }
+
+    fn meta_done(&mut self, p: usize) {
+        if !self.prims[p].alive {
+            return;
+        }
+        let node = self.prims[p].node;
+        match self.prims[p].meta.busy.take() {
+            Some(MBusy::Store(w, done)) => {
+                self.apply_meta(node, &w);
+                self.meta_report(p, done);
+            }
+            Some(MBusy::Sync { id, bitmaps, mark }) => {
+                self.nodes[node].disk.sync(mark);
+                self.checkpoint_store(p, id, bitmaps, 0);
+            }
+            Some(MBusy::CkStore { id, bitmaps, next }) => {
+                let b = &bitmaps[next];
+                let addr = self.prims[p].links[b.link].addr.clone();
+                self.apply_meta(
+                    node,
+                    &MetaWrite::Bitmap(addr, b.words.clone(), b.tag.clone()),
+                );
+                let s = &mut self.prims[p].meta.stored[b.link];
+                *s = (*s).max(b.gen);
+                self.checkpoint_store(p, id, bitmaps, next + 1);
             }
             None => {}
         }
+        self.meta_run(p);
     }
 
-    /// A process kill or host crash: local writes in flight are torn.
-    fn kill_primary(&mut self, prim: usize) {
-        let p = &mut self.prims[prim];
-        p.alive = false;
-        let node = p.node;
+    /// A checkpoint's bitmaps are stored one after the other, skipping older snapshots.
+    fn checkpoint_store(&mut self, p: usize, id: u64, bitmaps: Vec<BitmapSnapshot>, next: usize) {
+        let mut next = next;
+        while next < bitmaps.len()
+            && bitmaps[next].gen <= self.prims[p].meta.stored[bitmaps[next].link]
+        {
+            next += 1;
+        }
+        if next < bitmaps.len() {
+            self.prims[p].meta.busy = Some(MBusy::CkStore { id, bitmaps, next });
+            let d = self.rng.range(40, 300);
+            self.after(d, Ev::MetaDone(p));
+            return;
+        }
+        let mut out = Vec::new();
+        self.prims[p].core.on_checkpoint(id, true, &mut out);
+        self.execute(p, out, Ctx::Meta);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: the guest and its queue workers
+    // -----------------------------------------------------------------------------------
+
+    fn issue(&mut self, p: usize, q: usize) {
+        let pr = &self.prims[p];
+        if !pr.alive || pr.fenced_at.is_some() || pr.stopping.is_some() || self.final_phase {
+            return;
+        }
+        let in_queue = pr.guest.reqs.values().filter(|r| r.queue == q).count();
+        if in_queue < DEPTH {
+            self.new_request(p, q);
+        }
+        let d = self.rng.range(20, 250);
+        self.after(d, Ev::Issue(p, q));
+    }
+
+    /// A range for a new request: often one that overlaps a request in flight.
+    fn pick_range(&mut self, p: usize) -> (usize, usize) {
+        if self.rng.percent(self.env.overlap_percent) {
+            let inflight: Vec<(usize, usize)> = self.prims[p]
+                .guest
+                .reqs
+                .values()
+                .filter(|r| r.kind != RKind::Flush)
+                .map(|r| (r.start, r.len))
+                .collect();
+            if let Some((s, l)) = self.rng.pick(&inflight) {
+                let start = (s + self.rng.below(l as u64) as usize)
+                    .saturating_sub(self.rng.below(4) as usize);
+                let len = (self.rng.range(1, 12) as usize).min(SECTORS - start);
+                return (start, len);
+            }
+        }
+        let len = self.rng.range(1, 12) as usize;
+        let start = self.rng.below((SECTORS - len + 1) as u64) as usize;
+        (start, len)
+    }
+
+    fn new_request(&mut self, p: usize, q: usize) {
+        let roll = self.rng.below(100);
+        let kind = match roll {
+            0..=7 => RKind::Flush,
+            8..=13 => RKind::Zero { unmap: true },
+            14..=17 => RKind::Zero { unmap: false },
+            _ => RKind::Write,
+        };
+        let (start, len) = self.pick_range(p);
+        let g = &mut self.prims[p].guest;
+        let head = g.next_head;
+        g.next_head = g.next_head.wrapping_add(1);
+        if kind == RKind::Flush {
+            g.reqs.insert(
+                head,
+                Req {
+                    wid: 0,
+                    queue: q,
+                    kind,
+                    start: 0,
+                    len: 0,
+                    op: None,
+                    state: RState::Local,
+                    early: false,
+                },
+            );
+            let mark = self.nodes[self.prims[p].node].disk.mark();
+            let d = self.rng.range(100, 800);
+            self.after(d, Ev::FlushDone(p, head, mark));
+            return;
+        }
+        let wid = self.writes.len() as Wid + 1;
+        let doomed = self.doomed(p);
+        let zero = kind != RKind::Write;
+        self.writes.push(WriteRec {
+            prim: p,
+            inc: self.prims[p].inc,
+            start,
+            len,
+            zero,
+            issued: self.now,
+            ended: None,
+            acked: false,
+            doomed,
+        });
+        self.stats.writes += 1;
+        if zero {
+            for s in start..start + len {
+                self.zero_inflight[s] += 1;
+            }
+        }
+        let mutation = match kind {
+            RKind::Write => {
+                let data = encode(&vec![wid; len]);
+                Mutation::Write {
+                    crc: crc32c::crc32c(&data),
+                    data: Arc::new(data),
+                }
+            }
+            RKind::Zero { unmap } => Mutation::Zero { unmap },
+            RKind::Flush => unreachable!(),
+        };
+        let desc = OpDesc {
+            queue: q as u16,
+            conn: FRONTEND,
+            head,
+            offset: start as u64 * SECTOR_BYTES,
+            len: len as u64 * SECTOR_BYTES,
+            kind: mutation,
+        };
+        self.prims[p].guest.reqs.insert(
+            head,
+            Req {
+                wid,
+                queue: q,
+                kind,
+                start,
+                len,
+                op: None,
+                state: RState::Parked,
+                early: false,
+            },
+        );
+        let mut out = Vec::new();
+        let verdict = self.prims[p].core.begin(self.now, desc, &mut out);
+        trace!(
+            self,
+            "P{p} q{q} begins {}w{wid} [{start}+{len}]: {verdict:?}",
+            if zero { "zero " } else { "" }
+        );
+        let g = &mut self.prims[p].guest;
+        match verdict {
+            Verdict::Go(id) | Verdict::Parked(id) => {
+                g.ops.insert(id, head);
+                g.reqs.get_mut(&head).expect("req").op = Some(id);
+            }
+            _ => {}
+        }
+        self.execute(p, out, Ctx::Worker(q));
+        match verdict {
+            Verdict::Go(_) | Verdict::Local => self.submit_local(p, head),
+            Verdict::Parked(_) => {
+                self.stats.parked += 1;
+                if self.env.release_at_once {
+                    // BROKEN: the local write is submitted at once; the machine is told
+                    // it is done only after the Release, as it expects.
+                    self.submit_local(p, head);
+                    if let Some(r) = self.prims[p].guest.reqs.get_mut(&head) {
+                        r.early = true;
+                    }
+                }
+            }
+            Verdict::Refused => self.complete_req(p, head, false),
+        }
+        self.process_mail(p, q);
+    }
+
+    /// Whether a write issued now by `p` is doomed: `p` was superseded and every replica it
+    /// waits for was fenced (so nothing can acknowledge it).
+    fn doomed(&self, p: usize) -> bool {
+        let pr = &self.prims[p];
+        let superseded = self
+            .record()
+            .is_none_or(|r| r.deleted || r.epoch > pr.epoch);
+        if !superseded {
+            return false;
+        }
+        let unfenced_needed = (0..pr.links.len()).any(|i| {
+            matches!(
+                pr.core.link_state(i),
+                LinkState::InSync | LinkState::Resyncing
+            ) && self.nodes[pr.links[i].node]
+                .sidecar
+                .as_ref()
+                .map_or(0, |s| s.epoch)
+                <= pr.epoch
+        });
+        !unfenced_needed && (0..pr.links.len()).any(|i| pr.core.recorded_in_sync(i))
+    }
+
+    fn submit_local(&mut self, p: usize, head: u16) {
+        let wt = self.prims[p].guest.write_through;
+        let Some(r) = self.prims[p].guest.reqs.get_mut(&head) else {
+            return;
+        };
+        if r.state != RState::Parked {
+            return;
+        }
+        r.state = RState::Local;
+        let d = if wt {
+            self.rng.range(100, 600)
+        } else {
+            self.rng.range(20, 300)
+        };
+        self.after(d, Ev::LocalDone(p, head));
+    }
+
+    fn local_done(&mut self, p: usize, head: u16) {
+        if !self.prims[p].alive {
+            return;
+        }
+        let node = self.prims[p].node;
+        let wt = self.prims[p].guest.write_through;
+        let Some(r) = self.prims[p].guest.reqs.get_mut(&head) else {
+            return;
+        };
+        if r.state != RState::Local {
+            return;
+        }
+        r.state = RState::LocalDone;
+        let early = r.early;
+        let (wid, start, len, kind, q, op) = (r.wid, r.start, r.len, r.kind, r.queue, r.op);
+        let data = if kind == RKind::Write {
+            vec![wid; len]
+        } else {
+            vec![0; len]
+        };
+        self.nodes[node].disk.write(start, &data, wt);
+        if self.env.ack_before_complete && kind == RKind::Write {
+            // BROKEN: the guest sees it done before the replicas are.
+            self.finish_write(p, wid, true);
+        }
+        match op {
+            Some(_) if early => {} // told at its Release
+            Some(op) => {
+                let mut out = Vec::new();
+                self.prims[p].core.local_done(self.now, op, true, &mut out);
+                self.execute(p, out, Ctx::Worker(q));
+                self.process_mail(p, q);
+            }
+            None => self.complete_req(p, head, true),
+        }
+    }
+
+    fn flush_done(&mut self, p: usize, head: u16, mark: u64) {
+        if !self.prims[p].alive {
+            return;
+        }
+        let node = self.prims[p].node;
+        self.nodes[node].disk.sync(mark);
+        self.prims[p].guest.reqs.remove(&head);
+    }
+
+    /// The worker of queue `q` takes its mailbox.
+    fn process_mail(&mut self, p: usize, q: usize) {
+        while let Some((op, d)) = self.prims[p].guest.mail[q].pop_front() {
+            if !self.prims[p].alive {
+                return;
+            }
+            let Some(&head) = self.prims[p].guest.ops.get(&op) else {
+                continue;
+            };
+            match d {
+                Delivery::Release => {
+                    let r = self.prims[p].guest.reqs.get_mut(&head).expect("req");
+                    if r.early {
+                        r.early = false;
+                        if r.state == RState::LocalDone {
+                            let mut out = Vec::new();
+                            self.prims[p].core.local_done(self.now, op, true, &mut out);
+                            self.execute(p, out, Ctx::Worker(q));
+                        }
+                    } else {
+                        self.submit_local(p, head);
+                    }
+                }
+                Delivery::Complete(ok) => self.complete_req(p, head, ok),
+            }
+        }
+    }
+
+    fn complete_req(&mut self, p: usize, head: u16, ok: bool) {
+        let g = &mut self.prims[p].guest;
+        let Some(r) = g.reqs.remove(&head) else {
+            return;
+        };
+        if let Some(op) = r.op {
+            g.ops.remove(&op);
+        }
+        if r.kind != RKind::Flush {
+            self.finish_write(p, r.wid, ok);
+        }
+    }
+
+    /// The guest sees write `wid` complete (`ok`: acknowledged), or its primary died.
+    fn finish_write(&mut self, p: usize, wid: Wid, ok: bool) {
+        let w = &self.writes[wid as usize - 1];
+        if w.ended.is_some() {
+            return;
+        }
+        let (start, len, zero, issued, doomed, inc) =
+            (w.start, w.len, w.zero, w.issued, w.doomed, w.inc);
+        if ok {
+            if doomed {
+                self.violation(format!(
+                    "P{p} (epoch {}) acknowledged w{wid}, issued after it was superseded and every replica it needed was fenced",
+                    self.prims[p].epoch
+                ));
+            }
+            self.stats.acked += 1;
+            if inc == self.inc {
+                for s in start..start + len {
+                    if issued < self.excused[s] {
+                        continue;
+                    }
+                    let newer =
+                        self.newest[s].is_none_or(|n| self.writes[n as usize - 1].issued <= issued);
+                    if newer {
+                        self.newest[s] = Some(wid);
+                    }
+                }
+            }
+        } else {
+            self.stats.failed += 1;
+        }
+        trace!(self, "P{p} {} w{wid}", if ok { "ACKS" } else { "fails" });
+        let now = self.now;
+        let w = &mut self.writes[wid as usize - 1];
+        w.ended = Some(now);
+        w.acked = ok;
+        if zero && inc == self.inc {
+            for s in start..start + len {
+                self.zero_inflight[s] -= 1;
+                self.zero_end[s] = self.zero_end[s].max(now);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The primary: stop and death
+    // -----------------------------------------------------------------------------------
+
+    /// A clean stop (`Replication::shutdown` after the guest drained and the local copy was
+    /// flushed), then `then`.
+    fn begin_stop(&mut self, p: usize, then: Then) {
+        trace!(self, "P{p} stops cleanly, then {then:?}");
+        self.prims[p].stopping = Some(Stopping {
+            stage: StopStage::Drain,
+            then,
+            since: self.now,
+        });
+        self.after(0, Ev::StopStep(p));
+    }
+
+    fn stop_step(&mut self, p: usize) {
+        if !self.prims[p].alive {
+            return;
+        }
+        let node = self.prims[p].node;
+        let Some(st) = &self.prims[p].stopping else {
+            return;
+        };
+        let (stage, since) = (st.stage, st.since);
+        match stage {
+            StopStage::Drain => {
+                if self.prims[p].guest.reqs.is_empty() {
+                    let mark = self.nodes[node].disk.mark();
+                    self.set_stage(p, StopStage::Flush(mark));
+                    let d = self.rng.range(100, 800);
+                    self.after(d, Ev::StopStep(p));
+                } else if self.now - since > DRAIN_LIMIT {
+                    trace!(self, "P{p} did not drain: the daemon is killed");
+                    let then = self.prims[p].stopping.take().expect("stopping").then;
+                    self.crash_primary(p);
+                    self.after_stop(p, then);
+                } else {
+                    self.after(200, Ev::StopStep(p));
+                }
+            }
+            StopStage::Flush(mark) => {
+                self.nodes[node].disk.sync(mark);
+                self.set_stage(p, StopStage::Core(self.now));
+                let mut out = Vec::new();
+                self.prims[p].core.stop(self.now, &mut out);
+                self.execute(p, out, Ctx::Other);
+                self.after(0, Ev::StopStep(p));
+            }
+            StopStage::Core(at) => {
+                if let Phase::Stopped { clean } = self.prims[p].core.phase() {
+                    self.finish_stop(p, clean);
+                } else if self.now - at > STOP_TIMEOUT {
+                    let state = self.describe();
+                    trace!(self, "P{p} did not stop in time: {state}");
+                    self.finish_stop(p, false);
+                } else {
+                    self.after(200, Ev::StopStep(p));
+                }
+            }
+        }
+    }
+
+    fn set_stage(&mut self, p: usize, stage: StopStage) {
+        if let Some(st) = &mut self.prims[p].stopping {
+            st.stage = stage;
+        }
+    }
+
+    fn finish_stop(&mut self, p: usize, clean: bool) {
+        let then = self.prims[p].stopping.take().expect("stopping").then;
+        trace!(self, "P{p} stopped (clean: {clean})");
+        self.stop_threads(p);
+        if let Then::Final = then {
+            self.final_stopped(p, clean);
+            return;
+        }
+        self.after_stop(p, then);
+    }
+
+    fn after_stop(&mut self, p: usize, then: Then) {
+        let node = self.prims[p].node;
+        match then {
+            Then::Restart(replicas) => self.schedule_start(node, replicas, 300),
+            Then::Migrate => {
+                if !self.operator_promote(false, Some(node)) {
+                    let members = self.members();
+                    self.schedule_start(node, members, 300);
+                }
+            }
+            Then::Delete => self.after(100, Ev::Delete(node)),
+            Then::Final => {}
+        }
+    }
+
+    /// The threads stop: connections closed, queued work dropped; requests still in flight
+    /// never complete.
+    fn stop_threads(&mut self, p: usize) {
+        let copied: u64 = self.prims[p]
+            .core
+            .status()
+            .iter()
+            .map(|l| l.copied_regions)
+            .sum();
+        self.stats.copies += copied;
+        let pr = &mut self.prims[p];
+        pr.alive = false;
         let mut closes = Vec::new();
-        for l in &mut p.links {
-            closes.extend(l.conn.take());
-            closes.extend(l.connecting.take().map(|c| c.0));
+        for l in &mut pr.links {
+            closes.extend(l.tx.take().map(|t| t.1));
+            if let Some(Busy::Connect { sim, .. }) = l.busy.take() {
+                closes.push(sim);
+            }
+            l.work.clear();
+            l.inbox.clear();
         }
-        let torn: Vec<(usize, usize, Tag)> = std::mem::take(&mut p.writes)
-            .into_iter()
-            .filter(|(_, w)| !w.local_done)
-            .map(|(t, w)| (w.start, w.len, t))
+        pr.meta.busy = None;
+        pr.meta.work.clear();
+        let ended: Vec<Wid> = std::mem::take(&mut pr.guest.reqs)
+            .into_values()
+            .filter(|r| r.kind != RKind::Flush)
+            .map(|r| r.wid)
             .collect();
-        for (start, len, tag) in torn {
-            let k = self.rng.below(len as u64 + 1) as usize;
-            self.nodes[node].disk.write_through(start, &vec![tag; k]);
-        }
         for c in closes {
             self.close_conn(c);
         }
-        trace!(self, "P{prim} on n{node} dies");
+        for w in ended {
+            self.finish_write(p, w, false);
+        }
+    }
+
+    /// The daemon dies (a process kill; a host crash adds the loss of the page cache):
+    /// local writes in flight land in part, a metadata store in flight lands or not.
+    fn crash_primary(&mut self, p: usize) {
+        let node = self.prims[p].node;
+        let torn: Vec<(usize, Vec<Wid>)> = self.prims[p]
+            .guest
+            .reqs
+            .values()
+            .filter(|r| r.state == RState::Local && r.kind != RKind::Flush)
+            .map(|r| {
+                let w = if r.kind == RKind::Write { r.wid } else { 0 };
+                (r.start, vec![w; r.len])
+            })
+            .collect();
+        for (start, data) in torn {
+            let k = self.rng.below(data.len() as u64 + 1) as usize;
+            if k > 0 {
+                self.nodes[node].disk.write(start, &data[..k], false);
+            }
+        }
+        let store = match &self.prims[p].meta.busy {
+            Some(MBusy::Store(w, _)) => Some(w.clone()),
+            Some(MBusy::CkStore { bitmaps, next, .. }) => {
+                let b = &bitmaps[*next];
+                let addr = self.prims[p].links[b.link].addr.clone();
+                Some(MetaWrite::Bitmap(addr, b.words.clone(), b.tag.clone()))
+            }
+            _ => None,
+        };
+        if let Some(w) = store {
+            if self.rng.percent(50) {
+                self.apply_meta(node, &w);
+            }
+        }
+        self.stats.primary_crashes += 1;
+        trace!(self, "P{p} on n{node} dies");
+        self.stop_threads(p);
+    }
+
+    /// The host of node `n` crashes: its primary and replica server die, and its page
+    /// cache is lost.
+    fn crash_host(&mut self, n: usize) {
+        trace!(self, "host n{n} crashes");
+        for p in 0..self.prims.len() {
+            if self.prims[p].alive && self.prims[p].node == n {
+                self.crash_primary(p);
+            }
+        }
+        let before = self.nodes[n].disk.view.clone();
+        let lost = self.nodes[n].disk.log.iter().filter(|e| !e.durable).count() as u64;
+        self.stats.lost_page_cache += lost;
+        self.crash_replica(n, true);
+        self.nodes[n].host_up = false;
+        let rec = self.record();
+        let is_primary_copy = rec
+            .as_ref()
+            .is_some_and(|r| !r.deleted && node_of_name(&r.primary) == Some(n));
+        if !is_primary_copy {
+            return;
+        }
+        let after = &self.nodes[n].disk.view;
+        let sectors: BTreeSet<usize> = (0..SECTORS).filter(|&s| before[s] != after[s]).collect();
+        if sectors.is_empty() {
+            return;
+        }
+        let holders = self.holders();
+        trace!(
+            self,
+            "n{n} lost sector(s) {sectors:?} of its page cache; in-sync holders {holders:?}"
+        );
+        match &mut self.loss {
+            Some(l) if l.node == n => {
+                l.sectors.extend(sectors);
+                l.holders = l.holders.intersection(&holders).copied().collect();
+                l.at = self.now;
+            }
+            _ => {
+                self.loss = Some(Loss {
+                    node: n,
+                    sectors,
+                    at: self.now,
+                    holders,
+                })
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------
     // Operator
     // -----------------------------------------------------------------------------------
 
-    fn members(&self) -> Vec<usize> {
-        self.record()
-            .replicas
-            .iter()
-            .map(|m| node_of_addr(&m.addr))
-            .collect()
-    }
-
-    fn schedule_start(&mut self, node: usize, replicas: Vec<usize>, promoted: bool, delay: Time) {
-        self.starting.insert(node);
-        self.after(
-            delay,
-            Ev::Start(StartReq {
-                node,
-                replicas,
-                promoted,
-            }),
+    fn operator_conn(&mut self, job: usize, node: usize) -> usize {
+        let c = self.new_conn(Peer::Operator { job }, node, None);
+        self.send(
+            c,
+            TO_R,
+            Msg::Open {
+                epoch: 0,
+                uuid: String::new(),
+            },
         );
+        c
     }
 
-    /// `ferrodisk promote`: promote an in-sync replica in the authority, fence every replica
-    /// it can reach, then start the new primary there.
-    fn operator_promote(&mut self) -> bool {
-        let before = self.record();
+    /// `ferrodisk promote` of an in-sync replica: check its identity and fence it, promote
+    /// it in the authority, fence every replica it can reach, then start there. With
+    /// `fallback`, a refused promotion restarts the primary on that node instead.
+    fn operator_promote(&mut self, split: bool, fallback: Option<usize>) -> bool {
+        let Some(before) = self.record() else {
+            return false;
+        };
+        if before.deleted {
+            return false;
+        }
         let candidates: Vec<usize> = before
             .replicas
             .iter()
             .filter(|m| m.in_sync)
             .map(|m| node_of_addr(&m.addr))
-            .filter(|&n| {
-                self.nodes[n].host_up
-                    && !self.starting.contains(&n)
-                    && !self.prims.iter().any(|p| p.alive && p.node == n)
-            })
+            .filter(|&n| !self.starting.contains(&n) && !self.has_primary(n))
             .collect();
         let Some(target) = self.rng.pick(&candidates) else {
             return false;
         };
-        let (addr, name) = (
-            self.nodes[target].addr.clone(),
-            self.nodes[target].name.clone(),
+        trace!(
+            self,
+            "operator promotes n{target} (split brain: {split}) from epoch {}",
+            before.epoch
         );
-        let rec = match self.auth.promote(VOLUME, &addr, &name) {
-            Ok(r) => r,
-            Err(e) => {
-                self.violation(format!("promote of an in-sync replica failed: {e}"));
-                return false;
-            }
-        };
-        self.stats.promotions += 1;
-        trace!(self, "operator promotes n{target} at epoch {}", rec.epoch);
         let job = self.jobs.len();
-        self.jobs.push(OpJob {
-            waiting: BTreeSet::new(),
-            done: false,
-            start: Some(StartReq {
-                node: target,
-                replicas: rec.replicas.iter().map(|m| node_of_addr(&m.addr)).collect(),
-                promoted: true,
-            }),
+        let epoch = before.epoch + 1;
+        self.jobs.push(Job {
+            kind: JobKind::Promote { target, fallback },
+            stage: JobStage::Identity,
+            before,
+            epoch,
+            target_conn: None,
+            conns: BTreeMap::new(),
+            replicas_after: Vec::new(),
         });
         self.starting.insert(target);
-        for m in &before.replicas {
-            let n = node_of_addr(&m.addr);
-            let reachable = self.nodes[n].host_up
-                && self.nodes[n].rs.up
-                && self.nodes[n].partitioned_until <= self.now
-                && !self.rng.percent(self.m.fence_fail_percent);
-            if reachable {
-                let c = self.new_conn(None, Some(job), n);
-                self.jobs[job].waiting.insert(c);
-                self.send(c, TO_R, Msg::Fence { epoch: rec.epoch });
-            } else {
-                trace!(self, "operator cannot fence n{n}");
-            }
-        }
-        if self.jobs[job].waiting.is_empty() {
-            self.finish_job(job);
-        } else {
-            self.after(OPERATOR_TIMEOUT, Ev::OperatorTimeout(job));
-        }
+        let c = self.operator_conn(job, target);
+        self.jobs[job].target_conn = Some(c);
+        self.after(OPERATOR_TIMEOUT, Ev::JobTimeout(job));
         true
     }
 
-    fn operator_reply(&mut self, job: usize, conn: usize) {
-        self.close_conn(conn);
-        self.jobs[job].waiting.remove(&conn);
-        if self.jobs[job].waiting.is_empty() {
-            self.finish_job(job);
+    fn job_reply(&mut self, job: usize, conn: usize, msg: Msg) {
+        let stage = self.jobs[job].stage;
+        if stage == JobStage::Done {
+            return;
+        }
+        if self.jobs[job].target_conn == Some(conn) {
+            self.promote_step(job, conn, msg);
+            return;
+        }
+        let Some(&opened) = self.jobs[job].conns.get(&conn) else {
+            return;
+        };
+        let epoch = self.jobs[job].epoch;
+        let drop = matches!(self.jobs[job].kind, JobKind::Drop { .. });
+        match msg {
+            Msg::Opened { .. } if !opened => {
+                self.jobs[job].conns.insert(conn, true);
+                let m = if drop {
+                    Msg::Drop { seq: 1, epoch }
+                } else {
+                    Msg::Fence { seq: 1, epoch }
+                };
+                self.send(conn, TO_R, m);
+            }
+            _ => {
+                self.close_conn(conn);
+                self.jobs[job].conns.remove(&conn);
+                if self.jobs[job].conns.is_empty() {
+                    self.finish_job(job);
+                }
+            }
+        }
+    }
+
+    fn promote_step(&mut self, job: usize, conn: usize, msg: Msg) {
+        let JobKind::Promote { target, .. } = self.jobs[job].kind else {
+            return;
+        };
+        let before = self.jobs[job].before.clone();
+        match (self.jobs[job].stage, msg) {
+            (JobStage::Identity, Msg::Opened { uuid, gen }) => {
+                if uuid != before.uuid || gen == 0 {
+                    trace!(
+                        self,
+                        "promote refused: n{target} holds {} gen {gen}",
+                        short(&uuid)
+                    );
+                    self.stats.refused_promotions += 1;
+                    self.close_conn(conn);
+                    self.abort_job(job);
+                    return;
+                }
+                self.jobs[job].stage = JobStage::FenceTarget;
+                let epoch = self.jobs[job].epoch;
+                self.send(conn, TO_R, Msg::Fence { seq: 1, epoch });
+            }
+            (JobStage::FenceTarget, Msg::Ack { .. }) => {
+                self.close_conn(conn);
+                self.jobs[job].target_conn = None;
+                let addr = self.nodes[target].addr.clone();
+                let name = self.nodes[target].name.clone();
+                let rec = match self
+                    .auth
+                    .promote_from(VOLUME, &addr, &name, Some(before.epoch))
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        trace!(self, "promote of n{target} failed: {e}");
+                        self.abort_job(job);
+                        return;
+                    }
+                };
+                self.stats.promotions += 1;
+                trace!(self, "operator promoted n{target}: epoch {}", rec.epoch);
+                let content = self.nodes[target].disk.view.clone();
+                if let Some(e) = self.check_copy(&content) {
+                    self.violation(format!(
+                        "promoted replica n{target} misses an acknowledged write: {e}"
+                    ));
+                    return;
+                }
+                self.jobs[job].epoch = rec.epoch;
+                self.jobs[job].replicas_after =
+                    rec.replicas.iter().map(|m| node_of_addr(&m.addr)).collect();
+                self.jobs[job].stage = JobStage::Others;
+                for m in &before.replicas {
+                    let n = node_of_addr(&m.addr);
+                    if self.rng.percent(self.env.fence_fail_percent) {
+                        trace!(self, "operator cannot reach n{n} to fence it");
+                        continue;
+                    }
+                    let c = self.operator_conn(job, n);
+                    self.jobs[job].conns.insert(c, false);
+                }
+                if self.jobs[job].conns.is_empty() {
+                    self.finish_job(job);
+                }
+            }
+            _ => {
+                trace!(self, "promote: n{target} cannot be fenced; nothing changed");
+                self.close_conn(conn);
+                self.abort_job(job);
+            }
+        }
+    }
+
+    fn job_timeout(&mut self, job: usize) {
+        match self.jobs[job].stage {
+            JobStage::Done => {}
+            JobStage::Identity | JobStage::FenceTarget => {
+                if let Some(c) = self.jobs[job].target_conn.take() {
+                    self.close_conn(c);
+                }
+                trace!(self, "promote: no answer from the replica; nothing changed");
+                self.abort_job(job);
+            }
+            JobStage::Others => {
+                for c in std::mem::take(&mut self.jobs[job].conns).into_keys() {
+                    self.close_conn(c);
+                }
+                self.finish_job(job);
+            }
+        }
+    }
+
+    fn abort_job(&mut self, job: usize) {
+        self.jobs[job].stage = JobStage::Done;
+        if let JobKind::Promote { target, fallback } = self.jobs[job].kind {
+            self.starting.remove(&target);
+            match fallback {
+                Some(n) => {
+                    let members = self.members();
+                    self.schedule_start(n, members, 300);
+                }
+                None => self.set_busy(false),
+            }
         }
     }
 
     fn finish_job(&mut self, job: usize) {
-        let j = &mut self.jobs[job];
-        if j.done {
+        if self.jobs[job].stage == JobStage::Done {
             return;
         }
-        j.done = true;
-        let waiting = std::mem::take(&mut j.waiting);
-        let start = j.start.take();
-        for c in waiting {
-            self.close_conn(c);
-        }
-        if let Some(req) = start {
-            let d = self.rng.range(200, 2_000);
-            self.after(d, Ev::Start(req));
+        self.jobs[job].stage = JobStage::Done;
+        match &self.jobs[job].kind {
+            JobKind::Promote { target, .. } => {
+                let (target, replicas) = (*target, self.jobs[job].replicas_after.clone());
+                let d = self.rng.range(200, 2_000);
+                self.schedule_start(target, replicas, d);
+            }
+            JobKind::Drop { node, replicas } => {
+                let (node, replicas) = (*node, replicas.clone());
+                trace!(
+                    self,
+                    "volume re-created as {} on n{node}",
+                    short(&self.uuid)
+                );
+                self.schedule_start(node, replicas, 200);
+            }
         }
     }
 
-    /// After a primary host crash: promote an in-sync replica, or restart the primary.
+    /// The API deletes the volume after its primary stopped: a tombstone in the authority,
+    /// `Drop` to the replicas it can reach, the primary's metadata and local copy
+    /// discarded. Then the name is re-created: a new uuid, a blank copy, the same replicas.
+    fn delete_volume(&mut self, node: usize) {
+        let old = match self.auth.delete(VOLUME) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(_) => {
+                self.after(2_000, Ev::Delete(node));
+                return;
+            }
+        };
+        let tomb = self.record().map_or(0, |r| r.epoch);
+        self.stats.recreations += 1;
+        let n = &mut self.nodes[node];
+        n.meta = MetaDir::default();
+        n.disk = Disk::blank();
+        n.image = Some(self.next_ino);
+        self.next_ino += 1;
+        self.inc += 1;
+        self.uuid = format!("{:016x}{:016x}", self.rng.next(), self.rng.next());
+        self.newest = vec![None; SECTORS];
+        self.excused = vec![0; SECTORS];
+        self.zero_inflight = vec![0; SECTORS];
+        self.zero_end = vec![0; SECTORS];
+        self.loss = None;
+        trace!(self, "volume deleted: tombstone at epoch {tomb}");
+        let replicas: Vec<usize> = old.replicas.iter().map(|m| node_of_addr(&m.addr)).collect();
+        let job = self.jobs.len();
+        self.jobs.push(Job {
+            kind: JobKind::Drop {
+                node,
+                replicas: replicas.clone(),
+            },
+            stage: JobStage::Others,
+            before: old,
+            epoch: tomb,
+            target_conn: None,
+            conns: BTreeMap::new(),
+            replicas_after: replicas.clone(),
+        });
+        for r in replicas {
+            if self.rng.percent(self.env.fence_fail_percent) {
+                trace!(self, "n{r} cannot be reached to drop its copy");
+                continue;
+            }
+            let c = self.operator_conn(job, r);
+            self.jobs[job].conns.insert(c, false);
+        }
+        if self.jobs[job].conns.is_empty() {
+            self.finish_job(job);
+        } else {
+            self.after(OPERATOR_TIMEOUT, Ev::JobTimeout(job));
+        }
+    }
+
+    /// After a primary crash: promote an in-sync replica, or restart the primary.
     fn recover(&mut self, node: usize) {
-        if self.rng.percent(50) && self.operator_promote() {
+        if self.final_phase {
+            self.set_busy(false);
+            return;
+        }
+        if self.rng.percent(40) && self.operator_promote(false, None) {
             return;
         }
         let rec = self.record();
-        if rec.primary == self.nodes[node].name {
+        if rec.is_some_and(|r| node_of_name(&r.primary) == Some(node)) {
             let members = self.members();
-            self.schedule_start(node, members, false, 0);
+            self.schedule_start(node, members, 0);
         } else {
-            self.busy = false;
+            self.set_busy(false);
         }
     }
+
+    // -----------------------------------------------------------------------------------
+    // Faults
+    // -----------------------------------------------------------------------------------
 
     fn inject_fault(&mut self) {
         if self.final_phase {
             return;
         }
         self.stats.faults += 1;
-        let total: u64 = self.m.weights.iter().sum();
+        let total: u64 = self.env.weights.iter().sum();
         let mut roll = self.rng.below(total);
         let mut kind = 0;
-        while roll >= self.m.weights[kind] {
-            roll -= self.m.weights[kind];
+        while roll >= self.env.weights[kind] {
+            roll -= self.env.weights[kind];
             kind += 1;
         }
+        let replica_nodes: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].host_up && self.nodes[n].rs.up && !self.has_primary(n))
+            .collect();
         match kind {
             0 => {
-                let candidates: Vec<usize> = (0..self.nodes.len())
-                    .filter(|&n| {
-                        self.nodes[n].host_up
-                            && self.nodes[n].rs.up
-                            && !self.prims.iter().any(|p| p.alive && p.node == n)
-                    })
-                    .collect();
-                let Some(n) = self.rng.pick(&candidates) else {
+                let Some(n) = self.rng.pick(&replica_nodes) else {
                     return;
                 };
                 let down = self.rng.range(1_000, 15_000);
@@ -2386,37 +3712,54 @@ impl Sim {
                 }
             }
             1 => {
+                // Never the primary's own copy (its node may be between two primaries).
+                let primary = self.record().and_then(|r| node_of_name(&r.primary));
+                let candidates: Vec<usize> = replica_nodes
+                    .iter()
+                    .copied()
+                    .filter(|&n| Some(n) != primary && !self.starting.contains(&n))
+                    .collect();
+                let Some(n) = self.rng.pick(&candidates) else {
+                    return;
+                };
+                self.lose_disk(n);
+                let down = self.rng.range(500, 10_000);
+                self.after(down, Ev::ReplicaUp(n));
+            }
+            2 => {
                 let n = self.rng.below(self.nodes.len() as u64) as usize;
-                let d = self.rng.range(1_000, 15_000);
-                let until = self.now + d;
+                let until = self.now + self.rng.range(1_000, 15_000);
                 trace!(self, "n{n} partitioned until {until}");
                 let node = &mut self.nodes[n];
                 node.partitioned_until = node.partitioned_until.max(until);
             }
-            2 => {
+            3 => {
                 let candidates: Vec<usize> = (0..self.conns.len())
                     .filter(|&c| {
-                        !self.conns[c].closed
-                            && !self.conns[c].broken
-                            && self.conns[c].prim.is_some()
+                        let k = &self.conns[c];
+                        !k.closed && !k.broken && matches!(k.peer, Peer::Link { .. })
                     })
                     .collect();
                 if let Some(c) = self.rng.pick(&candidates) {
                     self.break_conn(c);
                 }
             }
-            3 if self.busy => {
+            4 => {
+                let d = self.rng.range(1_000, 15_000);
+                trace!(self, "authority outage for {d} us");
+                self.stats.outages += 1;
+                self.store.down.store(true, Ordering::Relaxed);
+                self.after(d, Ev::AuthorityUp);
+            }
+            5 | 6 if self.busy => {
                 // A crash in the middle of a start, a stop or a promotion.
-                let rec = self.record();
-                let node = node_of_name(&rec.primary);
-                if !self.prims.iter().any(|p| p.alive && p.node == node) || !self.rng.percent(50) {
+                let Some(node) = self.record().and_then(|r| node_of_name(&r.primary)) else {
+                    return;
+                };
+                if !self.has_primary(node) || self.rng.percent(50) {
                     return;
                 }
-                self.crash_host(node);
-                let up = self.rng.range(2_000, 8_000);
-                self.after(up, Ev::HostUp(node));
-                let rec = self.rng.range(1_000, 6_000);
-                self.after(rec, Ev::Recover(node));
+                self.crash_current(node, kind == 5);
             }
             _ => {
                 if self.busy {
@@ -2428,19 +3771,15 @@ impl Sim {
                 }
                 let node = self.prims[p].node;
                 match kind {
-                    3 => {
-                        self.busy = true;
-                        self.crash_host(node);
-                        let up = self.rng.range(2_000, 8_000);
-                        self.after(up, Ev::HostUp(node));
-                        let rec = self.rng.range(1_000, 6_000);
-                        self.after(rec, Ev::Recover(node));
+                    5 | 6 => {
+                        self.set_busy(true);
+                        self.crash_current(node, kind == 5);
                     }
-                    4 => {
-                        trace!(self, "split brain: promotion while P{p} runs");
-                        if self.operator_promote() {
+                    7 => {
+                        if self.operator_promote(true, None) {
+                            trace!(self, "split brain: P{p} keeps running");
                             self.stats.split_brains += 1;
-                            self.busy = true;
+                            self.set_busy(true);
                             if self.rng.percent(50) {
                                 let d = self.rng.range(2_000, 20_000);
                                 let n = &mut self.nodes[node];
@@ -2450,13 +3789,11 @@ impl Sim {
                             self.after(kill, Ev::KillStale(p));
                         }
                     }
-                    5 => {
+                    8 => {
                         let mut replicas = self.members();
                         let spares: Vec<usize> = (0..self.nodes.len())
                             .filter(|&n| {
-                                n != node
-                                    && !replicas.contains(&n)
-                                    && !self.prims.iter().any(|q| q.alive && q.node == n)
+                                n != node && !replicas.contains(&n) && !self.has_primary(n)
                             })
                             .collect();
                         if replicas.len() > 1 && (spares.is_empty() || self.rng.percent(50)) {
@@ -2465,30 +3802,118 @@ impl Sim {
                         } else if let Some(s) = self.rng.pick(&spares) {
                             replicas.push(s);
                         }
-                        trace!(self, "clean restart of P{p} with replicas {replicas:?}");
                         self.stats.membership_restarts += 1;
-                        self.busy = true;
-                        self.prims[p].stopping = Some(After::Restart(replicas));
+                        self.set_busy(true);
+                        self.begin_stop(p, Then::Restart(replicas));
+                    }
+                    9 => {
+                        self.stats.migrations += 1;
+                        self.set_busy(true);
+                        self.begin_stop(p, Then::Migrate);
                     }
                     _ => {
-                        trace!(self, "planned migration away from P{p}");
-                        self.stats.migrations += 1;
-                        self.busy = true;
-                        self.prims[p].stopping = Some(After::Migrate);
+                        self.set_busy(true);
+                        self.begin_stop(p, Then::Delete);
                     }
                 }
             }
         }
     }
 
+    /// The current primary's host (`host`) or process crashes; it recovers later.
+    fn crash_current(&mut self, node: usize, host: bool) {
+        if host {
+            self.crash_host(node);
+            let up = self.rng.range(2_000, 8_000);
+            self.after(up, Ev::HostUp(node));
+        } else {
+            for p in 0..self.prims.len() {
+                if self.prims[p].alive && self.prims[p].node == node {
+                    self.crash_primary(p);
+                }
+            }
+        }
+        let rec = self.rng.range(1_000, 6_000);
+        self.after(rec, Ev::Recover(node));
+    }
+
     // -----------------------------------------------------------------------------------
-    // The end
+    // Checks and the end
     // -----------------------------------------------------------------------------------
+
+    /// Whether `content` lacks an acknowledged write: some sector holds a write (or zeroes)
+    /// that had completed before the newest acknowledged write covering the sector was
+    /// issued, or a write of an older incarnation.
+    fn check_copy(&self, content: &[Wid]) -> Option<String> {
+        for (s, &t) in content.iter().enumerate() {
+            let end = if t == 0 {
+                if self.zero_inflight[s] > 0 {
+                    NEVER
+                } else {
+                    self.zero_end[s]
+                }
+            } else {
+                let w = &self.writes[t as usize - 1];
+                assert!(
+                    w.start <= s && s < w.start + w.len,
+                    "sector {s} holds w{t}, which does not cover it"
+                );
+                if w.inc != self.inc {
+                    return Some(format!(
+                        "sector {s} holds w{t} of an older incarnation of the volume"
+                    ));
+                }
+                w.ended.unwrap_or(NEVER)
+            };
+            let Some(n) = self.newest[s] else { continue };
+            let y = &self.writes[n as usize - 1];
+            if y.issued > end {
+                return Some(format!(
+                    "sector {s} holds w{t} (completed at {end}), but w{n} (P{} epoch {}, issued at {}, acked at {}) covers it",
+                    y.prim,
+                    self.prims[y.prim].epoch,
+                    y.issued,
+                    y.ended.unwrap_or(NEVER)
+                ));
+            }
+        }
+        None
+    }
+
+    /// The continuous checks: the current primary's copy, and every replica `promote`
+    /// would accept.
+    fn check_now(&mut self) {
+        if let Some(p) = self.current_prim() {
+            if self.prims[p].serving {
+                let node = self.prims[p].node;
+                let content = self.nodes[node].disk.view.clone();
+                if let Some(e) = self.check_copy(&content) {
+                    self.violation(format!(
+                        "the primary P{p} on n{node} lost an acknowledged write: {e}"
+                    ));
+                    return;
+                }
+            }
+        }
+        for r in self.holders() {
+            if self.has_primary(r) {
+                continue;
+            }
+            let content = self.nodes[r].disk.view.clone();
+            if let Some(e) = self.check_copy(&content) {
+                self.violation(format!(
+                    "in-sync replica n{r} misses an acknowledged write (promoting it would lose it): {e}"
+                ));
+                return;
+            }
+        }
+    }
 
     fn enter_final_phase(&mut self) {
         trace!(self, "final phase: heal everything, stop the guest");
         self.final_phase = true;
         let now = self.now;
+        self.store.down.store(false, Ordering::Relaxed);
         for n in &mut self.nodes {
             n.partitioned_until = n.partitioned_until.min(now);
             n.host_up = true;
@@ -2497,16 +3922,27 @@ impl Sim {
         let cur = self.current_prim();
         for p in 0..self.prims.len() {
             if self.prims[p].alive && Some(p) != cur && self.prims[p].stopping.is_none() {
-                self.kill_primary(p);
+                self.crash_primary(p);
             }
         }
     }
 
     fn check(&mut self) {
+        self.after(2_000, Ev::Check);
+        self.check_now();
+        if self.finishing {
+            if self.now > self.final_at + CONVERGE_LIMIT {
+                self.violation("the final clean stop did not finish".into());
+            }
+            return;
+        }
         if self.final_phase {
             if let Some(p) = self.converged() {
                 self.final_checks(p);
-                self.done = true;
+                if self.violation.is_none() {
+                    self.finishing = true;
+                    self.begin_stop(p, Then::Final);
+                }
                 return;
             }
             if self.now > self.final_at + CONVERGE_LIMIT {
@@ -2515,63 +3951,131 @@ impl Sim {
                 return;
             }
         }
-        let stopping = self.prims.iter().any(|p| p.alive && p.stopping.is_some());
-        if !self.busy && self.current_prim().is_none() && self.starting.is_empty() && !stopping {
-            let rec = self.record();
-            let node = node_of_name(&rec.primary);
-            let members = self.members();
-            trace!(self, "watchdog restarts the primary on n{node}");
-            self.schedule_start(node, members, false, 0);
+        // The health check says 503: the operator restarts a fenced primary (the authority
+        // still names it, e.g. after a promotion that fenced its target and then failed).
+        if let Some(p) = self.current_prim() {
+            if !self.busy && self.prims[p].fenced_at.is_some() && self.prims[p].stopping.is_none() {
+                trace!(self, "operator kills the fenced primary P{p}");
+                self.crash_primary(p);
+            }
         }
-        self.after(2_000, Ev::Check);
+        if self.busy && self.now - self.busy_since > 100_000 {
+            trace!(self, "lifecycle operation abandoned");
+            self.set_busy(false);
+        }
+        let jobs_active = self.jobs.iter().any(|j| j.stage != JobStage::Done);
+        let stopping = self.prims.iter().any(|p| p.alive && p.stopping.is_some());
+        let starting = self.prims.iter().any(|p| p.alive && !p.serving);
+        if !self.busy
+            && !jobs_active
+            && !stopping
+            && !starting
+            && self.current_prim().is_none()
+            && self.starting.is_empty()
+        {
+            let Some(rec) = self.record() else { return };
+            let Some(node) = node_of_name(&rec.primary) else {
+                return;
+            };
+            trace!(self, "watchdog restarts the primary on n{node}");
+            let members = self.members();
+            self.schedule_start(node, members, 0);
+        }
     }
 
     fn describe(&self) -> String {
         let mut s = format!("authority {:?}; ", self.record());
         for (i, p) in self.prims.iter().enumerate().filter(|(_, p)| p.alive) {
             s += &format!(
-                "P{i} n{} epoch {} serving {} fenced {} writes {} links {:?}; ",
+                "P{i} n{} epoch {} phase {:?} fenced {:?} blocker {:?} in flight {} guest {} links {:?}; ",
                 p.node,
                 p.epoch,
-                p.serving,
-                p.fenced,
-                p.writes.len(),
-                p.links
+                p.core.phase(),
+                p.core.fenced(),
+                p.core.start_blocker(),
+                p.core.in_flight(),
+                p.guest.reqs.len(),
+                p.core
+                    .status()
                     .iter()
-                    .map(|l| (
-                        l.node,
-                        l.state.name(),
-                        l.map.count(),
-                        l.pending.len(),
-                        l.conn
-                    ))
+                    .map(|l| (l.addr.clone(), l.state, l.dirty_regions, l.last_error.clone()))
                     .collect::<Vec<_>>()
             );
         }
+        for (i, p) in self.prims.iter().enumerate().filter(|(_, p)| p.alive) {
+            for l in &p.links {
+                s += &format!(
+                    "P{i}->n{} busy {:?} work {} inbox {} tx {:?} rx {:?}; ",
+                    l.node,
+                    l.busy.as_ref().map(|b| match b {
+                        Busy::Connect { .. } => "connect",
+                        Busy::Record { .. } => "record",
+                        Busy::Read { .. } => "read",
+                        Busy::Write { .. } => "write",
+                    }),
+                    l.work.len(),
+                    l.inbox.len(),
+                    l.tx,
+                    l.rx
+                );
+            }
+        }
+        for (i, p) in self.prims.iter().enumerate().filter(|(_, p)| p.alive) {
+            s += &format!(
+                "P{i} meta busy {} work {} activity {:?}; guest {:?}; ",
+                p.meta.busy.is_some(),
+                p.meta.work.len(),
+                p.core.activity().iter().collect::<Vec<_>>(),
+                p.guest
+                    .reqs
+                    .values()
+                    .map(|r| (r.wid, r.state, r.op))
+                    .collect::<Vec<_>>()
+            );
+        }
+        if std::env::var_os("FERRODISK_SIM_DUMP").is_some() {
+            for p in self.prims.iter().filter(|p| p.alive) {
+                s += &format!("{:#?}", p.core);
+            }
+        }
+        s += &format!("busy {} starting {:?}", self.busy, self.starting);
         s
     }
 
     fn converged(&self) -> Option<usize> {
         let p = self.current_prim()?;
         let pr = &self.prims[p];
-        if !pr.serving || pr.fenced || pr.stopping.is_some() || !pr.writes.is_empty() {
+        if !pr.serving || pr.fenced_at.is_some() || pr.stopping.is_some() {
             return None;
         }
-        let links_ok = pr.links.iter().all(|l| {
-            l.state == LinkState::InSync && l.conn.is_some() && l.pending.is_empty() && !l.recording
+        if !pr.guest.reqs.is_empty() || pr.core.in_flight() > 0 || self.busy {
+            return None;
+        }
+        let rec = self.record()?;
+        if rec.replicas.len() != pr.links.len() || rec.replicas.iter().any(|m| !m.in_sync) {
+            return None;
+        }
+        let links_ok = (0..pr.links.len()).all(|i| {
+            let l = &pr.links[i];
+            pr.core.link_state(i) == LinkState::InSync
+                && l.tx.is_some()
+                && l.busy.is_none()
+                && l.work.is_empty()
+                && l.inbox.is_empty()
         });
-        if !links_ok {
+        if !links_ok || pr.meta.busy.is_some() || !pr.meta.work.is_empty() {
             return None;
         }
         if self
             .conns
             .iter()
-            .any(|c| !c.broken && !c.q[TO_R].is_empty())
+            .any(|c| !c.broken && !c.closed && (!c.q[TO_R].is_empty() || !c.q[TO_P].is_empty()))
         {
             return None;
         }
         let busy = self.nodes.iter().any(|n| {
-            !n.rs.raises.is_empty()
+            n.rs.writer
+                || !n.rs.excl.is_empty()
                 || n.rs
                     .conns
                     .values()
@@ -2580,25 +4084,27 @@ impl Sim {
         (!busy).then_some(p)
     }
 
-    fn final_checks(&mut self, prim: usize) {
-        // Crash-free quiesce: the page cache is written back.
+    fn final_checks(&mut self, p: usize) {
+        // A quiesce without crashes: the page caches are written back.
         for n in &mut self.nodes {
-            n.disk.sync();
+            let m = n.disk.mark();
+            n.disk.sync(m);
         }
-        let node = self.prims[prim].node;
-        let primary = self.nodes[node].disk.durable.clone();
-        if let Some(lost) = self.lost_ack(&primary) {
+        let node = self.prims[p].node;
+        let primary = self.nodes[node].disk.base.clone();
+        if let Some(e) = self.check_copy(&primary) {
             self.violation(format!(
-                "acknowledged write lost on the primary n{node}: {lost}"
+                "acknowledged write lost on the primary n{node}: {e}"
             ));
             return;
         }
-        for m in self.record().replicas.iter().filter(|m| m.in_sync) {
+        let Some(rec) = self.record() else { return };
+        for m in rec.replicas.iter().filter(|m| m.in_sync) {
             let r = node_of_addr(&m.addr);
-            let copy = self.nodes[r].disk.durable.clone();
-            if let Some(lost) = self.lost_ack(&copy) {
+            let copy = self.nodes[r].disk.base.clone();
+            if let Some(e) = self.check_copy(&copy) {
                 self.violation(format!(
-                    "in-sync replica n{r} misses an acknowledged write (promoting it would lose it): {lost}"
+                    "in-sync replica n{r} misses an acknowledged write (promoting it would lose it): {e}"
                 ));
                 return;
             }
@@ -2609,51 +4115,48 @@ impl Sim {
                 ));
                 return;
             }
+            if !self.identified(r, &rec) {
+                self.violation(format!(
+                    "in-sync replica n{r} has no identity promote accepts: {:?}",
+                    self.nodes[r].sidecar
+                ));
+                return;
+            }
         }
     }
 
-    /// Whether `content` lacks an acknowledged write: some sector holds a write (or its
-    /// initial zeroes) that had completed before the newest acknowledged write covering the
-    /// sector was issued.
-    fn lost_ack(&self, content: &[Tag]) -> Option<String> {
-        let mut newest: Vec<Option<usize>> = vec![None; SECTORS];
-        for (i, w) in self.writes.iter().enumerate().filter(|(_, w)| w.acked) {
-            for n in &mut newest[w.start..w.start + w.len] {
-                if n.is_none_or(|n| self.writes[n].issued < w.issued) {
-                    *n = Some(i);
-                }
-            }
+    fn final_stopped(&mut self, p: usize, clean: bool) {
+        let node = self.prims[p].node;
+        if self.nodes[node].meta_late_at >= self.now {
+            // Metadata not yet written back: look once it is (a quiesce).
+            let at = self.nodes[node].meta_late_at + 1;
+            self.schedule(at, Ev::FinalStopped(p, clean));
+            return;
         }
-        for (s, &t) in content.iter().enumerate() {
-            let end = if t == 0 {
-                0
-            } else {
-                let w = &self.writes[t as usize - 1];
-                assert!(
-                    w.start <= s && s < w.start + w.len,
-                    "sector {s} holds w{t}, which does not cover it"
-                );
-                w.ended.unwrap_or(NEVER)
-            };
-            let Some(n) = newest[s] else { continue };
-            let y = &self.writes[n];
-            if y.issued > end {
-                return Some(format!(
-                    "sector {s} holds w{t} (completed at {end}), but w{} (P{} epoch {}, issued at {}, acked at {}) covers it",
-                    n + 1,
-                    y.prim,
-                    y.epoch,
-                    y.issued,
-                    y.ended.unwrap_or(NEVER)
-                ));
-            }
+        let al = self.nodes[node].meta.activity.clone().flatten();
+        let empty = al.as_ref().is_some_and(|(w, _)| w.iter().all(|&x| x == 0));
+        if !clean || !empty {
+            self.violation(format!(
+                "the final stop of P{p} was not clean (clean: {clean}, activity log {:?})",
+                al.map(|a| map_of(&a.0).iter().collect::<Vec<_>>())
+            ));
+            return;
         }
-        None
+        self.done = true;
+    }
+}
+
+/// The first characters of a uuid, for traces.
+fn short(uuid: &str) -> String {
+    if uuid.is_empty() {
+        "no uuid".into()
+    } else {
+        format!("uuid {}", &uuid[..6.min(uuid.len())])
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// Driver
+// Running seeds
 // ---------------------------------------------------------------------------------------
 
 struct Outcome {
@@ -2662,8 +4165,8 @@ struct Outcome {
     stats: Stats,
 }
 
-fn run_seed(seed: u64, m: Model, tracing: bool) -> (Outcome, Vec<String>) {
-    let mut sim = Sim::new(seed, m, tracing);
+fn run_seed(seed: u64, env: Env, tracing: bool) -> (Outcome, Vec<String>) {
+    let mut sim = Sim::new(seed, env, tracing);
     sim.run();
     let out = Outcome {
         seed,
@@ -2678,12 +4181,12 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// Runs `seeds` on every core; with `stop_at_first`, stops soon after a failure.
-fn run_seeds(seeds: &[u64], m: Model, stop_at_first: bool) -> (Vec<Outcome>, Stats) {
+fn run_seeds(seeds: &[u64], env: Env, stop_at_first: bool) -> (Vec<Outcome>, Stats) {
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(8);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let failures = Mutex::new(Vec::new());
     let total = Mutex::new(Stats::default());
     std::thread::scope(|s| {
@@ -2691,16 +4194,16 @@ fn run_seeds(seeds: &[u64], m: Model, stop_at_first: bool) -> (Vec<Outcome>, Sta
             s.spawn(|| {
                 let mut local = Stats::default();
                 loop {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&seed) = seeds.get(i) else { break };
-                    let (out, _) = run_seed(seed, m, false);
+                    let (out, _) = run_seed(seed, env, false);
                     local.add(&out.stats);
                     if out.failure.is_some() {
                         if stop_at_first {
-                            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                            stop.store(true, Ordering::Relaxed);
                         }
                         failures.lock().unwrap().push(out);
                     }
@@ -2714,12 +4217,12 @@ fn run_seeds(seeds: &[u64], m: Model, stop_at_first: bool) -> (Vec<Outcome>, Sta
     (failures, total.into_inner().unwrap())
 }
 
-fn print_trace(seed: u64, m: Model, all: bool) {
-    let (out, trace) = run_seed(seed, m, true);
+fn print_trace(seed: u64, env: Env, all: bool) {
+    let (out, trace) = run_seed(seed, env, true);
     let skip = if all {
         0
     } else {
-        trace.len().saturating_sub(80)
+        trace.len().saturating_sub(120)
     };
     eprintln!(
         "--- trace of seed {seed} ({} lines, last {}) ---",
@@ -2732,25 +4235,25 @@ fn print_trace(seed: u64, m: Model, all: bool) {
     eprintln!("--- seed {seed}: {:?} ---", out.failure);
 }
 
-/// Runs the model over many seeds (or the one in `FERRODISK_SIM_SEED`); panics on a
+/// Runs the simulation over many seeds (or the one in `FERRODISK_SIM_SEED`); panics on a
 /// violation with the seed to replay.
-fn check_model(m: Model, default_seeds: u64) {
+fn check_env(env: Env, default_seeds: u64) {
     if let Some(seed) = env_u64("FERRODISK_SIM_SEED") {
         let all = std::env::var_os("FERRODISK_SIM_TRACE").is_some();
-        let (out, _) = run_seed(seed, m, false);
+        let (out, _) = run_seed(seed, env, false);
         if out.failure.is_some() || all {
-            print_trace(seed, m, all);
+            print_trace(seed, env, all);
         }
         if let Some(f) = out.failure {
             panic!("seed {seed} failed: {f}\nreplay: FERRODISK_SIM_SEED={seed}");
         }
-        eprintln!("seed {seed}: ok, {:?}", out.stats);
+        eprintln!("seed {seed}: ok, {}", out.stats.summary());
         return;
     }
     let n = env_u64("FERRODISK_SIM_SEEDS").unwrap_or(default_seeds);
     let seeds: Vec<u64> = (0..n).collect();
     let t = Instant::now();
-    let (failures, stats) = run_seeds(&seeds, m, false);
+    let (failures, stats) = run_seeds(&seeds, env, false);
     eprintln!(
         "{n} seeds in {:.1} s: {}",
         t.elapsed().as_secs_f64(),
@@ -2760,7 +4263,7 @@ fn check_model(m: Model, default_seeds: u64) {
         for f in failures.iter().take(10) {
             eprintln!("seed {}: {}", f.seed, f.failure.as_deref().unwrap_or(""));
         }
-        print_trace(first.seed, m, false);
+        print_trace(first.seed, env, false);
         panic!(
             "{} of {n} seeds failed; first: seed {}: {}\nreplay: FERRODISK_SIM_SEED={}",
             failures.len(),
@@ -2774,15 +4277,15 @@ fn check_model(m: Model, default_seeds: u64) {
 /// Asserts that some seed below `limit` breaks an invariant, and that the first one that
 /// does reports `expect`. The first failing seed is deterministic: every lower seed was
 /// started before it and runs to completion. With `FERRODISK_SIM_SEED`, prints that seed's
-/// trace under this model instead.
-fn expect_violation(name: &str, m: Model, limit: u64, expect: &str) -> u64 {
+/// trace under this variant instead.
+fn expect_violation(name: &str, env: Env, limit: u64, expect: &[&str]) -> u64 {
     if let Some(seed) = env_u64("FERRODISK_SIM_SEED") {
-        print_trace(seed, m, std::env::var_os("FERRODISK_SIM_TRACE").is_some());
+        print_trace(seed, env, std::env::var_os("FERRODISK_SIM_TRACE").is_some());
         return seed;
     }
     let seeds: Vec<u64> = (0..limit).collect();
     let t = Instant::now();
-    let (failures, _) = run_seeds(&seeds, m, true);
+    let (failures, _) = run_seeds(&seeds, env, true);
     let Some(first) = failures.first() else {
         panic!("{name}: no seed below {limit} broke an invariant: the checker missed it");
     };
@@ -2794,7 +4297,7 @@ fn expect_violation(name: &str, m: Model, limit: u64, expect: &str) -> u64 {
         first.seed
     );
     assert!(
-        msg.contains(expect),
+        expect.iter().any(|e| msg.contains(e)),
         "{name}: seed {} failed differently: {msg}",
         first.seed
     );
@@ -2805,196 +4308,104 @@ fn expect_violation(name: &str, m: Model, limit: u64, expect: &str) -> u64 {
 // Tests
 // ---------------------------------------------------------------------------------------
 
-/// The protocol (with the fixes below) keeps every invariant over many seeds.
+/// The real state machine keeps every invariant over many seeds.
 #[test]
 fn simulate_many_seeds() {
-    check_model(Model::fixed(), 2000);
+    check_env(Env::standard(), 2000);
 }
 
-/// Same seed, same run: the simulation depends on nothing but the seed.
+/// Same seed, same run: the simulation (and the machine) depend on nothing but the seed.
 #[test]
 fn a_seed_replays_identically() {
-    let (a, ta) = run_seed(7, Model::fixed(), true);
-    let (b, tb) = run_seed(7, Model::fixed(), true);
+    let (a, ta) = run_seed(7, Env::standard(), true);
+    let (b, tb) = run_seed(7, Env::standard(), true);
     assert_eq!(a.failure, b.failure);
     assert_eq!(ta, tb);
     assert!(a.stats.acked > 0 && a.stats.faults > 0, "{:?}", a.stats);
 }
 
-// The checker has teeth: each deliberately broken variant is caught.
+// The checker has teeth: each deliberately broken driver or environment is caught.
 
 #[test]
-fn checker_catches_acks_before_the_authority_knows() {
-    let m = Model {
-        bug_ack_before_authority: true,
-        ..Model::fixed()
+fn checker_catches_an_ack_before_complete() {
+    let env = Env {
+        ack_before_complete: true,
+        ..Env::standard()
     };
-    expect_violation("ack before set_in_sync(false)", m, 3000, "acknowledged");
+    expect_violation(
+        "ack before Complete",
+        env,
+        200,
+        &[
+            "misses an acknowledged write",
+            "lost an acknowledged write",
+            "without an acknowledged write",
+        ],
+    );
+}
+
+#[test]
+fn checker_catches_a_parked_write_submitted_at_once() {
+    let env = Env {
+        release_at_once: true,
+        ..Env::standard()
+    };
+    expect_violation(
+        "parked write submitted locally at once",
+        env,
+        500,
+        &["differs from the primary", "acknowledged write"],
+    );
 }
 
 #[test]
 fn checker_catches_a_replica_that_skips_admit() {
-    let m = Model {
-        bug_replica_skips_admit: true,
-        ..Model::fixed()
+    let env = Env {
+        replica_skips_admit: true,
+        ..Env::standard()
     };
-    expect_violation("replica without admit", m, 3000, "stale write landed");
+    expect_violation("replica without admit", env, 1000, &["stale write landed"]);
 }
 
 #[test]
-fn checker_catches_resync_racing_guest_writes() {
-    let m = Model {
-        bug_resync_ignores_writes: true,
-        ..Model::fixed()
+fn checker_catches_metadata_reported_durable_too_early() {
+    // Mostly primary host crashes: the activity log on disk does not say that a region may
+    // differ, so the restart does not reconcile it (a write lost, or copies that differ).
+    let env = Env {
+        meta_done_early: true,
+        weights: [5, 0, 5, 0, 0, 60, 0, 0, 0, 0, 0],
+        ..Env::standard()
     };
     expect_violation(
-        "resync copies over racing writes",
-        m,
+        "metadata store reported before it is durable",
+        env,
+        2000,
+        &["acknowledged write", "differs from the primary"],
+    );
+}
+
+// Problems of `src/repl` the simulation found that `machine.rs` cannot fix alone: the test
+// shows the loss with the workaround in `Env` turned off. When `src/repl` is fixed, this
+// test fails, and the workaround goes.
+
+/// A replica dropped from the membership (a clean restart with fewer replicas) and added
+/// back later, or any replica after the volume moved to another node and back, is opened
+/// with the identity its old bitmap file describes: `Replication::load_meta` loads
+/// `dirty-<addr>` whatever happened since it was stored, and the replica's `(uuid, gen)`
+/// still matches the file's tag, because generations change only at a full rebuild. The
+/// machine trusts it for a delta resync, the writes made while the file was not maintained
+/// are never copied, and the replica is recorded in sync without them.
+#[test]
+fn finding_a_replica_added_back_is_trusted_with_its_stale_bitmap() {
+    let env = Env {
+        discard_stale_bitmaps: false,
+        weights: [10, 0, 10, 5, 0, 5, 0, 0, 40, 10, 0],
+        ..Env::standard()
+    };
+    expect_violation(
+        "stale bitmap of a replica added back",
+        env,
         3000,
-        "in-sync replica",
-    );
-}
-
-#[test]
-fn checker_catches_unmarked_writes_to_out_of_sync_replicas() {
-    let m = Model {
-        bug_skip_dirty_mark: true,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "no dirty mark while out of sync",
-        m,
-        3000,
-        "in-sync replica",
-    );
-}
-
-// Problems of the protocol as implemented in `src/repl`: with the model's fix turned off,
-// the simulation loses acknowledged writes. The model carries each fix so that
-// `simulate_many_seeds` checks everything else; when `src/repl` is fixed, these tests
-// document why.
-
-/// A replica applies the writes of every connection of a volume at the same epoch. After a
-/// timeout the primary abandons a connection, completes its writes as dirty, reconnects and
-/// resyncs; writes still queued (or still in the network) on the old connection land after
-/// the resync copied the region, and the replica is recorded in sync without the newer data.
-#[test]
-fn finding_writes_of_an_abandoned_connection_land_after_resync() {
-    let m = Model {
-        fix_sessions: false,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "abandoned connection",
-        m,
-        20_000,
-        "misses an acknowledged write",
-    );
-}
-
-/// The same without any network reordering: only the replica's own queue of the old
-/// connection (its applier keeps running after the primary closed it) and slow commits.
-#[test]
-fn finding_abandoned_connection_without_network_reordering() {
-    let m = Model {
-        fix_sessions: false,
-        late_delivery: false,
-        stall_permille: 60,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "abandoned connection, replica queue only",
-        m,
-        20_000,
-        "misses an acknowledged write",
-    );
-}
-
-/// `promote` fences the promoted replica like the others, and if it cannot reach it the
-/// new primary (serving from that replica's file) never raises its epoch: the old primary
-/// keeps writing - and acknowledging - through the replica server into the new primary's
-/// copy.
-#[test]
-fn finding_the_promoted_copy_is_not_fenced_if_promote_cannot_reach_it() {
-    let m = Model {
-        fix_fence_own_copy: false,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "promoted copy not fenced",
-        m,
-        20_000,
-        "into the copy a running primary serves from",
-    );
-}
-
-/// `Replication::start` treats a start as clean if a clean marker exists or the metadata
-/// directory is new, whatever happened in the authority since: a promoted node reuses
-/// bitmaps from its own earlier era (and keeps the other replicas' in-sync flags without a
-/// resync).
-#[test]
-fn finding_the_clean_marker_does_not_check_the_epoch() {
-    let m = Model {
-        fix_clean_epoch: false,
-        weights: [5, 5, 0, 5, 5, 35, 45],
-        ..Model::fixed()
-    };
-    expect_violation(
-        "clean marker from another era",
-        m,
-        20_000,
-        "misses an acknowledged write",
-    );
-}
-
-/// A replica dropped from the configuration and added back later keeps its old
-/// `dirty-<addr>` file; after a clean stop it is trusted, so the writes made while the
-/// replica was not a member are never copied.
-#[test]
-fn finding_a_readded_replica_reuses_its_old_bitmap() {
-    let m = Model {
-        fix_new_member_bitmap: false,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "stale bitmap of a re-added replica",
-        m,
-        20_000,
-        "misses an acknowledged write",
-    );
-}
-
-/// `pump_resync` checks `in_flight[region] == 0` and only then reads
-/// `generation[region]`: a guest write that starts in between is counted in the generation
-/// the copy is validated against, the local read misses it, and the copy overwrites it on
-/// the replica. (`begin` raising `generation` before `in_flight` opens the same gap.)
-#[test]
-fn finding_resync_checks_in_flight_before_reading_the_generation() {
-    let m = Model {
-        fix_generation_first: false,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "in-flight check before the generation read",
-        m,
-        20_000,
-        "misses an acknowledged write",
-    );
-}
-
-/// Not a lost write: a guest that overlaps writes still in flight can leave an in-sync
-/// replica different from the primary (the local engine and the replica may apply the two
-/// writes in different orders), so reads can change after a failover.
-#[test]
-fn observation_overlapping_guest_writes_leave_replicas_different() {
-    let m = Model {
-        guest_overlaps: true,
-        ..Model::fixed()
-    };
-    expect_violation(
-        "overlapping guest writes",
-        m,
-        20_000,
-        "differs from the primary",
+        &["misses an acknowledged write", "differs from the primary"],
     );
 }

@@ -23,7 +23,7 @@
 //! - **Fencing.** A replica refusing our epoch, or the authority saying we were superseded,
 //!   fences the disk: every request fails from then on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::bitmap::{DirtyMap, Tag};
@@ -390,7 +390,7 @@ struct Resync {
     /// Regions being read, compared or copied.
     busy: Vec<usize>,
     /// Generations of regions whose local read is under way.
-    reading: HashMap<usize, u32>,
+    reading: BTreeMap<usize, u32>,
     allowance: u64,
     last: Option<Micros>,
     total: usize,
@@ -404,6 +404,9 @@ struct Link {
     recorded_in_sync: bool,
     /// A `Record` in flight, with the value asked for.
     recording: Option<bool>,
+    /// A `Record` of "in sync" failed: the authority may have applied it all the same (its
+    /// reply lost), so a fault is recorded as if it had.
+    maybe_recorded: bool,
     /// When to try recording again after an authority error.
     record_retry_at: Option<Micros>,
     conn: Option<u64>,
@@ -418,7 +421,7 @@ struct Link {
     bits_stored: u64,
     /// The empty bitmap being stored before the link is recorded in sync.
     finishing: Option<u64>,
-    pending: HashMap<u64, Pending>,
+    pending: BTreeMap<u64, Pending>,
     /// Guest operations waiting for this link's fault to be recorded.
     waiting_record: Vec<OpId>,
     next_seq: u64,
@@ -485,6 +488,8 @@ struct Activity {
     wanted_gen: u64,
     /// The store in flight: its generation and words.
     storing: Option<(u64, Vec<u64>)>,
+    /// A store succeeded since start (a clean stop leaves a stored log, even an empty one).
+    persisted: bool,
 }
 
 #[derive(Debug)]
@@ -523,7 +528,7 @@ pub struct Core {
     links: Vec<Link>,
     regions: Vec<Region>,
     al: Activity,
-    ops: HashMap<OpId, Op>,
+    ops: BTreeMap<OpId, Op>,
     next_op: u64,
     write_seq: u64,
     gens_minted: u64,
@@ -577,6 +582,7 @@ impl Core {
                     },
                     recorded_in_sync: l.in_sync,
                     recording: None,
+                    maybe_recorded: false,
                     record_retry_at: None,
                     conn: None,
                     connecting: None,
@@ -588,7 +594,7 @@ impl Core {
                     bits_gen: 1,
                     bits_stored: 0,
                     finishing: None,
-                    pending: HashMap::new(),
+                    pending: BTreeMap::new(),
                     waiting_record: Vec::new(),
                     next_seq: 0,
                     resync: Resync::default(),
@@ -602,12 +608,13 @@ impl Core {
                 stored,
                 wanted_gen: 1,
                 storing: None,
+                persisted: false,
             },
             cfg,
             phase: Phase::Starting,
             fenced: None,
             links,
-            ops: HashMap::new(),
+            ops: BTreeMap::new(),
             next_op: 0,
             write_seq: 1,
             gens_minted: 0,
@@ -939,7 +946,7 @@ impl Core {
         let mut waits = false;
         for r in regions {
             added |= self.al.wanted.set(r);
-            waits |= !self.al.stored.is_set(r);
+            waits |= !self.logged(r);
         }
         if added {
             self.al.wanted_gen += 1;
@@ -948,6 +955,13 @@ impl Core {
             self.store_activity(out);
         }
         waits
+    }
+
+    /// Whether region `r` is in the durable activity log and stays there: a store under
+    /// way that drops it (an idle region checkpointed out) may land at any moment.
+    fn logged(&self, r: usize) -> bool {
+        let kept = |words: &[u64]| words.get(r / 64).is_some_and(|w| w & (1 << (r % 64)) != 0);
+        self.al.stored.is_set(r) && self.al.storing.as_ref().is_none_or(|(_, w)| kept(w))
     }
 
     fn store_activity(&mut self, out: &mut Vec<Action>) {
@@ -976,10 +990,11 @@ impl Core {
         }
         if ok {
             self.al.stored.load_words(&words);
+            self.al.persisted = true;
             let mut ready: Vec<OpId> = self
                 .ops
                 .iter()
-                .filter(|(_, o)| o.wants_al && o.regions.clone().all(|r| self.al.stored.is_set(r)))
+                .filter(|(_, o)| o.wants_al && o.regions.clone().all(|r| self.logged(r)))
                 .map(|(id, _)| *id)
                 .collect();
             ready.sort();
@@ -1010,7 +1025,7 @@ impl Core {
             }
         }
         self.store_activity(out);
-        self.maybe_stopped();
+        self.maybe_stopped(out);
     }
 
     /// The metadata thread's tick: checkpoints idle regions out of the activity log.
@@ -1085,7 +1100,10 @@ impl Core {
         }
         if c.last {
             self.stop_checkpointed = Some(ok);
-            self.maybe_stopped();
+            self.maybe_stopped(out);
+        } else {
+            // A stop that began during this checkpoint takes its last one now.
+            self.maybe_stop(out);
         }
     }
 
@@ -1421,7 +1439,7 @@ impl Core {
         l.finishing = None;
         l.resync.busy.clear();
         l.resync.reading.clear();
-        let pending: Vec<Pending> = l.pending.drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = std::mem::take(&mut l.pending).into_values().collect();
         let mut guest = Vec::new();
         let mut copies = Vec::new();
         let mut pulls_lost = 0;
@@ -1442,16 +1460,12 @@ impl Core {
                 self.links[link].mark_bits(offset, len);
             }
         }
-        for op in copies {
-            if let Some(o) = self.ops.remove(&op) {
-                self.retire(now, o, out);
-            }
-        }
         self.recovery.pulling = self.recovery.pulling.saturating_sub(pulls_lost);
         let source = self.recovery.source == Some(Source::Link(link));
         let pulled = self.recovery.queue.is_empty() && self.recovery.pulling == 0;
-        if self.phase == Phase::Starting && (self.recovery.source.is_none() || (source && !pulled))
-        {
+        // (Any replica recorded in sync, not only the source: if the source is lost, another
+        // one may be the only copy of what this one lacks.)
+        if self.phase == Phase::Starting && (self.recovery.source.is_none() || !pulled) {
             // Before the disk serves, an in-sync replica that drops is not recorded out of
             // sync while it may hold writes this copy lacks: the start decides again.
             if source {
@@ -1460,10 +1474,11 @@ impl Core {
                 self.recovery.queue.clear();
                 self.recovery.pulling = 0;
             }
+            self.retire_copies(now, copies, out);
             return;
         }
         let l = &mut self.links[link];
-        let maybe_in_sync = l.recorded_in_sync || l.recording == Some(true);
+        let maybe_in_sync = l.recorded_in_sync || l.recording == Some(true) || l.maybe_recorded;
         if maybe_in_sync {
             l.state = LinkState::Failing;
             l.waiting_record.extend(guest);
@@ -1471,9 +1486,24 @@ impl Core {
                 self.record(link, false, out);
             }
         } else {
+            // The authority knows already: nothing waits for a record.
             l.state = LinkState::OutOfSync;
-            for op in guest {
+            let waiting = std::mem::take(&mut l.waiting_record);
+            for op in guest.into_iter().chain(waiting) {
                 self.resolve(now, op, link, true, out);
+            }
+        }
+        // Only now, with the link's state settled, may the operations that waited behind
+        // its copies go: released earlier, a write would have run against a link still
+        // resyncing without a connection (found by the simulation).
+        self.retire_copies(now, copies, out);
+    }
+
+    /// Abandoned resync copies leave the tracker; what waited behind them is released.
+    fn retire_copies(&mut self, now: Micros, copies: Vec<OpId>, out: &mut Vec<Action>) {
+        for op in copies {
+            if let Some(o) = self.ops.remove(&op) {
+                self.retire(now, o, out);
             }
         }
     }
@@ -1506,7 +1536,9 @@ impl Core {
             }
             Err(RecordError::Failed(why)) => {
                 // What waits for this keeps waiting: acknowledging before the authority
-                // knows could let a stale replica be promoted.
+                // knows could let a stale replica be promoted. A failed "in sync" may have
+                // been applied (found by the simulation).
+                l.maybe_recorded |= in_sync;
                 tracing::error!(volume = %self.cfg.volume, replica = %l.addr, "cannot record the replica's state in the authority, retrying: {why}");
                 l.status.last_error = format!("authority: {why}");
                 l.record_retry_at = Some(now + self.cfg.reconnect);
@@ -1515,6 +1547,7 @@ impl Core {
             Ok(()) => {}
         }
         l.recorded_in_sync = in_sync;
+        l.maybe_recorded = false;
         if in_sync {
             if l.state == LinkState::Failing {
                 // It failed while being recorded in sync: record the fault now.
@@ -1546,7 +1579,7 @@ impl Core {
             }
         }
         self.advance_start(now, out);
-        self.maybe_stopped();
+        self.maybe_stopped(out);
     }
 
     /// The link's periodic tick (its own thread): timeouts, retries, reconnection, resync.
@@ -1787,6 +1820,7 @@ impl Core {
                 return;
             }
         }
+        self.demote_unusable(out);
         // The other replicas recorded in sync catch up before the disk serves.
         let mut waiting = false;
         for i in 0..self.links.len() {
@@ -1881,13 +1915,28 @@ impl Core {
             if source == Source::Link(i) {
                 continue;
             }
-            let matched = self.links[i].matches(&uuid);
             let l = &mut self.links[i];
             if l.bits.union(&differ) > 0 {
                 l.bits_gen += 1;
             }
-            if l.recorded_in_sync && !(l.conn.is_some() && matched) {
-                // Unreachable, or not the copy we know: it cannot stay in sync.
+        }
+        let _ = out;
+    }
+
+    /// Once the source's regions are pulled: a replica recorded in sync that is unreachable,
+    /// or not the copy we know, cannot stay in sync. Not earlier: if the source is lost
+    /// mid-pull, it may be the only copy left of acknowledged writes this one lacks (found
+    /// by the simulation).
+    fn demote_unusable(&mut self, out: &mut Vec<Action>) {
+        let uuid = self.cfg.uuid.clone();
+        for i in 0..self.links.len() {
+            if self.recovery.source == Some(Source::Link(i)) {
+                continue;
+            }
+            let matched = self.links[i].matches(&uuid);
+            let l = &mut self.links[i];
+            if l.recorded_in_sync && !(l.conn.is_some() && matched) && l.state != LinkState::Failing
+            {
                 l.state = LinkState::Failing;
                 if l.recording.is_none() {
                     self.record(i, false, out);
@@ -2010,7 +2059,7 @@ impl Core {
     }
 
     /// In a stop, once the last checkpoint and the activity log store are done.
-    fn maybe_stopped(&mut self) {
+    fn maybe_stopped(&mut self, out: &mut Vec<Action>) {
         if self.phase != Phase::Stopping || self.al.storing.is_some() {
             return;
         }
@@ -2027,6 +2076,17 @@ impl Core {
         }
         if self.al.wanted != self.al.stored && ok && faults_recorded {
             return; // the emptied log is still being stored
+        }
+        if clean && !self.al.persisted {
+            // Nothing was stored since start: the daemon would find no log next to the
+            // bitmaps, and reconcile everything. Store the empty one.
+            let words = self.al.wanted.words().to_vec();
+            self.al.storing = Some((self.al.wanted_gen, words.clone()));
+            out.push(Action::StoreActivity {
+                gen: self.al.wanted_gen,
+                words,
+            });
+            return;
         }
         self.phase = Phase::Stopped { clean };
     }

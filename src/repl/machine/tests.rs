@@ -725,21 +725,35 @@ fn losing_the_recovery_source_mid_pull_chooses_again_without_recording_it() {
     h.core
         .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
     // Not recorded out of sync: it may hold what this copy lacks. The other in-sync
-    // replica becomes the source, and the lost one is recorded out of sync instead.
-    let records = h.records();
-    assert_eq!(records, vec![(0, false)]);
-    assert!(
-        h.out.iter().any(|a| matches!(
-            a,
+    // replica becomes the source, and the lost one is recorded out of sync once the new
+    // source's regions are pulled.
+    assert!(h.records().is_empty());
+    let (seq, c1) = h
+        .out
+        .iter()
+        .find_map(|a| match a {
             Action::Send {
                 link: 1,
-                frame: Frame::Read { .. },
-                ..
-            }
-        )),
-        "{:?}",
-        h.out
+                conn,
+                frame: Frame::Read { seq, .. },
+            } => Some((*seq, *conn)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{:?}", h.out));
+    h.take();
+    h.core.on_reply(
+        h.now,
+        1,
+        c1,
+        Reply::Data {
+            seq,
+            data: vec![1; MIB as usize],
+        },
+        &mut h.out,
     );
+    h.take();
+    h.core.on_local_written(h.now, 1, 1, Ok(()), &mut h.out);
+    assert_eq!(h.records(), vec![(0, false)]);
 }
 
 #[test]
@@ -766,4 +780,321 @@ fn the_only_in_sync_source_lost_mid_pull_blocks_the_start_until_it_is_back() {
         _ => None,
     });
     assert!(read.is_some(), "pulled again once it is back");
+}
+
+/// Found by the simulation (tests/replication_sim.rs): a resync copy in flight to a replica
+/// that is not recorded in sync, a guest write to the region parked behind it, and the
+/// replica times out. The fault retired the copy before it settled the link's state, so the
+/// released write ran against a link still "resyncing" with no connection, waited for a
+/// record that never comes, and hung with every write that overlapped it.
+#[test]
+fn a_write_parked_behind_a_copy_completes_when_the_replica_fails() {
+    let mut dirty = empty();
+    dirty.set(0);
+    let out_of_sync = LinkInit {
+        addr: "a".into(),
+        in_sync: false,
+        bitmap: Some((dirty, tag(7))),
+    };
+    let mut h = H::new(vec![out_of_sync], Some(empty()));
+    assert_eq!(h.core.phase(), Phase::Serving);
+    // The copy our bitmap describes: a delta resync of region 0, found different, copied.
+    let conn = h.open(0, tag(7));
+    assert_eq!(h.core.link_state(0), LinkState::Resyncing);
+    assert!(h
+        .out
+        .iter()
+        .any(|a| matches!(a, Action::ReadLocal { region: 0, .. })));
+    h.take();
+    h.core
+        .on_local_read(h.now, 0, 0, Ok(vec![9u8; MIB as usize]), &mut h.out);
+    let sums = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                frame: Frame::Sums { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .expect("compared");
+    h.take();
+    h.core.on_reply(
+        h.now,
+        0,
+        conn,
+        Reply::Sums {
+            seq: sums,
+            crcs: vec![1],
+        },
+        &mut h.out,
+    );
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            frame: Frame::Write { .. },
+            ..
+        }
+    )));
+    h.take();
+    let Verdict::Parked(op) = h.write(1, 4096, 512) else {
+        panic!("a guest write to the region waits behind the copy")
+    };
+    h.store_activity();
+    assert!(h.releases().is_empty());
+    // The replica stops answering.
+    h.now += 2_000_000;
+    h.core.tick(h.now, 0, &mut h.out);
+    assert_eq!(h.core.link_state(0), LinkState::OutOfSync);
+    assert_eq!(h.releases(), vec![1], "released once the copy is given up");
+    assert!(
+        h.records().is_empty(),
+        "never recorded in sync: nothing to record"
+    );
+    h.take();
+    h.core.local_done(h.now, op, true, &mut h.out);
+    assert_eq!(h.completes(), vec![(1, true)], "the write completes");
+    assert!(h.core.dirty(0).is_set(0), "and is marked for the replica");
+    assert_eq!(h.core.in_flight(), 0);
+}
+
+/// Found by the simulation (tests/replication_sim.rs), whose seeds did not replay: the
+/// machine kept operations and requests in hash maps, so a fault completed the writes it
+/// held in an order that changed from run to run. Its output now depends only on its input.
+#[test]
+fn a_fault_completes_the_writes_it_held_in_the_order_they_were_sent() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let mut ops = Vec::new();
+    for head in 0..24u16 {
+        h.write(head, u64::from(head) * 8192, 512);
+        ops.push(h.core.next_op);
+    }
+    h.store_activity();
+    for op in ops {
+        h.core.local_done(h.now, OpId(op), true, &mut h.out);
+    }
+    for (link, conn, seq) in h.sent_writes() {
+        if link == 0 {
+            h.ack(link, conn, seq);
+        }
+    }
+    assert!(h.completes().is_empty(), "replica b has not answered");
+    h.take();
+    h.core
+        .on_disconnect(h.now, 1, c1, "reset".into(), &mut h.out);
+    assert_eq!(h.records(), vec![(1, false)]);
+    h.recorded(1, false);
+    let heads: Vec<u16> = h.completes().iter().map(|c| c.0).collect();
+    assert_eq!(heads, (0..24).collect::<Vec<u16>>());
+    let _ = c0;
+}
+
+/// Found by the simulation (tests/replication_sim.rs): a write began on a region while the
+/// store that takes the idle region out of the activity log was under way. It went at once
+/// (the last completed store had the region), was sent to a replica, and the primary's host
+/// crashed after the store landed: the restart did not reconcile the region, and the
+/// replica kept a write the primary never had. A region counts as logged only if the store
+/// in flight keeps it too.
+#[test]
+fn a_write_waits_while_the_log_being_stored_drops_its_region() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.ack(1, c1, sent[1].2);
+    h.take();
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let id = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(id, true, &mut h.out);
+    let dropping = match h.take().as_slice() {
+        [Action::StoreActivity { gen, words }] if words.iter().all(|w| *w == 0) => *gen,
+        other => panic!("{other:?}"),
+    };
+    // The store that drops region 3 is under way: a new write there must wait for a store
+    // that has it again.
+    assert!(
+        matches!(h.write(2, 3 * MIB, 4096), Verdict::Parked(_)),
+        "the log on disk is about to lose the region"
+    );
+    assert!(h.sent_writes().is_empty());
+    h.core.on_activity_stored(h.now, dropping, true, &mut h.out);
+    let again = match h.take().as_slice() {
+        [Action::StoreActivity { gen, words }] if words[0] & (1 << 3) != 0 => *gen,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_activity_stored(h.now, again, true, &mut h.out);
+    assert_eq!(h.releases(), vec![2]);
+}
+
+/// Runs the metadata work of a stop (checkpoints and log stores, all successful) until
+/// nothing is left; returns the phase and whether the log was stored.
+fn finish_stop(h: &mut H) -> (Phase, bool) {
+    let mut stored = false;
+    for _ in 0..10 {
+        for a in h.take() {
+            match a {
+                Action::Checkpoint { id, .. } => h.core.on_checkpoint(id, true, &mut h.out),
+                Action::StoreActivity { gen, .. } => {
+                    stored = true;
+                    h.core.on_activity_stored(h.now, gen, true, &mut h.out)
+                }
+                _ => {}
+            }
+        }
+    }
+    (h.core.phase(), stored)
+}
+
+/// Found by the simulation (tests/replication_sim.rs): a clean stop that began while a
+/// periodic checkpoint was under way never took its last checkpoint (the stop waited for
+/// the checkpoint, and nothing went on once it was done): it timed out as unclean, and the
+/// next start reconciled every active region.
+#[test]
+fn a_stop_during_a_checkpoint_takes_the_last_checkpoint_after_it() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.take();
+    h.core.local_done(h.now, id, true, &mut h.out);
+    h.ack(0, c0, sent[0].2);
+    h.ack(1, c1, sent[1].2);
+    h.take();
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let periodic = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.stop(h.now, &mut h.out);
+    assert_eq!(h.core.phase(), Phase::Stopping);
+    h.core.on_checkpoint(periodic, true, &mut h.out);
+    assert_eq!(finish_stop(&mut h).0, Phase::Stopped { clean: true });
+}
+
+/// Found by the simulation (tests/replication_sim.rs): a primary that never wrote stopped
+/// cleanly without ever storing its activity log. The daemon then finds dirty bitmaps and
+/// no log, which it must read as "anything may have been in flight": the next start
+/// reconciled every region (pulling the whole volume from a replica, or not serving while
+/// none was reachable). A clean stop always leaves a stored, empty log.
+#[test]
+fn a_clean_stop_stores_the_empty_log_even_if_nothing_was_written() {
+    let (mut h, _, _) = H::serving_pair();
+    h.core.stop(h.now, &mut h.out);
+    let (phase, stored) = finish_stop(&mut h);
+    assert_eq!(phase, Phase::Stopped { clean: true });
+    assert!(stored, "the empty log is stored");
+}
+
+/// Found by the simulation (tests/replication_sim.rs): recording a resynced replica in sync
+/// failed, but the authority had applied it (the reply was lost: a timeout). The replica
+/// then failed, and the fault was not recorded because the machine believed it had never
+/// been recorded in sync: the authority kept calling a replica in sync while it was being
+/// rebuilt from blank, under a fresh generation `promote` would accept. A `Record` that
+/// failed may have been applied.
+#[test]
+fn a_failed_record_in_sync_may_have_been_applied() {
+    let out_of_sync = LinkInit {
+        addr: "a".into(),
+        in_sync: false,
+        bitmap: Some((empty(), tag(7))),
+    };
+    let mut h = H::new(vec![out_of_sync], Some(empty()));
+    let conn = h.open(0, tag(7));
+    let gen = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::StoreBitmap(s) => Some(s.gen),
+            _ => None,
+        })
+        .expect("caught up: the empty bitmap is stored first");
+    h.take();
+    h.core.on_bitmap_stored(0, gen, true, &mut h.out);
+    assert_eq!(h.records(), vec![(0, true)]);
+    h.core.on_recorded(
+        h.now,
+        0,
+        true,
+        Err(RecordError::Failed("the reply was lost".into())),
+        &mut h.out,
+    );
+    let Verdict::Parked(op) = h.write(1, 0, 4096) else {
+        panic!()
+    };
+    h.store_activity();
+    assert_eq!(h.sent_writes().len(), 1, "sent to the resyncing replica");
+    h.take();
+    h.core.local_done(h.now, op, true, &mut h.out);
+    h.core
+        .on_disconnect(h.now, 0, conn, "reset".into(), &mut h.out);
+    assert_eq!(
+        h.records(),
+        vec![(0, false)],
+        "the authority may call it in sync: the fault is recorded"
+    );
+    assert!(h.completes().is_empty(), "the write waits for the record");
+    h.recorded(0, false);
+    assert_eq!(h.completes(), vec![(1, true)]);
+}
+
+/// Found by the simulation (tests/replication_sim.rs): at an unclean start with two
+/// replicas recorded in sync, one unreachable, the start chose the other as its source and
+/// recorded the unreachable one out of sync at once. The source then lost its disk
+/// mid-pull, and the start, finding no replica recorded in sync any more, served the local
+/// copy without the acknowledged writes the demoted replica still held. No replica recorded
+/// in sync is recorded out of sync before the pulls are done.
+#[test]
+fn replicas_in_sync_stay_candidates_until_the_recovery_pulls_are_done() {
+    let mut al = empty();
+    al.set(1);
+    let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(al));
+    let c0 = h.open(0, tag(7));
+    h.open_fails(1);
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            link: 0,
+            frame: Frame::Read { .. },
+            ..
+        }
+    )));
+    assert!(h.records().is_empty(), "b may be needed if a goes away");
+    h.take();
+    // The source loses its disk mid-pull and comes back blank.
+    h.core
+        .on_disconnect(h.now, 0, c0, "reset".into(), &mut h.out);
+    h.now += 200_000;
+    h.core.tick(h.now, 0, &mut h.out);
+    h.open(
+        0,
+        Tag {
+            uuid: UUID.into(),
+            gen: 0,
+        },
+    );
+    assert_eq!(
+        h.core.phase(),
+        Phase::Starting,
+        "the local copy may lack acknowledged writes that b holds"
+    );
+    h.take();
+    h.core.tick(h.now, 1, &mut h.out);
+    let c1 = h.open(1, tag(7));
+    let read = h.out.iter().any(
+        |a| matches!(a, Action::Send { link: 1, conn, frame: Frame::Read { .. } } if *conn == c1),
+    );
+    assert!(read, "b is the source now: {:?}", h.out);
 }
