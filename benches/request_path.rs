@@ -207,7 +207,7 @@ impl Machine {
         &mut self,
         head: u16,
         offset: u64,
-        data: &Arc<Vec<u8>>,
+        data: &ferrodisk::buf::Payload,
         out: &mut Vec<ferrodisk::repl::machine::Action>,
     ) -> (ferrodisk::repl::machine::OpId, [(usize, u64); 2]) {
         use ferrodisk::repl::machine::{Action, Frame, Mutation, OpDesc, Verdict};
@@ -220,7 +220,7 @@ impl Machine {
             len: data.len() as u64,
             kind: Mutation::Write {
                 crc: 0,
-                data: Arc::clone(data),
+                data: data.clone(),
             },
         };
         let Verdict::Go(id) = self.core.begin(self.now, d, out) else {
@@ -259,7 +259,7 @@ impl Machine {
 }
 
 fn repl_machine(c: &mut Criterion) {
-    let data = Arc::new(vec![0u8; 4096]);
+    let data = ferrodisk::buf::Payload::new(vec![0u8; 4096]);
     let mut g = c.benchmark_group("repl_machine");
     g.throughput(Throughput::Elements(1));
     for (name, spread) in [("spread", true), ("random", false)] {

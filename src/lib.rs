@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod buf;
 pub mod config;
 pub mod disk;
 pub mod driver;

@@ -161,6 +161,24 @@ pub unsafe fn copy_from_guest_buffers(iov: &[libc::iovec], dst: &mut Vec<u8>) {
     }
 }
 
+/// Copies the contents of guest buffers into `dst` (as much as fits); returns the bytes
+/// copied.
+///
+/// # Safety
+/// As for [`zero_guest_buffers`].
+pub unsafe fn copy_from_guest_buffers_to(iov: &[libc::iovec], dst: &mut [u8]) -> usize {
+    let mut at = 0;
+    for v in iov {
+        let n = v.iov_len.min(dst.len() - at);
+        // SAFETY: guaranteed by the caller: `v` lies inside a live guest memory mapping for
+        // the duration of the call, and is only read here; `n` is within both.
+        let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), n) };
+        dst[at..at + n].copy_from_slice(src);
+        at += n;
+    }
+    at
+}
+
 /// Allocates `[offset, offset + len)` of `file` (mode 0: blocks are reserved, reads see zeros).
 pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.

@@ -17,6 +17,7 @@ use vhost_user_backend::{VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use crate::buf::{AlignedBuf, Payload};
 use crate::disk::Disk;
 use crate::driver::{abi, Driver, Verdict};
 use crate::engine::uring::{UringError, UringQueue};
@@ -98,35 +99,6 @@ struct DriverRead {
     _mem: Arc<GuestMem>,
 }
 
-/// A write buffer for transformed data, aligned for O_DIRECT.
-struct Bounce {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Bounce {
-    const ALIGN: usize = 4096;
-
-    fn new(len: usize) -> Bounce {
-        let buf = vec![0u8; len + Self::ALIGN];
-        let start = buf.as_ptr().align_offset(Self::ALIGN);
-        Bounce { buf, start }
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.buf[self.start..].as_mut_ptr()
-    }
-
-    fn as_ptr(&self) -> *const u8 {
-        self.buf[self.start..].as_ptr()
-    }
-
-    /// The owning vector (its heap block, and so the aligned data, does not move).
-    fn into_vec(self) -> Vec<u8> {
-        self.buf
-    }
-}
-
 /// A replicated request: its operation in the replication stage, and what it waits for.
 struct Held {
     op: OpId,
@@ -137,13 +109,17 @@ struct Held {
     parked: Option<Parked>,
 }
 
-/// A parked request's parsed form, its guest buffers and the mapping they point into.
+/// A parked request's parsed form, its buffers, the mapping they point into, and what owns
+/// a buffer of ours they point into.
 struct Parked {
     req: Request,
     iov: Vec<libc::iovec>,
     mem: Arc<GuestMem>,
-    bounce: Option<Bounce>,
+    keep: Option<Keep>,
 }
+
+/// What keeps a buffer of ours alive while the engine writes from it.
+type Keep = Box<dyn Send>;
 
 // SAFETY: the raw pointers in `iov` are scratch, only meaningful during one batch on the
 // worker's own thread; the worker is moved between threads only before it starts.
@@ -446,7 +422,7 @@ impl QueueWorker {
         };
         let Some(p) = h.parked.take() else { return };
         self.iov = p.iov;
-        self.submit_local(&p.req, &p.mem, p.bounce);
+        self.submit_local(&p.req, &p.mem, p.keep);
         // Released outside any batch of this worker (a completion, a mailbox): submit now.
         if let QueueEngine::Uring(u) = &mut self.engine {
             if let Err(e) = u.submit() {
@@ -678,7 +654,11 @@ impl QueueWorker {
     /// The driver image stage: asks the image about `req`. Returns the bounce buffer that
     /// replaces the guest's data for a transformed write, or `Err(())` when the request was
     /// completed (failed) or deferred here.
-    fn driver_stage(&mut self, req: &Request, mem: &Arc<GuestMem>) -> Result<Option<Bounce>, ()> {
+    fn driver_stage(
+        &mut self,
+        req: &Request,
+        mem: &Arc<GuestMem>,
+    ) -> Result<Option<AlignedBuf>, ()> {
         let Some(drv) = self.driver.clone() else {
             return Ok(None);
         };
@@ -693,8 +673,8 @@ impl QueueWorker {
             Op::WriteZeroes { offset, len, .. } => (abi::OP_WRITE_ZEROES, offset, len),
             Op::GetId => return Ok(None),
         };
-        let mut bounce =
-            (op == abi::OP_WRITE && drv.wants_write_data()).then(|| Bounce::new(len as usize));
+        let mut bounce = (op == abi::OP_WRITE && drv.wants_write_data())
+            .then(|| AlignedBuf::zeroed(len as usize));
         let r = abi::Request {
             op,
             queue: self.queue as u32,
@@ -805,7 +785,7 @@ impl QueueWorker {
             self.fail_now(req);
             return;
         }
-        let bounce = match self.driver_stage(req, mem) {
+        let mut bounce = match self.driver_stage(req, mem) {
             Ok(b) => b,
             Err(()) => return,
         };
@@ -815,11 +795,27 @@ impl QueueWorker {
                 return;
             }
             if req.op.mutation(req.data_len).is_some() {
-                let mut data = Vec::new();
-                if let Op::Write { .. } = req.op {
-                    // SAFETY: `iov` was built from `mem`, which this frame holds alive.
-                    unsafe { sys::copy_from_guest_buffers(&self.iov, &mut data) };
+                if self
+                    .held
+                    .get(usize::from(req.head))
+                    .is_some_and(Option::is_some)
+                {
+                    // A guest that reuses a head still in flight: refuse the second request,
+                    // leave the first alone (its operation must not be lost).
+                    self.log(format_args!(
+                        "refused a request whose head {} is still in flight",
+                        req.head
+                    ));
+                    self.fail_now(req);
+                    return;
                 }
+                // One copy of a write's data, for the replicas and the local write alike:
+                // the guest may change its buffer while the write is in flight.
+                let data = match req.op {
+                    Op::Write { .. } => Some(self.stable_copy(bounce.take())),
+                    _ => None,
+                };
+                let keep = data.clone().map(|d| Box::new(d) as Keep);
                 let verdict = repl.begin(
                     self.queue,
                     self.connection,
@@ -828,7 +824,7 @@ impl QueueWorker {
                     data,
                     &mut self.deliveries,
                 );
-                let mut bounce = bounce;
+                let mut keep = keep;
                 let (op, parked) = match verdict {
                     Begin::Go(op) => (op, None),
                     Begin::Parked(op) => (
@@ -837,14 +833,14 @@ impl QueueWorker {
                             req: *req,
                             iov: std::mem::take(&mut self.iov),
                             mem: Arc::clone(mem),
-                            bounce: bounce.take(),
+                            keep: keep.take(),
                         }),
                     ),
                     Begin::Refused => {
                         self.fail_now(req);
                         return;
                     }
-                    Begin::Local => return self.submit_local(req, mem, bounce),
+                    Begin::Local => return self.submit_local(req, mem, keep),
                 };
                 let go = parked.is_none();
                 self.repl_queued |= go;
@@ -858,17 +854,41 @@ impl QueueWorker {
                         .fetch_add(1, std::sync::atomic::Ordering::Release);
                 }
                 if go {
-                    self.submit_local(req, mem, bounce);
+                    self.submit_local(req, mem, keep);
                 }
                 self.apply_deliveries();
                 return;
             }
         }
-        self.submit_local(req, mem, bounce);
+        self.submit_local(req, mem, bounce.map(|b| Box::new(b) as Keep));
+    }
+
+    /// The data of a replicated write, copied once into a buffer of ours that both the
+    /// replicas' frames and the local write use (`self.iov` is pointed at it). A driver
+    /// image's transformed data (`bounce`) is such a copy already.
+    fn stable_copy(&mut self, bounce: Option<AlignedBuf>) -> Payload {
+        let buf = match bounce {
+            Some(b) => b,
+            None => {
+                let len: usize = self.iov.iter().map(|v| v.iov_len).sum();
+                let mut b = AlignedBuf::zeroed(len);
+                // SAFETY: `iov` was built from guest memory that the caller holds alive for
+                // this call; it is only read.
+                unsafe { sys::copy_from_guest_buffers_to(&self.iov, b.as_mut_slice()) };
+                self.iov.clear();
+                self.iov.push(libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: len,
+                });
+                b
+            }
+        };
+        // The bytes stay where they are: the iovec keeps pointing at them.
+        Payload::new(buf)
     }
 
     /// Hands a request to the engine (or completes it at once: GET_ID, the null engine).
-    fn submit_local(&mut self, req: &Request, mem: &Arc<GuestMem>, bounce: Option<Bounce>) {
+    fn submit_local(&mut self, req: &Request, mem: &Arc<GuestMem>, keep: Option<Keep>) {
         let write_through = !self.disk.writeback();
         let complete_now = |used_len| Completion {
             head: req.head,
@@ -896,13 +916,7 @@ impl QueueWorker {
                 self.done.push(complete_now(used));
             }
             (QueueEngine::Uring(u), _) => {
-                if u.push(
-                    req,
-                    &mut self.iov,
-                    mem,
-                    write_through,
-                    bounce.map(Bounce::into_vec),
-                ) {
+                if u.push(req, &mut self.iov, mem, write_through, keep) {
                     add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1);
                 }
             }

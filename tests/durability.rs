@@ -1183,3 +1183,26 @@ fn failed_flush_at_detach_still_stops_the_links() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Found by the review and the simulation: a replica removed from the membership and added
+// back later must not be trusted with the bitmap it had then.
+
+/// r2 is dropped (a clean restart with only r1), every region is written, and r2 is added
+/// back (a clean restart with both). Its old bitmap file says "nothing missing" for the
+/// identity r2 still reports: trusting it would record r2 in sync without a single write
+/// made while it was away. It must be rebuilt, and end byte-identical.
+#[test]
+fn a_replica_added_back_is_not_trusted_with_its_old_bitmap() {
+    let mut c = Cluster::start(false, "");
+    c.write_every_region(5);
+    c.stop_primary();
+    c.hp = free_port();
+    let p1 = c.p1;
+    c.primary = c.env.primary("a", &c.img, &c.sock, &[p1], c.hp, "");
+    wait_in_sync(c.hp, &[p1], Duration::from_secs(30));
+    c.write_every_region(6);
+    c.restart_primary("");
+    c.stop_primary();
+    c.check_copies("A replica added back must be rebuilt, not trusted with its old bitmap.");
+}

@@ -72,9 +72,10 @@ struct Slot {
     used_len: u32,
     /// Which guest memory snapshot (see [`Snapshots`]) the iovecs point into.
     generation: u64,
-    /// For a write whose data a driver image transformed: the buffer the iovec points
-    /// into, owned by the slot until the CQE is reaped.
-    bounce: Option<Vec<u8>>,
+    /// For a write from a buffer of ours (data a driver image transformed, or the copy a
+    /// replicated write sends to the replicas): what owns the buffer the iovec points
+    /// into, kept by the slot until the CQE is reaped.
+    keep: Option<Box<dyn Send>>,
 }
 
 // SAFETY: the raw pointers in `iov` point into guest memory kept alive by the queue's
@@ -100,7 +101,7 @@ impl Slot {
             total: 0,
             used_len: 0,
             generation: 0,
-            bounce: None,
+            keep: None,
         }
     }
 
@@ -267,7 +268,7 @@ impl UringQueue {
         iov: &mut Vec<libc::iovec>,
         mem: &Arc<GuestMem>,
         write_through: bool,
-        bounce: Option<Vec<u8>>,
+        keep: Option<Box<dyn Send>>,
     ) -> bool {
         let Some(idx) = self.free.pop() else {
             // Callers check `has_room`; keep the invariant visible in debug builds.
@@ -279,7 +280,7 @@ impl UringQueue {
         std::mem::swap(&mut slot.iov, iov);
         iov.clear();
         slot.head = req.head;
-        slot.bounce = bounce;
+        slot.keep = keep;
         slot.status = req.status;
         slot.op = req.op;
         slot.iov_start = 0;
@@ -364,7 +365,7 @@ impl UringQueue {
             // is never resized, and a slot is reused only after it is freed in `reap`). The
             // buffers the iovecs name are guest memory kept mapped by the `snapshots` entry
             // of `slots[idx].generation` until this slot is released, or, for a write a
-            // driver image transformed, `slots[idx].bounce`, owned by the slot until then.
+            // buffer of ours, kept alive by `slots[idx].keep` until then.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -438,7 +439,7 @@ impl UringQueue {
                 let s = &mut self.slots[usize::from(idx)];
                 self.snapshots.release(s.generation);
                 s.iov.clear();
-                s.bounce = None;
+                s.keep = None;
                 done.push(Completion {
                     head: s.head,
                     status_addr: Some(s.status),

@@ -5,11 +5,13 @@
 //! [`DirtyMap`] is the set in memory: one bit per region (1 MiB by default). The replication
 //! state machine (`core`) owns its maps and never touches a file. [`BitmapFile`] stores a
 //! snapshot of a map durably, with the identity it describes ([`Tag`]): "the copy that says
-//! this volume UUID and generation lacks at most these regions".
+//! this volume UUID and generation lacks at most these regions", and the epoch of the
+//! primary that stored it (a bitmap is trusted only by the primary of the next epoch).
 //!
 //! On-disk layout: two slots, each `magic | generation | region_bytes | regions | crc32c |
-//! uuid[16] | gen | bits`, written alternately with `pwrite` + `fdatasync`. A load takes the
-//! valid slot with the highest generation, so a torn write of one slot leaves the other.
+//! uuid_len | uuid[64] | gen | epoch | bits`, written alternately with `pwrite` +
+//! `fdatasync`. A load takes the valid slot with the highest generation, so a torn write of
+//! one slot leaves the other.
 //! A file that exists but has no valid slot (corrupt, another geometry, an older format)
 //! loads as [`Loaded::Invalid`]: its owner must treat every region as dirty (fail closed).
 
@@ -18,10 +20,15 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-const MAGIC: &[u8; 8] = b"FDBITMP2";
-/// magic, generation, region_bytes, regions, crc, uuid, gen.
-const HEADER: usize = 8 + 8 + 8 + 8 + 4 + 16 + 8;
+const MAGIC: &[u8; 8] = b"FDBITMP3";
+/// Longest volume UUID stored.
+const UUID_MAX: usize = 64;
+/// magic, generation, region_bytes, regions, crc, uuid_len, uuid, gen, epoch.
+const HEADER: usize = 8 + 8 + 8 + 8 + 4 + 1 + UUID_MAX + 8 + 8;
 const CRC_AT: usize = 32;
+const UUID_AT: usize = CRC_AT + 4;
+const GEN_AT: usize = UUID_AT + 1 + UUID_MAX;
+const EPOCH_AT: usize = GEN_AT + 8;
 
 /// A set of regions, in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +168,7 @@ impl DirtyMap {
     }
 }
 
-/// The copy a stored bitmap describes: a volume UUID (32 hex characters, or empty) and a
+/// The copy a stored bitmap describes: a volume UUID (or empty) and a
 /// data generation (0: none).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tag {
@@ -174,7 +181,8 @@ pub struct Tag {
 pub enum Loaded {
     /// No file, or an empty one: nothing was ever stored.
     New,
-    Valid(DirtyMap, Tag),
+    /// The bits, the copy they describe, and the epoch of the primary that stored them.
+    Valid(DirtyMap, Tag, u64),
     /// A file with no valid slot: every region must count as dirty. The reason is for logs.
     Invalid(String),
 }
@@ -213,7 +221,7 @@ impl BitmapFile {
             return Ok((this, Loaded::New));
         }
         let slot = this.slot_bytes() as u64;
-        let mut best: Option<(u64, DirtyMap, Tag)> = None;
+        let mut best: Option<(u64, DirtyMap, Tag, u64)> = None;
         let mut why = String::from("no valid slot");
         for s in 0..2u64 {
             let mut buf = vec![0u8; slot as usize];
@@ -221,18 +229,18 @@ impl BitmapFile {
                 continue;
             }
             match this.decode(&buf, &proto) {
-                Ok((generation, map, tag)) => {
-                    if best.as_ref().is_none_or(|(g, _, _)| generation > *g) {
-                        best = Some((generation, map, tag));
+                Ok((generation, map, tag, epoch)) => {
+                    if best.as_ref().is_none_or(|(g, ..)| generation > *g) {
+                        best = Some((generation, map, tag, epoch));
                     }
                 }
                 Err(e) => why = e,
             }
         }
         Ok(match best {
-            Some((generation, map, tag)) => {
+            Some((generation, map, tag, epoch)) => {
                 this.generation = generation;
-                (this, Loaded::Valid(map, tag))
+                (this, Loaded::Valid(map, tag, epoch))
             }
             None => (this, Loaded::Invalid(why)),
         })
@@ -242,7 +250,7 @@ impl BitmapFile {
         HEADER + self.regions.div_ceil(64) * 8
     }
 
-    fn decode(&self, buf: &[u8], proto: &DirtyMap) -> Result<(u64, DirtyMap, Tag), String> {
+    fn decode(&self, buf: &[u8], proto: &DirtyMap) -> Result<(u64, DirtyMap, Tag, u64), String> {
         if &buf[..8] != MAGIC {
             return Err("not a bitmap of this format".into());
         }
@@ -259,27 +267,32 @@ impl BitmapFile {
                 self.regions, self.region_bytes
             ));
         }
-        let uuid = &buf[36..52];
+        let n = usize::from(buf[UUID_AT]).min(UUID_MAX);
+        let uuid = String::from_utf8(buf[UUID_AT + 1..UUID_AT + 1 + n].to_vec())
+            .map_err(|_| "a uuid that is not UTF-8".to_string())?;
         let tag = Tag {
-            uuid: if uuid.iter().all(|&b| b == 0) {
-                String::new()
-            } else {
-                uuid.iter().map(|b| format!("{b:02x}")).collect()
-            },
-            gen: word(52),
+            uuid,
+            gen: word(GEN_AT),
         };
+        let epoch = word(EPOCH_AT);
         let words: Vec<u64> = buf[HEADER..]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
         let mut map = proto.clone();
         map.load_words(&words);
-        Ok((generation, map, tag))
+        Ok((generation, map, tag, epoch))
     }
 
-    /// Makes `words` (of a map of this geometry) and `tag` durable: one `pwrite` of the
-    /// older slot and one `fdatasync`.
-    pub fn store(&mut self, words: &[u64], tag: &Tag) -> io::Result<()> {
+    /// Makes `words` (of a map of this geometry), `tag` and `epoch` durable: one `pwrite` of
+    /// the older slot and one `fdatasync`. A uuid longer than 64 bytes is refused.
+    pub fn store(&mut self, words: &[u64], tag: &Tag, epoch: u64) -> io::Result<()> {
+        if tag.uuid.len() > UUID_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a volume uuid longer than 64 bytes",
+            ));
+        }
         let generation = self.generation + 1;
         let mut buf = Vec::with_capacity(self.slot_bytes());
         buf.extend_from_slice(MAGIC);
@@ -287,8 +300,12 @@ impl BitmapFile {
         buf.extend_from_slice(&self.region_bytes.to_le_bytes());
         buf.extend_from_slice(&(self.regions as u64).to_le_bytes());
         buf.extend_from_slice(&[0; 4]);
-        buf.extend_from_slice(&uuid_bytes(&tag.uuid));
+        let mut uuid = [0u8; 1 + UUID_MAX];
+        uuid[0] = tag.uuid.len() as u8;
+        uuid[1..1 + tag.uuid.len()].copy_from_slice(tag.uuid.as_bytes());
+        buf.extend_from_slice(&uuid);
         buf.extend_from_slice(&tag.gen.to_le_bytes());
+        buf.extend_from_slice(&epoch.to_le_bytes());
         let n = self.regions.div_ceil(64);
         for i in 0..n {
             buf.extend_from_slice(&words.get(i).copied().unwrap_or(0).to_le_bytes());
@@ -301,21 +318,6 @@ impl BitmapFile {
         self.generation = generation;
         Ok(())
     }
-}
-
-/// A 32-hex-character UUID as 16 bytes (anything else: zeros, i.e. no identity).
-fn uuid_bytes(uuid: &str) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    if uuid.len() != 32 {
-        return out;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        match u8::from_str_radix(&uuid[2 * i..2 * i + 2], 16) {
-            Ok(b) => *o = b,
-            Err(_) => return [0; 16],
-        }
-    }
-    out
 }
 
 fn read_full(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
@@ -383,15 +385,15 @@ mod tests {
             assert!(matches!(loaded, Loaded::New));
             let mut m = DirtyMap::in_memory(64 * MIB, MIB);
             m.mark(5 * MIB, 1);
-            f.store(m.words(), &tag).unwrap();
+            f.store(m.words(), &tag, 3).unwrap();
             m.mark(9 * MIB, 1);
-            f.store(m.words(), &tag).unwrap();
+            f.store(m.words(), &tag, 3).unwrap();
         }
         let (f, loaded) = BitmapFile::open(&p, 64 * MIB, MIB).unwrap();
-        let Loaded::Valid(m, t) = loaded else {
+        let Loaded::Valid(m, t, epoch) = loaded else {
             panic!("{loaded:?}")
         };
-        assert_eq!(t, tag);
+        assert_eq!((t, epoch), (tag, 3));
         assert!(m.is_set(5) && m.is_set(9) && m.count() == 2);
         // Tear the newest slot: the previous one (bit 5 only) must win.
         let slot = f.slot_bytes() as u64;
@@ -401,7 +403,7 @@ mod tests {
         raw.write_all_at(&[0xff; 8], newest * slot + HEADER as u64)
             .unwrap();
         let (_, loaded) = BitmapFile::open(&p, 64 * MIB, MIB).unwrap();
-        let Loaded::Valid(m, _) = loaded else {
+        let Loaded::Valid(m, ..) = loaded else {
             panic!("{loaded:?}")
         };
         assert!(m.is_set(5) && !m.is_set(9));
@@ -413,8 +415,8 @@ mod tests {
         let p = dir.path().join("bm");
         {
             let (mut f, _) = BitmapFile::open(&p, 64 * MIB, MIB).unwrap();
-            f.store(&[0], &Tag::default()).unwrap();
-            f.store(&[0], &Tag::default()).unwrap();
+            f.store(&[0], &Tag::default(), 1).unwrap();
+            f.store(&[0], &Tag::default(), 1).unwrap();
         }
         assert!(matches!(
             BitmapFile::open(&p, 32 * MIB, MIB).unwrap().1,
@@ -428,7 +430,7 @@ mod tests {
             ),
             "garbage is not an empty bitmap"
         );
-        std::fs::write(&p, b"FDBITMP1 an older format").unwrap();
+        std::fs::write(&p, b"FDBITMP2 an older format").unwrap();
         assert!(matches!(
             BitmapFile::open(&p, 64 * MIB, MIB).unwrap().1,
             Loaded::Invalid(_)

@@ -24,9 +24,9 @@
 //!   fences the disk: every request fails from then on.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 
 use super::bitmap::{DirtyMap, Tag};
+pub use crate::buf::Payload;
 
 /// Microseconds since some origin chosen by the driver.
 pub type Micros = u64;
@@ -55,6 +55,10 @@ pub struct CoreConfig {
     pub al_idle: Micros,
     /// How often idle regions are checkpointed out of the activity log.
     pub checkpoint_every: Micros,
+    /// Regions the activity log should hold at most (after an unclean stop, each is pulled
+    /// from a replica before the disk serves). Beyond it, the least recently written idle
+    /// regions are checkpointed out at once; the regions of writes in flight are always in.
+    pub al_max_regions: usize,
 }
 
 impl CoreConfig {
@@ -78,6 +82,7 @@ impl CoreConfig {
             window: 4,
             al_idle: 5_000_000,
             checkpoint_every: 1_000_000,
+            al_max_regions: 4096,
         }
     }
 }
@@ -102,7 +107,7 @@ pub struct OpId(pub u64);
 pub enum Mutation {
     Write {
         crc: u32,
-        data: Arc<Vec<u8>>,
+        data: Payload,
     },
     /// Write-zeroes; with `unmap` the range may be deallocated (discard).
     Zero {
@@ -144,7 +149,7 @@ pub enum Frame {
         epoch: u64,
         offset: u64,
         crc: u32,
-        data: Arc<Vec<u8>>,
+        data: Payload,
     },
     Zero {
         seq: u64,
@@ -321,8 +326,17 @@ pub struct LinkStatus {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owner {
-    Guest { queue: u16, conn: u64, head: u16 },
-    Copy { link: usize },
+    Guest {
+        queue: u16,
+        conn: u64,
+        head: u16,
+    },
+    /// A region being resynced to `link`: read, compared and maybe copied while guest
+    /// writes to it wait.
+    Resync {
+        link: usize,
+        region: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -353,8 +367,8 @@ enum Pending {
         sent: Micros,
     },
     Compare {
+        op: OpId,
         region: usize,
-        generation: u32,
         data: Vec<u8>,
         sent: Micros,
     },
@@ -387,10 +401,9 @@ impl Pending {
 #[derive(Debug, Default)]
 struct Resync {
     cursor: usize,
-    /// Regions being read, compared or copied.
+    /// Regions being read, compared or copied, each under an operation of the tracker.
     busy: Vec<usize>,
-    /// Generations of regions whose local read is under way.
-    reading: BTreeMap<usize, u32>,
+    ops: BTreeMap<usize, OpId>,
     allowance: u64,
     last: Option<Micros>,
     total: usize,
@@ -473,8 +486,6 @@ impl Link {
 struct Region {
     /// Operations in the tracker touching this region.
     mutating: u32,
-    /// Bumped by every guest mutation that begins on it.
-    generation: u32,
     last_write_seq: u64,
     last_write_at: Micros,
 }
@@ -490,6 +501,8 @@ struct Activity {
     storing: Option<(u64, Vec<u64>)>,
     /// A store succeeded since start (a clean stop leaves a stored log, even an empty one).
     persisted: bool,
+    /// After a failed store, when to try again (not at once: the metadata disk is failing).
+    retry_at: Option<Micros>,
 }
 
 #[derive(Debug)]
@@ -538,6 +551,9 @@ pub struct Core {
     checkpoint_at: Micros,
     /// In a stop: the result of the last checkpoint.
     stop_checkpointed: Option<bool>,
+    /// The local copy failed to sync once: its pages may be lost although a later sync
+    /// succeeds, so no region leaves the activity log again in this run.
+    sync_failed: bool,
     recovery: Recovery,
 }
 
@@ -609,6 +625,7 @@ impl Core {
                 wanted_gen: 1,
                 storing: None,
                 persisted: false,
+                retry_at: None,
             },
             cfg,
             phase: Phase::Starting,
@@ -623,6 +640,7 @@ impl Core {
             next_checkpoint: 0,
             checkpoint_at: now,
             stop_checkpointed: None,
+            sync_failed: false,
             recovery: Recovery::default(),
         };
         for i in 0..core.links.len() {
@@ -736,12 +754,11 @@ impl Core {
         for r in regions.clone() {
             let reg = &mut self.regions[r];
             reg.mutating += 1;
-            reg.generation = reg.generation.wrapping_add(1);
             reg.last_write_seq = self.write_seq;
             reg.last_write_at = now;
         }
         self.write_seq += 1;
-        let wants_al = self.want_active(regions.clone(), out);
+        let wants_al = self.want_active(now, regions.clone(), out);
         self.ops.insert(
             id,
             Op {
@@ -773,19 +790,48 @@ impl Core {
 
     /// The local I/O of a request that went ([`Verdict::Go`] or [`Action::Release`]) is done.
     pub fn local_done(&mut self, now: Micros, id: OpId, ok: bool, out: &mut Vec<Action>) {
-        if let Some(op) = self.ops.get_mut(&id) {
-            op.local = Some(ok);
-            op.ok &= ok;
-            self.maybe_finish(now, id, out);
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        op.local = Some(ok);
+        op.ok &= ok;
+        if !ok {
+            let (offset, len) = (op.offset, op.len);
+            self.diverged(offset, len);
+        }
+        self.maybe_finish(now, id, out);
+    }
+
+    /// A request's worker went away: a parked request will never run, and one released
+    /// but never submitted locally counts as a failed local write.
+    pub fn abandon(&mut self, now: Micros, id: OpId, out: &mut Vec<Action>) {
+        match self.ops.get(&id) {
+            Some(o) if !o.running => {
+                let op = self.ops.remove(&id).expect("present");
+                self.retire(now, op, out);
+                self.maybe_stop(out);
+            }
+            Some(o) if o.local.is_none() => self.local_done(now, id, false, out),
+            _ => {}
         }
     }
 
-    /// A parked request will never run (its worker went away): forget it.
-    pub fn abandon(&mut self, now: Micros, id: OpId, out: &mut Vec<Action>) {
-        if self.ops.get(&id).is_some_and(|o| !o.running) {
-            let op = self.ops.remove(&id).expect("present");
-            self.retire(now, op, out);
-            self.maybe_stop(out);
+    /// The replicas may have what the local copy lacks in `[offset, offset + len)` (a local
+    /// write failed, or never happened): every replica is resynced there from the local
+    /// copy, so the copies end identical. One recorded in sync stays so (it holds every
+    /// acknowledged write; this write was not acknowledged) and catches up at once.
+    fn diverged(&mut self, offset: u64, len: u64) {
+        let serving = self.phase == Phase::Serving;
+        for l in &mut self.links {
+            l.mark_bits(offset, len);
+            if serving && l.state == LinkState::InSync && l.conn.is_some() {
+                l.state = LinkState::Resyncing;
+                l.finishing = None;
+                l.resync = Resync {
+                    total: l.bits.count(),
+                    ..Resync::default()
+                };
+            }
         }
     }
 
@@ -811,7 +857,7 @@ impl Core {
                             epoch,
                             offset,
                             crc: *crc,
-                            data: Arc::clone(data),
+                            data: data.clone(),
                         },
                         Some(Mutation::Zero { unmap }) => Frame::Zero {
                             seq,
@@ -888,6 +934,11 @@ impl Core {
         for r in op.regions.clone() {
             self.regions[r].mutating -= 1;
         }
+        if let Owner::Resync { link, region } = op.owner {
+            let rs = &mut self.links[link].resync;
+            rs.busy.retain(|&r| r != region);
+            rs.ops.remove(&region);
+        }
         for d in op.dependents {
             let ready = match self.ops.get_mut(&d) {
                 Some(o) => {
@@ -907,15 +958,18 @@ impl Core {
         let Some(op) = self.ops.get(&id) else {
             return;
         };
-        if let Owner::Guest { queue, conn, head } = op.owner {
-            out.push(Action::Release {
-                queue,
-                conn,
-                head,
-                op: id,
-            });
+        match op.owner {
+            Owner::Guest { queue, conn, head } => {
+                out.push(Action::Release {
+                    queue,
+                    conn,
+                    head,
+                    op: id,
+                });
+                self.run(now, id, out);
+            }
+            Owner::Resync { .. } => self.read_region(id, out),
         }
-        self.run(now, id, out);
     }
 
     /// Fails a parked operation without local I/O.
@@ -941,7 +995,12 @@ impl Core {
 
     /// Puts `regions` in the activity log; returns whether an operation on them must wait
     /// until the log is stored.
-    fn want_active(&mut self, regions: std::ops::Range<usize>, out: &mut Vec<Action>) -> bool {
+    fn want_active(
+        &mut self,
+        now: Micros,
+        regions: std::ops::Range<usize>,
+        out: &mut Vec<Action>,
+    ) -> bool {
         let mut added = false;
         let mut waits = false;
         for r in regions {
@@ -952,7 +1011,7 @@ impl Core {
             self.al.wanted_gen += 1;
         }
         if waits {
-            self.store_activity(out);
+            self.store_activity(now, out);
         }
         waits
     }
@@ -964,10 +1023,11 @@ impl Core {
         self.al.stored.is_set(r) && self.al.storing.as_ref().is_none_or(|(_, w)| kept(w))
     }
 
-    fn store_activity(&mut self, out: &mut Vec<Action>) {
-        if self.al.storing.is_some() {
+    fn store_activity(&mut self, now: Micros, out: &mut Vec<Action>) {
+        if self.al.storing.is_some() || self.al.retry_at.is_some_and(|t| now < t) {
             return;
         }
+        self.al.retry_at = None;
         if self.al.wanted == self.al.stored {
             return;
         }
@@ -1011,8 +1071,10 @@ impl Core {
                 }
             }
         } else {
-            // Nothing waiting for the log was submitted anywhere: fail those requests.
+            // Nothing waiting for the log was submitted anywhere: fail those requests, and
+            // try again later (the next writes to new regions wait for it meanwhile).
             tracing::error!(volume = %self.cfg.volume, "cannot store the activity log: failing the writes that wait for it");
+            self.al.retry_at = Some(now + self.cfg.reconnect);
             let mut waiting: Vec<OpId> = self
                 .ops
                 .iter()
@@ -1024,31 +1086,63 @@ impl Core {
                 self.fail_parked(now, id, out);
             }
         }
-        self.store_activity(out);
+        self.store_activity(now, out);
+        self.advance_start(now, out);
         self.maybe_stopped(out);
     }
 
     /// The metadata thread's tick: checkpoints idle regions out of the activity log.
     pub fn tick_meta(&mut self, now: Micros, out: &mut Vec<Action>) {
-        if self.fenced.is_some() || self.phase != Phase::Serving || self.checkpoint.is_some() {
+        if self.fenced.is_some() {
             return;
         }
-        if now < self.checkpoint_at {
+        if self.al.retry_at.is_some_and(|t| now >= t) {
+            self.store_activity(now, out);
+        }
+        if self.phase != Phase::Serving || self.checkpoint.is_some() || self.sync_failed {
+            return;
+        }
+        let over = self
+            .al
+            .wanted
+            .count()
+            .saturating_sub(self.cfg.al_max_regions);
+        if now < self.checkpoint_at && over == 0 {
             return;
         }
         self.checkpoint_at = now + self.cfg.checkpoint_every;
-        let eligible: Vec<usize> = self
+        let idle: Vec<usize> = self
             .al
             .wanted
             .iter()
-            .filter(|&r| {
-                let reg = &self.regions[r];
-                reg.mutating == 0 && now.saturating_sub(reg.last_write_at) >= self.cfg.al_idle
-            })
+            .filter(|&r| self.regions[r].mutating == 0)
             .collect();
+        let eligible: Vec<usize> = if over > 0 {
+            // Too many: the least recently written idle regions go, down to 90 %.
+            let mut idle = idle;
+            idle.sort_by_key(|&r| self.regions[r].last_write_at);
+            let target = over + (self.cfg.al_max_regions / 10).max(1);
+            idle.truncate(target);
+            idle
+        } else {
+            idle.into_iter()
+                .filter(|&r| now.saturating_sub(self.regions[r].last_write_at) >= self.cfg.al_idle)
+                .collect()
+        };
         if !eligible.is_empty() {
             self.start_checkpoint(eligible, false, out);
         }
+    }
+
+    /// How much recovery and resync work the start has done (it may take long, but it
+    /// must move).
+    pub fn start_progress(&self) -> u64 {
+        self.recovery.pulled as u64
+            + self
+                .links
+                .iter()
+                .map(|l| l.status.compared_regions + l.status.copied_regions)
+                .sum::<u64>()
     }
 
     fn start_checkpoint(&mut self, eligible: Vec<usize>, last: bool, out: &mut Vec<Action>) {
@@ -1073,12 +1167,25 @@ impl Core {
         });
     }
 
-    /// The local copy was synced and the checkpoint's bitmaps stored (`ok`), or not.
-    pub fn on_checkpoint(&mut self, id: u64, ok: bool, out: &mut Vec<Action>) {
+    /// The local copy was synced and the checkpoint's bitmaps stored, or not.
+    pub fn on_checkpoint(
+        &mut self,
+        now: Micros,
+        id: u64,
+        result: Result<(), CheckpointError>,
+        out: &mut Vec<Action>,
+    ) {
         if self.checkpoint.as_ref().is_none_or(|c| c.id != id) {
             return;
         }
         let c = self.checkpoint.take().expect("present");
+        if let Err(CheckpointError::Sync(e)) = &result {
+            // Linux reports a writeback error once: a later sync succeeds although the
+            // pages are gone. Nothing leaves the log again; the next start reconciles it.
+            tracing::error!(volume = %self.cfg.volume, "the local copy failed to sync ({e}): its active regions stay in the activity log, to be pulled from a replica at the next start");
+            self.sync_failed = true;
+        }
+        let ok = result.is_ok() && !self.sync_failed;
         if ok {
             for (link, gen) in c.bitmaps {
                 let l = &mut self.links[link];
@@ -1093,7 +1200,7 @@ impl Core {
             }
             if changed {
                 self.al.wanted_gen += 1;
-                self.store_activity(out);
+                self.store_activity(now, out);
             }
         } else {
             tracing::warn!(volume = %self.cfg.volume, "checkpoint failed; the activity log keeps its regions");
@@ -1135,6 +1242,15 @@ pub enum OpenError {
     Stale(String),
     /// Anything else (unreachable, refused, a bad reply): try again later.
     Failed(String),
+}
+
+/// Why a checkpoint failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointError {
+    /// The local copy could not be synced.
+    Sync(String),
+    /// A bitmap could not be stored.
+    Store(String),
 }
 
 /// Why recording a replica's state in the authority failed.
@@ -1300,7 +1416,9 @@ impl Core {
                             data,
                         });
                     }
-                    _ => self.fault(now, link, "unexpected data reply".into(), out),
+                    // A late reply to a pull abandoned meanwhile.
+                    None => {}
+                    Some(_) => self.fault(now, link, "unexpected data reply".into(), out),
                 }
             }
         }
@@ -1319,7 +1437,6 @@ impl Core {
                 if l.bits.clear(region) {
                     l.bits_gen += 1;
                 }
-                l.resync.busy.retain(|&r| r != region);
                 l.status.copied_regions += 1;
                 l.status.copied_bytes += len_of(region);
                 self.resolve(now, op, link, true, out);
@@ -1345,67 +1462,34 @@ impl Core {
     ) {
         let epoch = self.cfg.epoch;
         let Some(Pending::Compare {
-            region,
-            generation,
-            data,
-            ..
+            op, region, data, ..
         }) = self.links[link].pending.remove(&seq)
         else {
-            self.fault(now, link, "unexpected checksum reply".into(), out);
-            return;
+            return; // a late reply to a comparison abandoned meanwhile
         };
         self.links[link].status.compared_regions += 1;
-        let crc = crc32c::crc32c(&data);
         if crcs.len() != 1 {
             self.fault(now, link, "malformed checksum reply".into(), out);
             return;
         }
-        let reg = self.regions[region];
-        let unchanged = reg.generation == generation && reg.mutating == 0;
+        let crc = crc32c::crc32c(&data);
         let l = &mut self.links[link];
-        if !unchanged {
-            // A guest write touched the region since it was read: try again later.
-            l.resync.busy.retain(|&r| r != region);
-            return;
-        }
         if crcs[0] == crc {
             if l.bits.clear(region) {
                 l.bits_gen += 1;
             }
-            l.resync.busy.retain(|&r| r != region);
+            self.resolve(now, op, link, true, out);
             return;
         }
-        // Copy it. Guest writes to the region wait behind the copy, so the replica never
-        // gets the old data after a newer write.
+        // Copy it, still under the region's operation: guest writes to the region wait
+        // until the replica acknowledged the copy, so it never overtakes a newer write.
         let Some(conn) = l.conn else { return };
         let seq = l.seq();
-        self.next_op += 1;
-        let id = OpId(self.next_op);
         let offset = region as u64 * self.cfg.region_bytes;
-        let len = data.len() as u64;
-        self.regions[region].mutating += 1;
-        self.ops.insert(
-            id,
-            Op {
-                owner: Owner::Copy { link },
-                offset,
-                len,
-                regions: region..region + 1,
-                kind: None,
-                running: true,
-                blocked_by: 0,
-                dependents: Vec::new(),
-                wants_al: false,
-                local: Some(true),
-                waiting: Link::bit(link),
-                ok: true,
-            },
-        );
-        let l = &mut self.links[link];
         l.pending.insert(
             seq,
             Pending::Copy {
-                op: id,
+                op,
                 region,
                 sent: now,
             },
@@ -1418,7 +1502,7 @@ impl Core {
                 epoch,
                 offset,
                 crc,
-                data: Arc::new(data),
+                data: Payload::new(data),
             },
         });
     }
@@ -1437,21 +1521,19 @@ impl Core {
         l.status.failures += 1;
         l.status.last_error = why;
         l.finishing = None;
-        l.resync.busy.clear();
-        l.resync.reading.clear();
+        // The regions being resynced are abandoned (their bits stay set).
+        let copies: Vec<OpId> = l.resync.ops.values().copied().collect();
         let pending: Vec<Pending> = std::mem::take(&mut l.pending).into_values().collect();
         let mut guest = Vec::new();
-        let mut copies = Vec::new();
         let mut pulls_lost = 0;
         for p in pending {
             match p {
                 Pending::Guest { op, .. } => guest.push(op),
-                Pending::Copy { op, .. } => copies.push(op),
                 Pending::Pull { region, .. } => {
                     self.recovery.queue.push_front(region);
                     pulls_lost += 1;
                 }
-                Pending::Compare { .. } | Pending::Adopt { .. } => {}
+                Pending::Compare { .. } | Pending::Copy { .. } | Pending::Adopt { .. } => {}
             }
         }
         for op in &guest {
@@ -1499,7 +1581,7 @@ impl Core {
         self.retire_copies(now, copies, out);
     }
 
-    /// Abandoned resync copies leave the tracker; what waited behind them is released.
+    /// Abandoned resync operations leave the tracker; what waited behind them is released.
     fn retire_copies(&mut self, now: Micros, copies: Vec<OpId>, out: &mut Vec<Action>) {
         for op in copies {
             if let Some(o) = self.ops.remove(&op) {
@@ -1674,7 +1756,6 @@ impl Core {
                 break;
             };
             let len = self.region_len(region);
-            let generation = self.regions[region].generation;
             let l = &mut self.links[link];
             if rate > 0 && self.phase == Phase::Serving {
                 if l.resync.allowance < len {
@@ -1683,30 +1764,96 @@ impl Core {
                 l.resync.allowance -= len;
             }
             l.resync.cursor = region + 1;
-            l.resync.busy.push(region);
-            l.resync.reading.insert(region, generation);
-            out.push(Action::ReadLocal {
-                link,
-                region,
-                offset: region as u64 * region_bytes,
-                len,
-            });
+            self.lock_region(link, region, out);
         }
         self.finish_resync(link, out);
     }
 
-    /// The next dirty region of `link` that is neither busy nor being written.
+    /// The next dirty region of `link` not being resynced already: one that no write is
+    /// touching if there is one, else any (its resync waits behind the writes, and later
+    /// writes wait behind it, so even a region written all the time gets resynced).
     fn next_dirty(&self, link: usize) -> Option<usize> {
         let l = &self.links[link];
         let mut from = l.resync.cursor;
+        let mut busy_one = None;
         for _ in 0..l.bits.count() {
             let r = l.bits.next_set(from)?;
             from = r + 1;
-            if !l.resync.busy.contains(&r) && self.regions[r].mutating == 0 {
+            if l.resync.busy.contains(&r) {
+                continue;
+            }
+            if self.regions[r].mutating == 0 {
                 return Some(r);
             }
+            busy_one.get_or_insert(r);
         }
-        None
+        busy_one
+    }
+
+    /// Takes `region` for a resync of `link`: an operation of the write-ordering tracker,
+    /// behind the writes already in flight there, so that while the region is read,
+    /// compared and copied no guest write changes it, and the copy never overtakes one.
+    fn lock_region(&mut self, link: usize, region: usize, out: &mut Vec<Action>) {
+        self.next_op += 1;
+        let id = OpId(self.next_op);
+        let offset = region as u64 * self.cfg.region_bytes;
+        let len = self.region_len(region);
+        let mut blocked_by = 0;
+        if self.regions[region].mutating > 0 {
+            for o in self.ops.values_mut() {
+                if o.offset < offset + len && offset < o.offset.saturating_add(o.len) {
+                    o.dependents.push(id);
+                    blocked_by += 1;
+                }
+            }
+        }
+        self.regions[region].mutating += 1;
+        self.ops.insert(
+            id,
+            Op {
+                owner: Owner::Resync { link, region },
+                offset,
+                len,
+                regions: region..region + 1,
+                kind: None,
+                running: false,
+                blocked_by,
+                dependents: Vec::new(),
+                wants_al: false,
+                local: Some(true),
+                waiting: Link::bit(link),
+                ok: true,
+            },
+        );
+        let rs = &mut self.links[link].resync;
+        rs.busy.push(region);
+        rs.ops.insert(region, id);
+        if blocked_by == 0 {
+            self.read_region(id, out);
+        }
+    }
+
+    /// A region's resync operation holds the region now: read the local copy.
+    fn read_region(&mut self, id: OpId, out: &mut Vec<Action>) {
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        op.running = true;
+        if let Owner::Resync { link, region } = op.owner {
+            out.push(Action::ReadLocal {
+                link,
+                region,
+                offset: op.offset,
+                len: op.len,
+            });
+        }
+    }
+
+    /// Ends a region's resync operation early (the link went away, or the read failed).
+    fn drop_resync(&mut self, now: Micros, id: OpId, out: &mut Vec<Action>) {
+        if let Some(o) = self.ops.remove(&id) {
+            self.retire(now, o, out);
+        }
     }
 
     /// The local copy of a region was read for a resync comparison.
@@ -1719,7 +1866,7 @@ impl Core {
         out: &mut Vec<Action>,
     ) {
         let l = &mut self.links[link];
-        let Some(generation) = l.resync.reading.remove(&region) else {
+        let Some(&op) = l.resync.ops.get(&region) else {
             return;
         };
         let conn = match (l.state, l.conn, result) {
@@ -1729,8 +1876,8 @@ impl Core {
                 l.pending.insert(
                     seq,
                     Pending::Compare {
+                        op,
                         region,
-                        generation,
                         data,
                         sent: now,
                     },
@@ -1754,7 +1901,7 @@ impl Core {
             _ => None,
         };
         if conn.is_none() {
-            self.links[link].resync.busy.retain(|&r| r != region);
+            self.drop_resync(now, op, out);
         }
     }
 
@@ -1848,6 +1995,11 @@ impl Core {
             self.recovery.blocker = Some("bringing the in-sync replicas up to date".into());
             return;
         }
+        if self.al.wanted != self.al.stored || self.al.storing.is_some() {
+            self.store_activity(now, out);
+            self.recovery.blocker = Some("storing the activity log".into());
+            return;
+        }
         self.phase = Phase::Serving;
         self.recovery.blocker = None;
         tracing::info!(volume = %self.cfg.volume, epoch = self.cfg.epoch, recovered = self.recovery.pulled, "replication ready: serving");
@@ -1891,7 +2043,7 @@ impl Core {
     }
 
     /// Fixes the source of truth and what every other copy must catch up on.
-    fn decide(&mut self, _now: Micros, source: Source, out: &mut Vec<Action>) {
+    fn decide(&mut self, now: Micros, source: Source, out: &mut Vec<Action>) {
         let uuid = self.cfg.uuid.clone();
         let mut differ = self.al.stored.clone();
         if let Source::Link(s) = source {
@@ -1920,7 +2072,13 @@ impl Core {
                 l.bits_gen += 1;
             }
         }
-        let _ = out;
+        // What is pulled lands in the page cache: it stays in the activity log (stored
+        // before the disk serves) until a checkpoint has synced it, so a second crash
+        // reconciles it again.
+        if self.al.wanted.union(&differ) > 0 {
+            self.al.wanted_gen += 1;
+        }
+        self.store_activity(now, out);
     }
 
     /// Once the source's regions are pulled: a replica recorded in sync that is unreachable,
@@ -2023,22 +2181,19 @@ impl Core {
             return;
         }
         self.phase = Phase::Stopping;
-        // Copies in flight are abandoned: their bits stay set.
-        let copies: Vec<OpId> = self
+        // Resyncs in flight are abandoned: their bits stay set, and late replies to them
+        // are ignored.
+        let resyncs: Vec<OpId> = self
             .ops
             .iter()
-            .filter(|(_, o)| matches!(o.owner, Owner::Copy { .. }))
+            .filter(|(_, o)| matches!(o.owner, Owner::Resync { .. }))
             .map(|(id, _)| *id)
             .collect();
         for l in &mut self.links {
             l.pending.retain(|_, p| matches!(p, Pending::Guest { .. }));
-            l.resync.busy.clear();
-            l.resync.reading.clear();
         }
-        for id in copies {
-            if let Some(o) = self.ops.remove(&id) {
-                self.retire(now, o, out);
-            }
+        for id in resyncs {
+            self.drop_resync(now, id, out);
         }
         self.maybe_stop(out);
     }
@@ -2140,7 +2295,7 @@ impl Core {
             if let Some(op) = self.ops.get_mut(&id) {
                 op.waiting = 0;
                 op.ok = false;
-                if matches!(op.owner, Owner::Copy { .. }) {
+                if matches!(op.owner, Owner::Resync { .. }) {
                     op.local = Some(true);
                 }
             }

@@ -33,8 +33,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::authority::{Authority, AuthorityError};
 use super::bitmap::{BitmapFile, DirtyMap, Loaded, Tag};
 use super::machine::{
-    Action, BitmapSnapshot, Core, CoreConfig, Frame, LinkInit, Micros, Mutation, OpDesc, OpId,
-    OpenError, RecordError, Reply, Verdict,
+    Action, BitmapSnapshot, CheckpointError, Core, CoreConfig, Frame, LinkInit, Micros, Mutation,
+    OpDesc, OpId, OpenError, Payload, RecordError, Reply, Verdict,
 };
 use super::wire::{self, Code, Key, Msg};
 use crate::request::Op;
@@ -226,13 +226,53 @@ struct LinkTx {
     broken: bool,
 }
 
+/// Work for one of the driver's threads, posted by the others.
+struct Inbox {
+    items: Mutex<Vec<Action>>,
+    wake: EventFd,
+}
+
+impl Inbox {
+    fn new() -> io::Result<Inbox> {
+        Ok(Inbox {
+            items: Mutex::new(Vec::new()),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    fn post(&self, a: Action) {
+        self.items.lock().unwrap_or_else(|p| p.into_inner()).push(a);
+        let _ = self.wake.write(1);
+    }
+
+    fn take(&self, into: &mut VecDeque<Action>) {
+        into.extend(
+            self.items
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..),
+        );
+    }
+
+    /// Waits (at most `ms`) for a post.
+    fn wait(&self, ms: i32) {
+        let mut fds = [libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if crate::sys::poll(&mut fds, ms).is_ok_and(|n| n > 0) {
+            let _ = self.wake.read();
+        }
+    }
+}
+
 /// One replica, as the driver sees it.
 struct LinkIo {
     addr: String,
     tx: Mutex<LinkTx>,
     /// Work for the link's thread from other threads.
-    inbox: Mutex<Vec<Action>>,
-    wake: EventFd,
+    inbox: Inbox,
 }
 
 impl LinkIo {
@@ -241,10 +281,13 @@ impl LinkIo {
     }
 }
 
-/// The files only the metadata thread writes.
+/// The metadata files, split between the metadata thread (the activity log: its stores
+/// are on the write path of new regions) and the control thread (the bitmaps).
 struct MetaFiles {
     activity: BitmapFile,
     bitmaps: Vec<(BitmapFile, u64)>,
+    /// The epoch every store is tagged with.
+    epoch: u64,
 }
 
 /// The thread a batch of actions runs on.
@@ -257,6 +300,7 @@ enum Ctx {
     },
     Link(usize),
     Meta,
+    Ctl,
     Other,
 }
 
@@ -280,8 +324,11 @@ pub struct Replication {
     /// A page-cache descriptor of the local copy, for resync reads and recovery writes.
     local: File,
     links: Vec<LinkIo>,
-    meta_inbox: Mutex<Vec<Action>>,
-    meta_wake: EventFd,
+    /// The metadata thread: activity log stores, checkpoint decisions.
+    meta: Inbox,
+    /// The control thread: authority records, checkpoints' syncs, bitmap stores (each may
+    /// take seconds; no reply or log store waits behind them).
+    ctl: Inbox,
     mailboxes: Vec<Mailbox>,
     fenced: AtomicBool,
     fence_reason: Mutex<String>,
@@ -339,17 +386,16 @@ impl Replication {
         if !crate::sys::try_flock_exclusive(&lock).map_err(meta_err(&lock_path))? {
             return Err(ReplError::Busy(dir.clone()));
         }
-        let had_bitmaps = std::fs::read_dir(dir)
-            .map_err(meta_err(dir))?
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("dirty-"));
+        // The record as this node left it (or not): what the metadata may be trusted for.
+        let before = authority.load(&config.volume)?.map(|v| v.record);
         let record = authority.take_over(
             &config.volume,
             &config.node,
             &config.replicas,
             config.uuid.as_deref(),
         )?;
-        let (files, links, activity) = Self::load_meta(&config, &record, disk_bytes, had_bitmaps)?;
+        let (files, links, activity) =
+            Self::load_meta(&config, before.as_ref(), &record, disk_bytes)?;
         tracing::info!(
             volume = %config.volume,
             epoch = record.epoch,
@@ -390,14 +436,13 @@ impl Replication {
                             sender: None,
                             broken: false,
                         }),
-                        inbox: Mutex::new(Vec::new()),
-                        wake: EventFd::new(EFD_NONBLOCK)?,
+                        inbox: Inbox::new()?,
                     })
                 })
                 .collect::<io::Result<_>>()
                 .map_err(ReplError::Start)?,
-            meta_inbox: Mutex::new(Vec::new()),
-            meta_wake: EventFd::new(EFD_NONBLOCK).map_err(ReplError::Start)?,
+            meta: Inbox::new().map_err(ReplError::Start)?,
+            ctl: Inbox::new().map_err(ReplError::Start)?,
             mailboxes: (0..queues)
                 .map(|_| Mailbox::new())
                 .collect::<io::Result<_>>()
@@ -420,64 +465,96 @@ impl Replication {
         Ok(repl)
     }
 
-    /// Opens the activity log and one dirty bitmap per replica.
+    /// Opens the activity log and one dirty bitmap per replica, trusting each only if this
+    /// node stored it as the primary of the epoch `before` holds (the one `take_over` just
+    /// superseded), for a replica that was a member then; then stores them all again at the
+    /// new epoch.
+    ///
+    /// - A replica dropped from the membership and added back, or metadata from an older
+    ///   era of this node, would describe a copy as it was then: not trusted (found by the
+    ///   simulation and the review). Its replica gets a full rebuild.
+    /// - No record, a tombstone, another uuid, or another primary before (a promotion to
+    ///   this node: every other replica was recorded out of sync): nothing was written here
+    ///   that a replica holds and this copy lacks; the log starts empty.
+    /// - This node was the primary, but its log is missing, unreadable or older: every
+    ///   region counts as active, and is reconciled from an in-sync replica.
     fn load_meta(
         config: &ReplConfig,
+        before: Option<&super::authority::VolumeRecord>,
         record: &super::authority::VolumeRecord,
         disk_bytes: u64,
-        had_bitmaps: bool,
     ) -> Result<(MetaFiles, Vec<LinkInit>, Option<DirtyMap>), ReplError> {
         let rb = config.region_bytes;
+        let path_of = |name: &str| config.meta_dir.join(name);
         let open = |name: &str| {
-            let path = config.meta_dir.join(name);
-            BitmapFile::open(&path, disk_bytes, rb)
-                .map_err(|source| ReplError::Meta { path, source })
+            BitmapFile::open(&path_of(name), disk_bytes, rb).map_err(|source| ReplError::Meta {
+                path: path_of(name),
+                source,
+            })
         };
+        let ours =
+            before.filter(|b| !b.deleted && b.primary == config.node && b.uuid == record.uuid);
+        let trusted = |tag: &Tag, epoch: u64| {
+            ours.is_some_and(|b| b.epoch == epoch) && tag.uuid == record.uuid
+        };
+        let empty = DirtyMap::in_memory(disk_bytes, rb);
         let (mut al_file, loaded) = open(ACTIVITY)?;
-        let current = matches!(&loaded, Loaded::Valid(_, tag) if tag.uuid == record.uuid);
         let activity = match loaded {
-            Loaded::Valid(map, tag) if tag.uuid == record.uuid => Some(map),
-            // Another incarnation's log: nothing of this volume was ever written here.
-            Loaded::Valid(..) => Some(DirtyMap::in_memory(disk_bytes, rb)),
-            // No log yet: a new primary, unless bitmaps exist without one (an older
-            // version's metadata), which says nothing about what was in flight.
-            Loaded::New if !had_bitmaps => Some(DirtyMap::in_memory(disk_bytes, rb)),
-            Loaded::New => None,
+            Loaded::Valid(map, tag, epoch) if trusted(&tag, epoch) => Some(map),
+            _ if ours.is_none() => Some(empty.clone()),
             Loaded::Invalid(why) => {
                 tracing::error!(volume = %config.volume, "the activity log cannot be read ({why}): every region will be reconciled");
                 None
             }
-        };
-        if !current {
-            // From now on the log is this incarnation's: a new primary stores its (empty)
-            // log at once, so that the next start can tell a clean stop from an old
-            // version's metadata; an unreadable one is stored as every region active.
-            let mut words = DirtyMap::in_memory(disk_bytes, rb);
-            match &activity {
-                Some(map) => words = map.clone(),
-                None => words.set_all(),
+            _ => {
+                tracing::warn!(volume = %config.volume, "no activity log of the last epoch: every region will be reconciled");
+                None
             }
-            let tag = Tag {
-                uuid: record.uuid.clone(),
-                gen: 0,
-            };
-            let path = config.meta_dir.join(ACTIVITY);
-            al_file
-                .store(words.words(), &tag)
-                .map_err(|source| ReplError::Meta { path, source })?;
+        };
+        let al_tag = Tag {
+            uuid: record.uuid.clone(),
+            gen: 0,
+        };
+        let mut al_words = empty.clone();
+        match &activity {
+            Some(map) => al_words = map.clone(),
+            None => al_words.set_all(),
         }
+        al_file
+            .store(al_words.words(), &al_tag, record.epoch)
+            .map_err(|source| ReplError::Meta {
+                path: path_of(ACTIVITY),
+                source,
+            })?;
         let mut links = Vec::new();
         let mut bitmaps = Vec::new();
         for addr in &config.replicas {
-            let (file, loaded) = open(&map_name(addr))?;
+            let name = map_name(addr);
+            let (mut file, loaded) = open(&name)?;
+            let member = ours.is_some_and(|b| b.member(addr).is_some());
             let bitmap = match loaded {
-                Loaded::Valid(map, tag) => Some((map, tag)),
-                Loaded::New => None,
+                Loaded::Valid(map, tag, epoch) if member && trusted(&tag, epoch) => {
+                    Some((map, tag))
+                }
                 Loaded::Invalid(why) => {
                     tracing::error!(volume = %config.volume, replica = %addr, "the dirty bitmap cannot be read ({why}): the replica gets a full rebuild");
                     None
                 }
+                _ => None,
             };
+            let (words, tag) = match &bitmap {
+                Some((map, tag)) => (map.words().to_vec(), tag.clone()),
+                None => {
+                    let mut all = empty.clone();
+                    all.set_all();
+                    (all.words().to_vec(), Tag::default())
+                }
+            };
+            file.store(&words, &tag, record.epoch)
+                .map_err(|source| ReplError::Meta {
+                    path: path_of(&name),
+                    source,
+                })?;
             links.push(LinkInit {
                 addr: addr.clone(),
                 in_sync: record.member(addr).is_some_and(|m| m.in_sync),
@@ -489,34 +566,66 @@ impl Replication {
             MetaFiles {
                 activity: al_file,
                 bitmaps,
+                epoch: record.epoch,
             },
             links,
             activity,
         ))
     }
 
+    /// Starts the link, metadata and control threads (all or none).
     fn spawn_threads(self: &Arc<Self>, files: MetaFiles) -> Result<(), ReplError> {
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let spawned = self.try_spawn_threads(files);
+        if spawned.is_err() {
+            self.stop_threads();
+        }
+        spawned
+    }
+
+    fn try_spawn_threads(self: &Arc<Self>, files: MetaFiles) -> Result<(), ReplError> {
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(ReplError::Start)?;
+            self.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t);
+            Ok::<(), ReplError>(())
+        };
         for i in 0..self.links.len() {
             let me = Arc::clone(self);
-            let t = std::thread::Builder::new()
-                .name(format!("link-{}", self.links[i].addr))
-                .spawn(move || me.link_thread(i))
-                .map_err(ReplError::Start)?;
-            threads.push(t);
+            spawn(
+                format!("link-{}", self.links[i].addr),
+                Box::new(move || me.link_thread(i)),
+            )?;
         }
+        let MetaFiles {
+            activity,
+            bitmaps,
+            epoch,
+        } = files;
         let me = Arc::clone(self);
-        let t = std::thread::Builder::new()
-            .name(format!("meta-{}", self.config.volume))
-            .spawn(move || me.meta_thread(files))
-            .map_err(ReplError::Start)?;
-        threads.push(t);
+        spawn(
+            format!("meta-{}", self.config.volume),
+            Box::new(move || me.meta_thread(activity, epoch)),
+        )?;
+        let me = Arc::clone(self);
+        spawn(
+            format!("ctl-{}", self.config.volume),
+            Box::new(move || me.ctl_thread(bitmaps, epoch)),
+        )?;
         Ok(())
     }
 
     /// Waits until the state machine serves, or fails the start.
+    /// Waits until the state machine serves, or fails the start once it has made no
+    /// progress for a while (a recovery may pull many regions; it must keep moving).
     fn wait_serving(&self) -> Result<(), ReplError> {
-        let deadline = Instant::now() + START_TIMEOUT.max(3 * self.config.timeout);
+        let patience = START_TIMEOUT.max(3 * self.config.timeout);
+        let mut deadline = Instant::now() + patience;
+        let mut progress = 0;
         loop {
             {
                 let c = self.core();
@@ -525,6 +634,10 @@ impl Replication {
                 }
                 if c.phase() == Phase::Serving {
                     return Ok(());
+                }
+                if c.start_progress() != progress {
+                    progress = c.start_progress();
+                    deadline = Instant::now() + patience;
                 }
                 if Instant::now() >= deadline {
                     let why = c
@@ -589,7 +702,7 @@ impl Replication {
         connection: u64,
         head: u16,
         op: Op,
-        data: Vec<u8>,
+        data: Option<Payload>,
         own: &mut Vec<Delivery>,
     ) -> Begin {
         if self.is_fenced() {
@@ -597,15 +710,9 @@ impl Replication {
         }
         let (offset, len, kind) = match op {
             Op::Write { offset } => {
+                let data = data.unwrap_or_else(|| Payload::new(Vec::new()));
                 let crc = crc32c::crc32c(&data);
-                (
-                    offset,
-                    data.len() as u64,
-                    Mutation::Write {
-                        crc,
-                        data: Arc::new(data),
-                    },
-                )
+                (offset, data.len() as u64, Mutation::Write { crc, data })
             }
             Op::Discard { offset, len } => (offset, len, Mutation::Zero { unmap: true }),
             Op::WriteZeroes { offset, len, unmap } => (offset, len, Mutation::Zero { unmap }),
@@ -696,28 +803,26 @@ impl Replication {
                 }
                 Action::Disconnect { link, conn } => self.disconnect(link, conn),
                 Action::Connect { link, .. }
-                | Action::Record { link, .. }
                 | Action::ReadLocal { link, .. }
                 | Action::WriteLocal { link, .. } => {
                     if ctx == Ctx::Link(link) {
                         local.work.push_back(a);
                     } else {
-                        let l = &self.links[link];
-                        l.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(a);
-                        let _ = l.wake.write(1);
+                        self.links[link].inbox.post(a);
                     }
                 }
-                Action::StoreActivity { .. }
-                | Action::StoreBitmap(_)
-                | Action::Checkpoint { .. } => {
+                Action::Record { .. } | Action::StoreBitmap(_) | Action::Checkpoint { .. } => {
+                    if ctx == Ctx::Ctl {
+                        local.work.push_back(a);
+                    } else {
+                        self.ctl.post(a);
+                    }
+                }
+                Action::StoreActivity { .. } => {
                     if ctx == Ctx::Meta {
                         local.work.push_back(a);
                     } else {
-                        self.meta_inbox
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(a);
-                        let _ = self.meta_wake.write(1);
+                        self.meta.post(a);
                     }
                 }
                 Action::Release {
@@ -844,11 +949,11 @@ impl Replication {
         match s.try_flush() {
             Ok(true) => {}
             Ok(false) => {
-                let _ = l.wake.write(1);
+                let _ = l.inbox.wake.write(1);
             }
             Err(_) => {
                 tx.broken = true;
-                let _ = l.wake.write(1);
+                let _ = l.inbox.wake.write(1);
             }
         }
     }
@@ -862,7 +967,7 @@ impl Replication {
             }
             tx.conn = 0;
             tx.broken = false;
-            let _ = l.wake.write(1);
+            let _ = l.inbox.wake.write(1);
         }
     }
 
@@ -876,13 +981,7 @@ impl Replication {
         let mut local = Local::default();
         let mut next_tick = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
-            {
-                let mut inbox = self.links[i]
-                    .inbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                local.work.extend(inbox.drain(..));
-            }
+            self.links[i].inbox.take(&mut local.work);
             while let Some(a) = local.work.pop_front() {
                 let out = self.link_work(i, a, &mut rx);
                 self.execute(out, Ctx::Link(i), &mut local);
@@ -935,7 +1034,7 @@ impl Replication {
         }
         let mut fds = [
             libc::pollfd {
-                fd: link.wake.as_raw_fd(),
+                fd: link.inbox.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -956,7 +1055,7 @@ impl Replication {
             std::thread::sleep(TICK);
         }
         if fds[0].revents != 0 {
-            let _ = link.wake.read();
+            let _ = link.inbox.wake.read();
         }
         let (conn, r) = rx.as_mut()?;
         let conn = *conn;
@@ -1025,24 +1124,6 @@ impl Replication {
                 };
                 let now = self.now();
                 self.core().on_open(now, i, conn, result, &mut out);
-            }
-            Action::Record { in_sync, .. } => {
-                let r = self.authority.set_in_sync(
-                    &self.config.volume,
-                    &self.config.node,
-                    self.epoch,
-                    &self.links[i].addr,
-                    in_sync,
-                );
-                let result = match r {
-                    Ok(_) => Ok(()),
-                    Err(e @ AuthorityError::Fenced { .. }) => {
-                        Err(RecordError::Fenced(e.to_string()))
-                    }
-                    Err(e) => Err(RecordError::Failed(e.to_string())),
-                };
-                let now = self.now();
-                self.core().on_recorded(now, i, in_sync, result, &mut out);
             }
             Action::ReadLocal {
                 region,
@@ -1122,35 +1203,35 @@ impl Replication {
     // The metadata thread
     // -----------------------------------------------------------------------------------
 
-    fn meta_thread(self: Arc<Self>, mut files: MetaFiles) {
+    /// The metadata thread: stores the activity log (on the path of writes to new
+    /// regions: nothing slow runs here), and decides checkpoints.
+    fn meta_thread(self: Arc<Self>, mut activity: BitmapFile, epoch: u64) {
         let tag = Tag {
             uuid: self.uuid.clone(),
             gen: 0,
         };
         let mut local = Local::default();
         loop {
-            {
-                let mut inbox = self.meta_inbox.lock().unwrap_or_else(|p| p.into_inner());
-                local.work.extend(inbox.drain(..));
-            }
+            self.meta.take(&mut local.work);
             let idle = local.work.is_empty();
             while let Some(a) = local.work.pop_front() {
-                let out = self.meta_work(a, &mut files, &tag);
+                let mut out = Vec::new();
+                if let Action::StoreActivity { gen, words } = a {
+                    let stored = activity.store(&words, &tag, epoch);
+                    if let Err(e) = &stored {
+                        tracing::error!(volume = %self.config.volume, "cannot store the activity log: {e}");
+                    }
+                    let now = self.now();
+                    self.core()
+                        .on_activity_stored(now, gen, stored.is_ok(), &mut out);
+                }
                 self.execute(out, Ctx::Meta, &mut local);
             }
             if idle && self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let mut fds = [libc::pollfd {
-                fd: self.meta_wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
             if idle {
-                let _ = crate::sys::poll(&mut fds, 100);
-                if fds[0].revents != 0 {
-                    let _ = self.meta_wake.read();
-                }
+                self.meta.wait(TICK.as_millis() as i32);
             }
             let mut out = Vec::new();
             let now = self.now();
@@ -1159,31 +1240,64 @@ impl Replication {
         }
     }
 
-    fn meta_work(&self, a: Action, files: &mut MetaFiles, tag: &Tag) -> Vec<Action> {
+    /// The control thread: records replicas in the authority, syncs the local copy for
+    /// checkpoints, and stores the dirty bitmaps. A slow authority or disk delays only
+    /// these, never a replica's replies or an activity-log store.
+    fn ctl_thread(self: Arc<Self>, mut bitmaps: Vec<(BitmapFile, u64)>, epoch: u64) {
+        let mut local = Local::default();
+        loop {
+            self.ctl.take(&mut local.work);
+            let idle = local.work.is_empty();
+            while let Some(a) = local.work.pop_front() {
+                let out = self.ctl_work(a, &mut bitmaps, epoch);
+                self.execute(out, Ctx::Ctl, &mut local);
+            }
+            if idle && self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if idle {
+                self.ctl.wait(100);
+            }
+        }
+    }
+
+    fn ctl_work(&self, a: Action, bitmaps: &mut [(BitmapFile, u64)], epoch: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let now = self.now();
         match a {
-            Action::StoreActivity { gen, words } => {
-                let ok = match files.activity.store(&words, tag) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(volume = %self.config.volume, "cannot store the activity log: {e}");
-                        false
+            Action::Record { link, in_sync } => {
+                let r = self.authority.set_in_sync(
+                    &self.config.volume,
+                    &self.config.node,
+                    self.epoch,
+                    &self.links[link].addr,
+                    in_sync,
+                );
+                let result = match r {
+                    Ok(_) => Ok(()),
+                    Err(e @ AuthorityError::Fenced { .. }) => {
+                        Err(RecordError::Fenced(e.to_string()))
                     }
+                    Err(e) => Err(RecordError::Failed(e.to_string())),
                 };
-                self.core().on_activity_stored(now, gen, ok, &mut out);
+                let now = self.now();
+                self.core()
+                    .on_recorded(now, link, in_sync, result, &mut out);
             }
             Action::StoreBitmap(snap) => {
-                let ok = self.store_bitmap(files, &snap);
+                let ok = self.store_bitmap(bitmaps, &snap, epoch).is_ok();
                 self.core()
                     .on_bitmap_stored(snap.link, snap.gen, ok, &mut out);
             }
-            Action::Checkpoint { id, bitmaps } => {
-                let synced = self.local.sync_data().map_err(|e| {
-                    tracing::error!(volume = %self.config.volume, "checkpoint: cannot sync the local copy: {e}");
-                });
-                let ok = synced.is_ok() && bitmaps.iter().all(|b| self.store_bitmap(files, b));
-                self.core().on_checkpoint(id, ok, &mut out);
+            Action::Checkpoint { id, bitmaps: snaps } => {
+                let result = match self.local.sync_data() {
+                    Err(e) => Err(CheckpointError::Sync(e.to_string())),
+                    Ok(()) => snaps
+                        .iter()
+                        .try_for_each(|b| self.store_bitmap(bitmaps, b, epoch))
+                        .map_err(CheckpointError::Store),
+                };
+                let now = self.now();
+                self.core().on_checkpoint(now, id, result, &mut out);
             }
             _ => {}
         }
@@ -1191,21 +1305,26 @@ impl Replication {
     }
 
     /// Stores a bitmap snapshot unless the file already holds a newer one.
-    fn store_bitmap(&self, files: &mut MetaFiles, snap: &BitmapSnapshot) -> bool {
-        let Some((file, stored)) = files.bitmaps.get_mut(snap.link) else {
-            return false;
+    fn store_bitmap(
+        &self,
+        bitmaps: &mut [(BitmapFile, u64)],
+        snap: &BitmapSnapshot,
+        epoch: u64,
+    ) -> Result<(), String> {
+        let Some((file, stored)) = bitmaps.get_mut(snap.link) else {
+            return Err("no such replica".into());
         };
         if snap.gen <= *stored {
-            return true;
+            return Ok(());
         }
-        match file.store(&snap.words, &snap.tag) {
+        match file.store(&snap.words, &snap.tag, epoch) {
             Ok(()) => {
                 *stored = snap.gen;
-                true
+                Ok(())
             }
             Err(e) => {
                 tracing::error!(volume = %self.config.volume, replica = %self.links[snap.link].addr, "cannot store the dirty bitmap: {e}");
-                false
+                Err(e.to_string())
             }
         }
     }
@@ -1248,9 +1367,10 @@ impl Replication {
     fn stop_threads(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for l in &self.links {
-            let _ = l.wake.write(1);
+            let _ = l.inbox.wake.write(1);
         }
-        let _ = self.meta_wake.write(1);
+        let _ = self.meta.wake.write(1);
+        let _ = self.ctl.wake.write(1);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();

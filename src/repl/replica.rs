@@ -519,11 +519,10 @@ impl ReplicaServer {
         } else {
             None
         };
-        let (id, created, len) = image
-            .as_ref()
-            .map_or((crate::sys::FileId::default(), false, 0), |(img, created, len)| {
-                (img.id, *created, *len)
-            });
+        let (id, created, len) = image.as_ref().map_or(
+            (crate::sys::FileId::default(), false, 0),
+            |(img, created, len)| (img.id, *created, *len),
+        );
         let voided = void_if_not_for(name, &mut meta, created, id, len);
         // The epoch may have been carried over from a retired volume.
         if voided || stored_epoch < meta.epoch {

@@ -91,7 +91,7 @@ impl H {
             len,
             kind: Mutation::Write {
                 crc: 0,
-                data: Arc::new(vec![0; len as usize]),
+                data: Payload::new(vec![0; len as usize]),
             },
         };
         self.core.begin(self.now, d, &mut self.out)
@@ -652,7 +652,7 @@ fn idle_regions_leave_the_activity_log_after_a_checkpoint() {
         [Action::Checkpoint { id, .. }] => *id,
         other => panic!("{other:?}"),
     };
-    h.core.on_checkpoint(id, true, &mut h.out);
+    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
     assert!(!h.core.activity().is_set(3));
     assert!(h.out.iter().any(
         |a| matches!(a, Action::StoreActivity { words, .. } if words.iter().all(|w| *w == 0))
@@ -688,7 +688,9 @@ fn a_clean_stop_empties_the_log_only_when_every_fault_was_recorded() {
             }
             for a in acts {
                 match a {
-                    Action::Checkpoint { id, .. } => h.core.on_checkpoint(id, true, &mut h.out),
+                    Action::Checkpoint { id, .. } => {
+                        h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out)
+                    }
                     Action::StoreActivity { gen, .. } => {
                         h.core.on_activity_stored(h.now, gen, true, &mut h.out)
                     }
@@ -915,7 +917,7 @@ fn a_write_waits_while_the_log_being_stored_drops_its_region() {
         [Action::Checkpoint { id, .. }] => *id,
         other => panic!("{other:?}"),
     };
-    h.core.on_checkpoint(id, true, &mut h.out);
+    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
     let dropping = match h.take().as_slice() {
         [Action::StoreActivity { gen, words }] if words.iter().all(|w| *w == 0) => *gen,
         other => panic!("{other:?}"),
@@ -943,7 +945,9 @@ fn finish_stop(h: &mut H) -> (Phase, bool) {
     for _ in 0..10 {
         for a in h.take() {
             match a {
-                Action::Checkpoint { id, .. } => h.core.on_checkpoint(id, true, &mut h.out),
+                Action::Checkpoint { id, .. } => {
+                    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out)
+                }
                 Action::StoreActivity { gen, .. } => {
                     stored = true;
                     h.core.on_activity_stored(h.now, gen, true, &mut h.out)
@@ -980,7 +984,7 @@ fn a_stop_during_a_checkpoint_takes_the_last_checkpoint_after_it() {
     };
     h.core.stop(h.now, &mut h.out);
     assert_eq!(h.core.phase(), Phase::Stopping);
-    h.core.on_checkpoint(periodic, true, &mut h.out);
+    h.core.on_checkpoint(h.now, periodic, Ok(()), &mut h.out);
     assert_eq!(finish_stop(&mut h).0, Phase::Stopped { clean: true });
 }
 
@@ -1097,4 +1101,293 @@ fn replicas_in_sync_stay_candidates_until_the_recovery_pulls_are_done() {
         |a| matches!(a, Action::Send { link: 1, conn, frame: Frame::Read { .. } } if *conn == c1),
     );
     assert!(read, "b is the source now: {:?}", h.out);
+}
+
+/// Drives one write through: admitted (and the log stored), local done, acked by every link.
+fn write_through(h: &mut H, head: u16, offset: u64, len: u64, local_ok: bool) -> OpId {
+    let id = match h.write(head, offset, len) {
+        Verdict::Go(id) | Verdict::Parked(id) => id,
+        v => panic!("{v:?}"),
+    };
+    h.store_activity();
+    let sent = h.sent_writes();
+    h.core.local_done(h.now, id, local_ok, &mut h.out);
+    for (l, c, s) in sent {
+        h.ack(l, c, s);
+    }
+    id
+}
+
+#[test]
+fn a_failed_local_write_resyncs_every_replica_from_the_local_copy() {
+    let (mut h, _, _) = H::serving_pair();
+    write_through(&mut h, 1, 3 * MIB, 4096, false);
+    assert_eq!(h.completes(), vec![(1, false)], "the guest gets the error");
+    for i in 0..2 {
+        // The replicas applied a write the local copy lacks: they are brought back to it,
+        // and stay recorded in sync (the write was never acknowledged).
+        assert!(h.core.dirty(i).is_set(3));
+        assert_eq!(h.core.link_state(i), LinkState::Resyncing);
+        assert!(h.core.recorded_in_sync(i));
+    }
+    // One resync of the region at a time (each holds it against guest writes).
+    assert!(
+        h.out
+            .iter()
+            .any(|a| matches!(a, Action::ReadLocal { region: 3, .. })),
+        "{:?}",
+        h.out
+    );
+}
+
+#[test]
+fn a_released_request_whose_worker_went_away_counts_as_a_failed_local_write() {
+    let (mut h, c0, c1) = H::serving_pair();
+    let first = write_through_pending(&mut h, 1, 0, 4096);
+    let Verdict::Parked(second) = h.write(2, 0, 4096) else {
+        panic!("overlaps the first")
+    };
+    h.core.local_done(h.now, first.0, true, &mut h.out);
+    for (l, s) in first.1 {
+        h.ack(l, [c0, c1][l], s);
+    }
+    assert_eq!(h.releases(), vec![2], "released: its frames are out");
+    h.take();
+    // Its worker is gone before it submitted the local write.
+    h.core.abandon(h.now, second, &mut h.out);
+    assert!(h.core.dirty(0).is_set(0) && h.core.dirty(1).is_set(0));
+    assert_eq!(h.core.in_flight(), 1, "still waits for the replicas' acks");
+}
+
+/// Admits a write and stores the log; returns its id and (link, seq) of its frames.
+fn write_through_pending(h: &mut H, head: u16, offset: u64, len: u64) -> (OpId, Vec<(usize, u64)>) {
+    let id = match h.write(head, offset, len) {
+        Verdict::Go(id) | Verdict::Parked(id) => id,
+        v => panic!("{v:?}"),
+    };
+    h.store_activity();
+    let sent = h
+        .sent_writes()
+        .into_iter()
+        .map(|(l, _, s)| (l, s))
+        .collect();
+    h.take();
+    (id, sent)
+}
+
+#[test]
+fn a_region_written_all_the_time_still_gets_resynced() {
+    let (mut h, c0, c1) = H::serving_pair();
+    h.core
+        .on_disconnect(h.now, 1, c1, "killed".into(), &mut h.out);
+    h.recorded(1, false);
+    h.take();
+    // A write is in flight on region 0 all along; the replica comes back.
+    let (w1, s1) = write_through_pending(&mut h, 1, 0, 4096);
+    h.now += 200_000;
+    h.core.tick(h.now, 1, &mut h.out);
+    let conn = h.open(1, tag(7));
+    assert!(
+        !h.out
+            .iter()
+            .any(|a| matches!(a, Action::ReadLocal { region: 0, .. })),
+        "the resync of region 0 waits behind the write in flight"
+    );
+    h.take();
+    // A newer write to the region waits behind the resync.
+    assert!(matches!(h.write(2, 8192, 4096), Verdict::Parked(_)));
+    h.take();
+    h.core.local_done(h.now, w1, true, &mut h.out);
+    for (l, s) in s1 {
+        h.ack(l, c0, s);
+    }
+    assert!(h.out.iter().any(|a| matches!(
+        a,
+        Action::ReadLocal {
+            link: 1,
+            region: 0,
+            ..
+        }
+    )));
+    assert!(h.releases().is_empty(), "the newer write still waits");
+    h.take();
+    h.core
+        .on_local_read(h.now, 1, 0, Ok(vec![0; MIB as usize]), &mut h.out);
+    let sums = h
+        .out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                frame: Frame::Sums { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .unwrap();
+    h.take();
+    let crc = crc32c::crc32c(&vec![0u8; MIB as usize]);
+    h.core.on_reply(
+        h.now,
+        1,
+        conn,
+        Reply::Sums {
+            seq: sums,
+            crcs: vec![crc],
+        },
+        &mut h.out,
+    );
+    assert!(!h.core.dirty(1).is_set(0), "equal: resynced");
+    assert_eq!(h.releases(), vec![2], "then the newer write goes");
+}
+
+#[test]
+fn an_activity_log_over_its_size_checkpoints_the_oldest_idle_regions() {
+    let mut c = cfg();
+    c.al_max_regions = 4;
+    let mut out = Vec::new();
+    let core = Core::new(c, Vec::new(), Some(empty()), 0, &mut out);
+    let mut h = H { core, out, now: 0 };
+    for r in 0..6u64 {
+        h.now += 10;
+        write_through(&mut h, r as u16, r * MIB, 512, true);
+    }
+    h.take();
+    assert_eq!(h.core.activity().count(), 6);
+    h.now += 10;
+    h.core.tick_meta(h.now, &mut h.out);
+    let (id, _) = match h.take().as_slice() {
+        [Action::Checkpoint { id, bitmaps }] => (*id, bitmaps.len()),
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
+    let left: Vec<usize> = h.core.activity().iter().collect();
+    assert_eq!(
+        left.len(),
+        3,
+        "down to 90 % of 4, the oldest first: {left:?}"
+    );
+    assert!(left.iter().all(|&r| r >= 3));
+}
+
+#[test]
+fn after_a_failed_local_sync_no_region_leaves_the_log_again() {
+    let (mut h, _, _) = H::serving_pair();
+    write_through(&mut h, 1, 0, 512, true);
+    h.take();
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    let id = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(
+        h.now,
+        id,
+        Err(CheckpointError::Sync("EIO".into())),
+        &mut h.out,
+    );
+    assert!(h.core.activity().is_set(0));
+    h.now += 10_000_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    assert!(
+        h.out.is_empty(),
+        "no more checkpoints: a later sync would lie"
+    );
+    h.core.stop(h.now, &mut h.out);
+    let id = match h.take().as_slice() {
+        [Action::Checkpoint { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
+    assert_eq!(h.core.phase(), Phase::Stopped { clean: false });
+    assert!(h.core.activity().is_set(0), "the next start reconciles it");
+}
+
+#[test]
+fn a_failed_activity_log_store_is_retried_later_not_at_once() {
+    let (mut h, _, _) = H::serving_pair();
+    assert!(matches!(h.write(1, 0, 512), Verdict::Parked(_)));
+    let gen = h
+        .take()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::StoreActivity { gen, .. } => Some(gen),
+            _ => None,
+        })
+        .unwrap();
+    h.core.on_activity_stored(h.now, gen, false, &mut h.out);
+    assert_eq!(h.completes(), vec![(1, false)]);
+    assert!(
+        !h.out
+            .iter()
+            .any(|a| matches!(a, Action::StoreActivity { .. })),
+        "no store at once: {:?}",
+        h.out
+    );
+    h.take();
+    assert!(
+        matches!(h.write(2, 0, 512), Verdict::Parked(_)),
+        "waits meanwhile"
+    );
+    assert!(!h
+        .out
+        .iter()
+        .any(|a| matches!(a, Action::StoreActivity { .. })));
+    h.now += 200_000;
+    h.core.tick_meta(h.now, &mut h.out);
+    assert!(h
+        .out
+        .iter()
+        .any(|a| matches!(a, Action::StoreActivity { .. })));
+}
+
+#[test]
+fn regions_pulled_at_start_are_in_the_stored_log_before_the_disk_serves() {
+    let mut bits = empty();
+    bits.set(9);
+    let mut al = empty();
+    al.set(2);
+    let mut h = H::new(
+        vec![LinkInit {
+            addr: "a".into(),
+            in_sync: true,
+            bitmap: Some((bits, tag(7))),
+        }],
+        Some(al),
+    );
+    let c = h.open(0, tag(7));
+    h.store_activity();
+    assert_eq!(h.core.phase(), Phase::Starting);
+    let reads: Vec<(u64, usize)> = h
+        .out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                frame: Frame::Read { seq, offset, .. },
+                ..
+            } => Some((*seq, (*offset / MIB) as usize)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads.iter().map(|r| r.1).collect::<Vec<_>>(), vec![2, 9]);
+    h.take();
+    for (seq, region) in reads {
+        h.core.on_reply(
+            h.now,
+            0,
+            c,
+            Reply::Data {
+                seq,
+                data: vec![1; MIB as usize],
+            },
+            &mut h.out,
+        );
+        h.core
+            .on_local_written(h.now, 0, region, Ok(()), &mut h.out);
+    }
+    assert!(
+        h.core.activity().is_set(9),
+        "in the log before the disk serves"
+    );
+    assert_eq!(h.core.phase(), Phase::Serving);
 }
