@@ -520,26 +520,33 @@ impl Manager {
         Ok(Volume { size: bytes, ..vol })
     }
 
+    /// Deletes a volume. A replicated volume's tombstone, its replicas' copies and its
+    /// metadata are dealt with after the API's lock is released (they take network calls):
+    /// the volume is gone from the state first, and the authority's record is tombstoned
+    /// only if it is still this incarnation's.
     pub fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        let vol = inner
-            .state
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
-        if let Some(a) = inner.state.attachments.values().find(|a| a.volume == name) {
-            return Err(ApiError::conflict(format!(
-                "volume {name} is attached ({}); detach it first",
-                a.id
-            )));
-        }
+        let vol = {
+            let mut inner = self.lock();
+            let vol = inner
+                .state
+                .volumes
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no volume {name}")))?;
+            if let Some(a) = inner.state.attachments.values().find(|a| a.volume == name) {
+                return Err(ApiError::conflict(format!(
+                    "volume {name} is attached ({}); detach it first",
+                    a.id
+                )));
+            }
+            self.commit(&mut inner, |s| {
+                s.volumes.remove(name);
+            })?;
+            vol
+        };
         if !vol.replicas.is_empty() {
             self.forget_replicated(&vol);
         }
-        self.commit(&mut inner, |s| {
-            s.volumes.remove(name);
-        })?;
         if vol.owned {
             if let Err(e) = std::fs::remove_file(&vol.path) {
                 tracing::warn!(volume = name, "cannot remove {}: {e}", vol.path.display());
@@ -557,7 +564,7 @@ impl Manager {
     fn forget_replicated(&self, vol: &Volume) {
         let name = &vol.name;
         if let Some(ctx) = &self.repl {
-            match ctx.authority.delete(name) {
+            match ctx.authority.delete_incarnation(name, vol.uuid.as_deref()) {
                 Ok(Some(before)) => {
                     let epoch = before.epoch + 1;
                     for m in &before.replicas {
@@ -577,10 +584,18 @@ impl Manager {
                 }
             }
         }
+        // Unless a volume created again under this name already serves from it (it holds
+        // the lock; it does not trust another incarnation's metadata anyway).
         let meta = self.dir.join("replication").join(name);
-        if let Err(e) = std::fs::remove_dir_all(&meta) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
+        let lock = File::open(meta.join("lock"));
+        let free = lock
+            .as_ref()
+            .map_or(true, |f| crate::sys::try_flock_exclusive(f).unwrap_or(false));
+        if free {
+            if let Err(e) = std::fs::remove_dir_all(&meta) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
+                }
             }
         }
     }

@@ -248,11 +248,21 @@ impl Authority {
     /// uuid), which fences every primary and copy of the old incarnation. Returns the record
     /// as it was (`None` if there was none, or it was deleted already: nothing is written).
     pub fn delete(&self, volume: &str) -> Result<Option<VolumeRecord>, AuthorityError> {
+        self.delete_incarnation(volume, None)
+    }
+
+    /// [`delete`](Self::delete), only if the record is incarnation `uuid` (when given): a
+    /// volume re-created meanwhile under the same name is left alone.
+    pub fn delete_incarnation(
+        &self,
+        volume: &str,
+        uuid: Option<&str>,
+    ) -> Result<Option<VolumeRecord>, AuthorityError> {
         for _ in 0..CAS_RETRIES {
             let Some(cur) = self.store.load(volume)? else {
                 return Ok(None);
             };
-            if cur.record.deleted {
+            if cur.record.deleted || uuid.is_some_and(|u| u != cur.record.uuid) {
                 return Ok(None);
             }
             let tombstone = VolumeRecord {
