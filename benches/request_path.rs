@@ -178,13 +178,11 @@ impl Machine {
             in_sync: true,
             bitmap: Some((DirtyMap::in_memory(disk, 1 << 20), tag.clone())),
         };
-        let mut active = DirtyMap::in_memory(disk, 1 << 20);
-        active.set_all(); // steady state: every region is in the activity log
         let mut out = Vec::new();
         let mut core = Core::new(
             CoreConfig::new("v", UUID, 3, disk, 1 << 20),
             vec![link("a"), link("b")],
-            Some(active),
+            Some(DirtyMap::in_memory(disk, 1 << 20)),
             0,
             &mut out,
         );
@@ -195,10 +193,58 @@ impl Machine {
                 core.on_open(0, link, conn, Ok(tag.clone()), &mut Vec::new());
             }
         }
-        Machine {
+        let mut m = Machine {
             core,
             conns,
             now: 1,
+        };
+        m.warm(disk);
+        m
+    }
+
+    /// Steady state: every region is in the stored activity log (one write each, the log
+    /// stored, the writes completed).
+    fn warm(&mut self, disk: u64) {
+        use ferrodisk::repl::machine::{Action, Frame, Mutation, OpDesc, Reply};
+        let data = ferrodisk::buf::Payload::new(vec![0u8; 512]);
+        let mut out = Vec::new();
+        for r in 0..disk >> 20 {
+            let d = OpDesc {
+                queue: 0,
+                conn: 1,
+                head: 0,
+                offset: r << 20,
+                len: 512,
+                kind: Mutation::Write {
+                    crc: 0,
+                    data: data.clone(),
+                },
+            };
+            let id = match self.core.begin(self.now, d, &mut out) {
+                ferrodisk::repl::machine::Verdict::Go(id)
+                | ferrodisk::repl::machine::Verdict::Parked(id) => id,
+                v => panic!("{v:?}"),
+            };
+            let mut pending = std::mem::take(&mut out);
+            while let Some(a) = pending.pop() {
+                match a {
+                    Action::StoreActivity { gen, .. } => {
+                        self.core.on_activity_stored(self.now, gen, true, &mut out)
+                    }
+                    Action::Send {
+                        link,
+                        frame: Frame::Write { seq, .. },
+                        ..
+                    } => {
+                        let c = self.conns[link];
+                        self.core.local_done(self.now, id, true, &mut Vec::new());
+                        self.core
+                            .on_reply(self.now, link, c, Reply::Ack { seq }, &mut Vec::new());
+                    }
+                    _ => {}
+                }
+                pending.append(&mut out);
+            }
         }
     }
 

@@ -588,9 +588,9 @@ impl Manager {
         // the lock; it does not trust another incarnation's metadata anyway).
         let meta = self.dir.join("replication").join(name);
         let lock = File::open(meta.join("lock"));
-        let free = lock
-            .as_ref()
-            .map_or(true, |f| crate::sys::try_flock_exclusive(f).unwrap_or(false));
+        let free = lock.as_ref().map_or(true, |f| {
+            crate::sys::try_flock_exclusive(f).unwrap_or(false)
+        });
         if free {
             if let Err(e) = std::fs::remove_dir_all(&meta) {
                 if e.kind() != std::io::ErrorKind::NotFound {
