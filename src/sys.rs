@@ -388,14 +388,27 @@ pub fn send_nonblocking(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize>
     }
 }
 
-/// What tells one file from another that took its place: the inode number, and the birth
-/// time in nanoseconds (0 where the file system does not record it). A file deleted and
-/// re-created gets another pair even when the file system reuses the inode number.
+/// What tells one file from another that took its place: the inode number, the birth time
+/// in nanoseconds, and the inode generation (`FS_IOC_GETVERSION`). File systems reuse a
+/// freed inode number at once; a re-created file gets another birth time or generation,
+/// where the file system records them (0 where it does not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FileId {
     pub ino: u64,
     pub birth: u64,
+    pub generation: u64,
 }
+
+impl FileId {
+    /// Whether a re-created file can be told from this one: without a birth time or an
+    /// inode generation, the inode number alone proves nothing.
+    pub fn provable(&self) -> bool {
+        self.birth != 0 || self.generation != 0
+    }
+}
+
+/// `_IOR('v', 1, long)`: the inode generation of ext2/3/4, XFS and others.
+const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
 
 /// The [`FileId`] of an open file.
 pub fn file_id(file: &File) -> io::Result<FileId> {
@@ -422,8 +435,19 @@ pub fn file_id(file: &File) -> io::Result<FileId> {
     } else {
         0
     };
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes one `long` into `generation`, which we own, for the duration
+    // of the call; `file` owns the descriptor. Failure (no such ioctl) leaves it 0.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETVERSION, &mut generation) };
     Ok(FileId {
         ino: st.stx_ino,
         birth,
+        generation: if r == 0 { generation as u64 } else { 0 },
     })
+}
+
+/// Whether the open file has been unlinked (its name now names another file, or none).
+pub fn unlinked(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().is_ok_and(|m| m.nlink() == 0)
 }

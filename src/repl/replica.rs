@@ -67,6 +67,8 @@ struct Meta {
     #[serde(default)]
     birth: u64,
     #[serde(default)]
+    generation: u64,
+    #[serde(default)]
     len: u64,
 }
 
@@ -158,6 +160,7 @@ impl Volume {
             gen: next.gen,
             ino: self.image.as_ref().map_or(0, |i| i.id.ino),
             birth: self.image.as_ref().map_or(0, |i| i.id.birth),
+            generation: self.image.as_ref().map_or(0, |i| i.id.generation),
             len: self.size(),
         };
         write_meta(&self.meta, &meta).map_err(|e| {
@@ -364,8 +367,10 @@ fn read_meta(meta: &Path, legacy: &Path) -> Result<Option<Meta>, String> {
 }
 
 /// Voids the identity in `meta` (gen 0, for image `id` of `len` bytes) unless the image is
-/// the one it was written for: not (re)created, the same file (inode and birth time) and
-/// the same length. Returns whether it did.
+/// provably the one it was written for: not (re)created, the same file (inode number, and a
+/// birth time or inode generation the file system records) and the same length. Where the
+/// file system records neither, nothing proves it, and the identity is void at every load:
+/// the primary then compares the whole copy. Returns whether it did.
 fn void_if_not_for(
     name: &str,
     meta: &mut Meta,
@@ -373,14 +378,24 @@ fn void_if_not_for(
     id: crate::sys::FileId,
     len: u64,
 ) -> bool {
-    let same = !created && id.ino == meta.ino && id.birth == meta.birth && len == meta.len;
+    let same = !created
+        && id.provable()
+        && id.ino == meta.ino
+        && id.birth == meta.birth
+        && id.generation == meta.generation
+        && len == meta.len;
     if meta.gen == 0 || same {
         return false;
     }
-    tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new, resized, or not the file its identity was written for: identity void");
+    if id.provable() {
+        tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "the replica's image is new, resized, or not the file its identity was written for: identity void");
+    } else {
+        tracing::warn!(volume = name, uuid = %meta.uuid, gen = meta.gen, "this file system records no birth time or inode generation, so nothing proves the image is the one its identity was written for: identity void (the primary compares the whole copy)");
+    }
     meta.gen = 0;
     meta.ino = id.ino;
     meta.birth = id.birth;
+    meta.generation = id.generation;
     meta.len = len;
     true
 }
@@ -447,8 +462,10 @@ impl ReplicaServer {
             let mut st = v.lock();
             let current = !st.dropped
                 && match &v.image {
-                    // The same file, not truncated or extended under us.
-                    Some(img) => on_disk == Some((img.id, v.size())),
+                    // The same file, still linked, not truncated or extended under us.
+                    Some(img) => {
+                        on_disk == Some((img.id, v.size())) && !crate::sys::unlinked(&img.file)
+                    }
                     None => on_disk.is_none() && size == 0,
                 };
             if current {
@@ -1564,6 +1581,7 @@ mod tests {
                 gen: 7,
                 ino: id(&img).ino,
                 birth: id(&img).birth,
+                generation: id(&img).generation,
                 len: MIB,
             }
         );
