@@ -274,6 +274,11 @@ impl QueueWorker {
         if let QueueEngine::Uring(u) = &mut self.engine {
             u.reap(&mut self.done);
             let ev = std::mem::take(&mut u.events);
+            // An fdatasync of a replicated disk's local copy failed: the copy may have lost
+            // writes the replicas hold, and the replication stage stops serving it.
+            if let (Some(repl), true) = (&self.repl, ev.sync_errors > 0) {
+                repl.local_sync_failed("an fdatasync of the local copy failed");
+            }
             let st = &self.disk.stats.queues[self.queue];
             add(&st.short_transfers, ev.short_transfers);
             add(&st.retries, ev.retries);

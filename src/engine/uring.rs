@@ -178,6 +178,9 @@ pub struct EngineEvents {
     pub errors: u64,
     /// fdatasyncs that made a write-through discard or write-zeroes durable.
     pub syncs: u64,
+    /// fdatasyncs that failed (a guest flush, or the sync after a write-through discard or
+    /// write-zeroes): pages written earlier may be gone, and Linux reports that only once.
+    pub sync_errors: u64,
 }
 
 pub struct UringQueue {
@@ -458,6 +461,7 @@ impl UringQueue {
         if s.syncing {
             // The fdatasync after a write-through discard or write-zeroes.
             return if res < 0 {
+                self.events.sync_errors += 1;
                 tracing::debug!(
                     "fdatasync after {:?} failed: {}",
                     s.op,
@@ -482,6 +486,9 @@ impl UringQueue {
                     Outcome::Resubmit
                 }
                 (e, op) => {
+                    if matches!(op, Op::Flush) {
+                        self.events.sync_errors += 1;
+                    }
                     tracing::debug!(
                         "request {:?} failed: {}",
                         op,
@@ -770,6 +777,34 @@ mod tests {
         push(&mut f, zeroes, true);
         assert_eq!(f.q.events.syncs, 2, "write-through: each one synced");
         assert_eq!(f.q.events.retries, 0);
+    }
+
+    #[test]
+    fn failed_fdatasyncs_are_counted_as_sync_errors() {
+        // No file system here fails an fdatasync on demand: classify the CQE results.
+        let mut f = fixture(false, 1 << 20);
+        run(&mut f, Op::Flush, &[]);
+        let slot = &mut f.q.slots[0];
+        slot.op = Op::Flush;
+        slot.syncing = false;
+        assert!(matches!(f.q.outcome(0, -libc::EIO), Outcome::Done(S_IOERR)));
+        assert_eq!(f.q.events.sync_errors, 1, "a failed guest flush");
+        let slot = &mut f.q.slots[0];
+        slot.op = Op::Discard {
+            offset: 0,
+            len: 4096,
+        };
+        slot.syncing = true;
+        assert!(matches!(f.q.outcome(0, -libc::EIO), Outcome::Done(S_IOERR)));
+        assert_eq!(f.q.events.sync_errors, 2, "a failed sync after a discard");
+        let slot = &mut f.q.slots[0];
+        slot.op = Op::Write { offset: 0 };
+        slot.syncing = false;
+        assert!(matches!(f.q.outcome(0, -libc::EIO), Outcome::Done(S_IOERR)));
+        assert_eq!(
+            f.q.events.sync_errors, 2,
+            "a failed write is not a sync error"
+        );
     }
 
     #[test]

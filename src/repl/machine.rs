@@ -221,8 +221,8 @@ pub enum Action {
     Disconnect { link: usize, conn: u64 },
     /// Connect, authenticate and `Open`; report with [`Core::on_open`] (the link's thread).
     Connect { link: usize, conn: u64 },
-    /// Record the replica in the authority; report with [`Core::on_recorded`] (the link's
-    /// thread).
+    /// Record the replica in the authority; report with [`Core::on_recorded`] (the
+    /// authority thread).
     Record { link: usize, in_sync: bool },
     /// Read a region of the local copy; report with [`Core::on_local_read`] (the link's
     /// thread).
@@ -242,10 +242,10 @@ pub enum Action {
     },
     /// Store the activity log; report with [`Core::on_activity_stored`] (metadata thread).
     StoreActivity { gen: u64, words: Vec<u64> },
-    /// Store a dirty bitmap; report with [`Core::on_bitmap_stored`] (metadata thread).
+    /// Store a dirty bitmap; report with [`Core::on_bitmap_stored`] (control thread).
     StoreBitmap(BitmapSnapshot),
     /// `fdatasync` the local copy, then store these bitmaps; report with
-    /// [`Core::on_checkpoint`] (metadata thread).
+    /// [`Core::on_checkpoint`] (control thread).
     Checkpoint {
         id: u64,
         bitmaps: Vec<BitmapSnapshot>,
@@ -819,7 +819,7 @@ impl Core {
     /// The replicas may have what the local copy lacks in `[offset, offset + len)` (a local
     /// write failed, or never happened): every replica is resynced there from the local
     /// copy, so the copies end identical. One recorded in sync stays so (it holds every
-    /// acknowledged write; this write was not acknowledged) and catches up at once.
+    /// acknowledged write; this write was not acknowledged) and is resynced there at once.
     fn diverged(&mut self, offset: u64, len: u64) {
         let serving = self.phase == Phase::Serving;
         for l in &mut self.links {
@@ -1107,7 +1107,14 @@ impl Core {
             .wanted
             .count()
             .saturating_sub(self.cfg.al_max_regions);
-        if now < self.checkpoint_at && over == 0 {
+        // Over the size, checkpoint sooner (but not more than ten times per period).
+        let due = if over > 0 {
+            self.checkpoint_at
+                .saturating_sub(self.cfg.checkpoint_every * 9 / 10)
+        } else {
+            self.checkpoint_at
+        };
+        if now < due {
             return;
         }
         self.checkpoint_at = now + self.cfg.checkpoint_every;
@@ -1132,6 +1139,19 @@ impl Core {
         if !eligible.is_empty() {
             self.start_checkpoint(eligible, false, out);
         }
+    }
+
+    /// A sync of the local copy failed (a checkpoint's, or the guest's flush): pages the
+    /// replicas hold may be gone from it, and Linux reports a writeback error once, so a
+    /// later sync would succeed all the same. The disk stops (fenced: every request fails,
+    /// nothing is resynced from this copy any more), and its activity log stays, so the
+    /// next start pulls those regions from an in-sync replica.
+    pub fn local_sync_failed(&mut self, now: Micros, why: &str, out: &mut Vec<Action>) {
+        self.sync_failed = true;
+        let why = format!(
+            "the local copy failed to sync ({why}): it may have lost writes the replicas hold; restart to reconcile it from an in-sync replica"
+        );
+        self.fence(now, why, out);
     }
 
     /// How much recovery and resync work the start has done (it may take long, but it
@@ -1180,10 +1200,7 @@ impl Core {
         }
         let c = self.checkpoint.take().expect("present");
         if let Err(CheckpointError::Sync(e)) = &result {
-            // Linux reports a writeback error once: a later sync succeeds although the
-            // pages are gone. Nothing leaves the log again; the next start reconciles it.
-            tracing::error!(volume = %self.cfg.volume, "the local copy failed to sync ({e}): its active regions stay in the activity log, to be pulled from a replica at the next start");
-            self.sync_failed = true;
+            self.local_sync_failed(now, e, out);
         }
         let ok = result.is_ok() && !self.sync_failed;
         if ok {
@@ -1634,6 +1651,10 @@ impl Core {
             if l.state == LinkState::Failing {
                 // It failed while being recorded in sync: record the fault now.
                 self.record(link, false, out);
+            } else if l.state == LinkState::Resyncing && !l.bits.is_empty() {
+                // Regions were marked meanwhile (a local write failed): it is recorded in
+                // sync (it holds every acknowledged write) and catches up on them.
+                l.finishing = None;
             } else if l.state == LinkState::Resyncing && l.bits.is_empty() {
                 l.state = LinkState::InSync;
                 l.finishing = None;
@@ -1683,12 +1704,16 @@ impl Core {
         if l.recording.is_none() && l.record_retry_at.is_some_and(|t| now >= t) {
             let want = match l.state {
                 LinkState::Failing => Some(false),
-                LinkState::Resyncing if l.finishing.is_some() => Some(true),
+                LinkState::Resyncing if l.finishing.is_some() && l.bits.is_empty() => Some(true),
                 _ => None,
             };
             match want {
                 Some(v) => self.record(link, v, out),
-                None => self.links[link].record_retry_at = None,
+                None => {
+                    let l = &mut self.links[link];
+                    l.record_retry_at = None;
+                    l.finishing = None;
+                }
             }
         }
         let l = &self.links[link];

@@ -9,10 +9,13 @@
 //!   frames of a batch are written by [`Replication::flush`] with non-blocking sends; what a
 //!   socket does not take is written by the link's thread. A worker never waits on a
 //!   replica, the authority or a disk sync.
-//! - **One thread per replica link** connects, receives replies, records the replica's state
-//!   in the authority, and reads (resync) or writes (recovery) the local copy for it.
-//! - **One metadata thread** stores the activity log and the dirty bitmaps, and runs
-//!   checkpoints (`fdatasync` of the local copy).
+//! - **One thread per replica link** connects, receives replies, writes what a socket did not
+//!   take at once, and reads (resync) or writes (recovery) the local copy for it.
+//! - **One metadata thread** stores the activity log (the first write to a new region waits
+//!   for it) and decides checkpoints.
+//! - **One control thread** runs checkpoints (`fdatasync` of the local copy) and stores the
+//!   dirty bitmaps.
+//! - **One authority thread** records replicas' states in the authority.
 //!
 //! Results for guest requests reach the worker of their queue through its [`Mailbox`]
 //! (an eventfd in the worker's epoll), or directly when the worker itself caused them.
@@ -301,6 +304,7 @@ enum Ctx {
     Link(usize),
     Meta,
     Ctl,
+    Auth,
     Other,
 }
 
@@ -326,9 +330,12 @@ pub struct Replication {
     links: Vec<LinkIo>,
     /// The metadata thread: activity log stores, checkpoint decisions.
     meta: Inbox,
-    /// The control thread: authority records, checkpoints' syncs, bitmap stores (each may
-    /// take seconds; no reply or log store waits behind them).
+    /// The control thread: checkpoints' syncs and bitmap stores (a sync may take seconds;
+    /// no reply, log store or authority record waits behind it).
     ctl: Inbox,
+    /// The authority thread: records replicas' states (writes waiting for a fault to be
+    /// recorded wait for nothing else).
+    auth: Inbox,
     mailboxes: Vec<Mailbox>,
     fenced: AtomicBool,
     fence_reason: Mutex<String>,
@@ -443,6 +450,7 @@ impl Replication {
                 .map_err(ReplError::Start)?,
             meta: Inbox::new().map_err(ReplError::Start)?,
             ctl: Inbox::new().map_err(ReplError::Start)?,
+            auth: Inbox::new().map_err(ReplError::Start)?,
             mailboxes: (0..queues)
                 .map(|_| Mailbox::new())
                 .collect::<io::Result<_>>()
@@ -467,8 +475,8 @@ impl Replication {
 
     /// Opens the activity log and one dirty bitmap per replica, trusting each only if this
     /// node stored it as the primary of the epoch `before` holds (the one `take_over` just
-    /// superseded), for a replica that was a member then; then stores them all again at the
-    /// new epoch.
+    /// superseded, or the one before if that start died before storing them again), for a
+    /// replica that was a member then; then stores them all again at the new epoch.
     ///
     /// - A replica dropped from the membership and added back, or metadata from an older
     ///   era of this node, would describe a copy as it was then: not trusted (found by the
@@ -494,8 +502,12 @@ impl Replication {
         };
         let ours =
             before.filter(|b| !b.deleted && b.primary == config.node && b.uuid == record.uuid);
+        // Stored at the epoch of this node's last take-over, or at the one before it if
+        // that start crashed before it stored them again (then it never served, and they
+        // are still accurate).
         let trusted = |tag: &Tag, epoch: u64| {
-            ours.is_some_and(|b| b.epoch == epoch) && tag.uuid == record.uuid
+            ours.is_some_and(|b| b.epoch == epoch || b.epoch == epoch + 1)
+                && tag.uuid == record.uuid
         };
         let empty = DirtyMap::in_memory(disk_bytes, rb);
         let (mut al_file, loaded) = open(ACTIVITY)?;
@@ -573,7 +585,7 @@ impl Replication {
         ))
     }
 
-    /// Starts the link, metadata and control threads (all or none).
+    /// Starts the link, metadata, control and authority threads (all or none).
     fn spawn_threads(self: &Arc<Self>, files: MetaFiles) -> Result<(), ReplError> {
         let spawned = self.try_spawn_threads(files);
         if spawned.is_err() {
@@ -615,6 +627,11 @@ impl Replication {
         spawn(
             format!("ctl-{}", self.config.volume),
             Box::new(move || me.ctl_thread(bitmaps, epoch)),
+        )?;
+        let me = Arc::clone(self);
+        spawn(
+            format!("auth-{}", self.config.volume),
+            Box::new(move || me.auth_thread()),
         )?;
         Ok(())
     }
@@ -751,6 +768,16 @@ impl Replication {
         self.execute_for_worker(actions, queue, own, false);
     }
 
+    /// A flush of the local copy failed: see [`Core::local_sync_failed`].
+    pub fn local_sync_failed(&self, why: &str) {
+        let mut actions = Vec::new();
+        {
+            let now = self.now();
+            self.core().local_sync_failed(now, why, &mut actions);
+        }
+        self.execute(actions, Ctx::Other, &mut Local::default());
+    }
+
     /// A parked request will never run (its worker is going away).
     pub fn abandon(&self, op: OpId) {
         let mut actions = Vec::new();
@@ -811,7 +838,14 @@ impl Replication {
                         self.links[link].inbox.post(a);
                     }
                 }
-                Action::Record { .. } | Action::StoreBitmap(_) | Action::Checkpoint { .. } => {
+                Action::Record { .. } => {
+                    if ctx == Ctx::Auth {
+                        local.work.push_back(a);
+                    } else {
+                        self.auth.post(a);
+                    }
+                }
+                Action::StoreBitmap(_) | Action::Checkpoint { .. } => {
                     if ctx == Ctx::Ctl {
                         local.work.push_back(a);
                     } else {
@@ -1240,9 +1274,9 @@ impl Replication {
         }
     }
 
-    /// The control thread: records replicas in the authority, syncs the local copy for
-    /// checkpoints, and stores the dirty bitmaps. A slow authority or disk delays only
-    /// these, never a replica's replies or an activity-log store.
+    /// The control thread: syncs the local copy for checkpoints and stores the dirty
+    /// bitmaps. A slow disk delays only these, never a replica's replies, an activity-log
+    /// store or an authority record.
     fn ctl_thread(self: Arc<Self>, mut bitmaps: Vec<(BitmapFile, u64)>, epoch: u64) {
         let mut local = Local::default();
         loop {
@@ -1264,25 +1298,6 @@ impl Replication {
     fn ctl_work(&self, a: Action, bitmaps: &mut [(BitmapFile, u64)], epoch: u64) -> Vec<Action> {
         let mut out = Vec::new();
         match a {
-            Action::Record { link, in_sync } => {
-                let r = self.authority.set_in_sync(
-                    &self.config.volume,
-                    &self.config.node,
-                    self.epoch,
-                    &self.links[link].addr,
-                    in_sync,
-                );
-                let result = match r {
-                    Ok(_) => Ok(()),
-                    Err(e @ AuthorityError::Fenced { .. }) => {
-                        Err(RecordError::Fenced(e.to_string()))
-                    }
-                    Err(e) => Err(RecordError::Failed(e.to_string())),
-                };
-                let now = self.now();
-                self.core()
-                    .on_recorded(now, link, in_sync, result, &mut out);
-            }
             Action::StoreBitmap(snap) => {
                 let ok = self.store_bitmap(bitmaps, &snap, epoch).is_ok();
                 self.core()
@@ -1302,6 +1317,45 @@ impl Replication {
             _ => {}
         }
         out
+    }
+
+    /// The authority thread: records replicas' states in the authority (a call may take
+    /// seconds while the authority is slow or down; only what waits for a record waits).
+    fn auth_thread(self: Arc<Self>) {
+        let mut local = Local::default();
+        loop {
+            self.auth.take(&mut local.work);
+            let idle = local.work.is_empty();
+            while let Some(a) = local.work.pop_front() {
+                let mut out = Vec::new();
+                if let Action::Record { link, in_sync } = a {
+                    let r = self.authority.set_in_sync(
+                        &self.config.volume,
+                        &self.config.node,
+                        self.epoch,
+                        &self.links[link].addr,
+                        in_sync,
+                    );
+                    let result = match r {
+                        Ok(_) => Ok(()),
+                        Err(e @ AuthorityError::Fenced { .. }) => {
+                            Err(RecordError::Fenced(e.to_string()))
+                        }
+                        Err(e) => Err(RecordError::Failed(e.to_string())),
+                    };
+                    let now = self.now();
+                    self.core()
+                        .on_recorded(now, link, in_sync, result, &mut out);
+                }
+                self.execute(out, Ctx::Auth, &mut local);
+            }
+            if idle && self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if idle {
+                self.auth.wait(100);
+            }
+        }
     }
 
     /// Stores a bitmap snapshot unless the file already holds a newer one.
@@ -1371,6 +1425,7 @@ impl Replication {
         }
         let _ = self.meta.wake.write(1);
         let _ = self.ctl.wake.write(1);
+        let _ = self.auth.wake.write(1);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();

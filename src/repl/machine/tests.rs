@@ -1270,7 +1270,7 @@ fn an_activity_log_over_its_size_checkpoints_the_oldest_idle_regions() {
 }
 
 #[test]
-fn after_a_failed_local_sync_no_region_leaves_the_log_again() {
+fn after_a_failed_local_sync_the_disk_is_fenced_and_no_region_leaves_the_log() {
     let (mut h, _, _) = H::serving_pair();
     write_through(&mut h, 1, 0, 512, true);
     h.take();
@@ -1286,19 +1286,31 @@ fn after_a_failed_local_sync_no_region_leaves_the_log_again() {
         Err(CheckpointError::Sync("EIO".into())),
         &mut h.out,
     );
+    assert!(
+        h.take().iter().any(|a| matches!(a, Action::Fenced { .. })),
+        "a later sync would succeed although pages are gone: the disk stops"
+    );
+    assert!(h.core.fenced().is_some());
     assert!(h.core.activity().is_set(0));
+    assert!(
+        matches!(h.write(2, 0, 512), Verdict::Refused),
+        "no request is served any more"
+    );
+    h.take();
     h.now += 10_000_000;
     h.core.tick_meta(h.now, &mut h.out);
     assert!(
-        h.out.is_empty(),
-        "no more checkpoints: a later sync would lie"
+        !h.out.iter().any(|a| matches!(a, Action::Checkpoint { .. })),
+        "no more checkpoints: a later sync would lie: {:?}",
+        h.out
     );
+    h.take();
     h.core.stop(h.now, &mut h.out);
-    let id = match h.take().as_slice() {
-        [Action::Checkpoint { id, .. }] => *id,
-        other => panic!("{other:?}"),
-    };
-    h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
+    for a in h.take() {
+        if let Action::Checkpoint { id, .. } = a {
+            h.core.on_checkpoint(h.now, id, Ok(()), &mut h.out);
+        }
+    }
     assert_eq!(h.core.phase(), Phase::Stopped { clean: false });
     assert!(h.core.activity().is_set(0), "the next start reconciles it");
 }
@@ -1390,4 +1402,89 @@ fn regions_pulled_at_start_are_in_the_stored_log_before_the_disk_serves() {
         "in the log before the disk serves"
     );
     assert_eq!(h.core.phase(), Phase::Serving);
+}
+
+#[test]
+fn a_local_write_failing_while_a_replica_is_recorded_in_sync_leaves_it_resyncing() {
+    let (mut h, _, c1) = H::serving_pair();
+    h.core
+        .on_disconnect(h.now, 1, c1, "killed".into(), &mut h.out);
+    h.recorded(1, false);
+    h.take();
+    h.now += 200_000;
+    h.core.tick(h.now, 1, &mut h.out);
+    h.open(1, tag(7));
+    let gen = match h.take().as_slice() {
+        [Action::StoreBitmap(b)] if b.link == 1 => b.gen,
+        other => panic!("{other:?}"),
+    };
+    h.core.on_bitmap_stored(1, gen, true, &mut h.out);
+    assert_eq!(h.records(), vec![(1, true)], "nothing left to copy");
+    h.take();
+    // While that record is in flight, a local write fails: both replicas hold a write the
+    // local copy lacks, and must be brought back to it.
+    write_through(&mut h, 1, 3 * MIB, 4096, false);
+    assert!(h.core.dirty(1).is_set(3));
+    h.recorded(1, true);
+    assert!(h.core.recorded_in_sync(1));
+    assert_eq!(
+        h.core.link_state(1),
+        LinkState::Resyncing,
+        "still catching up on region 3"
+    );
+    // Drive every action: the resyncs compare, copy and finish; link 1 ends in sync.
+    for _ in 0..50 {
+        if h.core.link_state(1) == LinkState::InSync {
+            break;
+        }
+        h.now += 1_000_000;
+        h.core.tick(h.now, 0, &mut h.out);
+        h.core.tick(h.now, 1, &mut h.out);
+        for a in h.take() {
+            match a {
+                Action::ReadLocal { link, region, .. } => {
+                    let data = vec![0u8; MIB as usize];
+                    h.core
+                        .on_local_read(h.now, link, region, Ok(data), &mut h.out);
+                }
+                Action::Send {
+                    link,
+                    conn,
+                    frame: Frame::Sums { seq, .. },
+                } => h.core.on_reply(
+                    h.now,
+                    link,
+                    conn,
+                    Reply::Sums { seq, crcs: vec![1] },
+                    &mut h.out,
+                ),
+                Action::Send {
+                    link,
+                    conn,
+                    frame: Frame::Write { seq, .. },
+                } => h.ack(link, conn, seq),
+                Action::StoreBitmap(b) => h.core.on_bitmap_stored(b.link, b.gen, true, &mut h.out),
+                Action::Record { link, in_sync } => {
+                    assert!(
+                        !in_sync || h.core.dirty(link).count() == 0,
+                        "link {link} recorded in sync with regions left"
+                    );
+                    h.recorded(link, in_sync);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        h.core.link_state(1),
+        LinkState::InSync,
+        "{:?}",
+        h.core.links[1]
+    );
+    assert_eq!(
+        h.core.link_state(0),
+        LinkState::InSync,
+        "{:?}",
+        h.core.links[0]
+    );
 }
