@@ -238,6 +238,15 @@ impl Volume {
         if !same_identity(&cur, &next) {
             self.persist(&mut cur, next)?;
         }
+        // Writes another process left in the page cache (a primary that ran on this node
+        // with this file as its backing, in write-back mode, until it died or was
+        // promoted away) are made durable before the new primary compares or reads
+        // anything here: a host crash would otherwise take them back after they were
+        // compared equal, and the copy would differ with no dirty bit to show it.
+        self.image()?.file.sync_data().map_err(|e| {
+            tracing::error!(volume = %self.name, "cannot sync the replica's image: {e}");
+            (Code::Io, format!("fdatasync: {e}"))
+        })?;
         cur.session += 1;
         Ok(cur.clone())
     }
