@@ -585,14 +585,21 @@ impl Manager {
             }
         }
         // Unless a volume created again under this name already serves from it (it holds
-        // the lock; it does not trust another incarnation's metadata anyway).
+        // the lock; it does not trust another incarnation's metadata anyway). Moved aside
+        // under the lock first, so that a volume attaching meanwhile starts a fresh one.
         let meta = self.dir.join("replication").join(name);
         let lock = File::open(meta.join("lock"));
         let free = lock.as_ref().map_or(true, |f| {
             crate::sys::try_flock_exclusive(f).unwrap_or(false)
         });
         if free {
-            if let Err(e) = std::fs::remove_dir_all(&meta) {
+            let aside = self
+                .dir
+                .join("replication")
+                .join(format!(".deleted-{name}-{}", std::process::id()));
+            let gone =
+                std::fs::rename(&meta, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
+            if let Err(e) = gone {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
                 }
