@@ -94,8 +94,8 @@ use std::time::Instant;
 use ferrodisk::repl::authority::{Authority, AuthorityError, Store, Versioned, VolumeRecord};
 use ferrodisk::repl::bitmap::{DirtyMap, Tag as Identity};
 use ferrodisk::repl::machine::{
-    Action, BitmapSnapshot, Core, CoreConfig, Frame, LinkInit, LinkState, Mutation, OpDesc, OpId,
-    OpenError, Payload, Phase, RecordError, Reply, Verdict,
+    Action, BitmapSnapshot, CheckpointError, Core, CoreConfig, Frame, LinkInit, LinkState,
+    Mutation, OpDesc, OpId, OpenError, Payload, Phase, RecordError, Reply, Verdict,
 };
 use ferrodisk::repl::replica::{admit, admit_open};
 use ferrodisk::repl::wire::Code;
@@ -181,6 +181,12 @@ struct Env {
     faults: (u64, u64),
     /// Relative weights of the faults, see [`Sim::inject_fault`].
     weights: [u64; 11],
+    /// Chance (per mille) that a replicated local write fails (a random part of it lands):
+    /// the replicas hold a write the local copy lacks.
+    local_fail_permille: u64,
+    /// Chance (per mille) that a checkpoint's `fdatasync` fails: the page cache's unsynced
+    /// writes are gone (as at a host crash) while the daemon runs on.
+    sync_fail_permille: u64,
 }
 
 impl Env {
@@ -197,6 +203,8 @@ impl Env {
             overlap_percent: 40,
             faults: (3, 10),
             weights: [16, 8, 16, 8, 8, 10, 6, 10, 8, 8, 4],
+            local_fail_permille: 0,
+            sync_fail_permille: 0,
         }
     }
 }
@@ -682,7 +690,7 @@ enum MetaDone {
 }
 
 enum MBusy {
-    /// A `Record` in the authority (the control thread); its result once applied.
+    /// A `Record` in the authority (the authority thread); its result once applied.
     Record {
         link: usize,
         in_sync: bool,
@@ -759,15 +767,18 @@ enum Ctx {
     Link(usize),
     Meta,
     Ctl,
+    Auth,
     Other,
 }
 
-/// The primary's metadata thread (activity-log stores, checkpoint decisions) or its control
-/// thread (authority records, checkpoints' syncs, bitmap stores), as in `primary.rs`.
+/// The primary's metadata thread (activity-log stores, checkpoint decisions), its control
+/// thread (checkpoints' syncs, bitmap stores) or its authority thread (records), as in
+/// `primary.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum W {
     Meta,
     Ctl,
+    Auth,
 }
 
 impl W {
@@ -775,6 +786,7 @@ impl W {
         match self {
             W::Meta => Ctx::Meta,
             W::Ctl => Ctx::Ctl,
+            W::Auth => Ctx::Auth,
         }
     }
 }
@@ -812,6 +824,7 @@ struct Prim {
     links: Vec<LinkT>,
     meta: MetaT,
     ctl: MetaT,
+    auth: MetaT,
     guest: Guest,
     stopping: Option<Stopping>,
     /// The replicas `promote` would accept when this primary took the volume over.
@@ -967,13 +980,15 @@ struct Stats {
     pulls: u64,
     full_rebuilds: u64,
     copies: u64,
+    local_failures: u64,
+    sync_failures: u64,
     sim_time: Time,
 }
 
 impl Stats {
     fn summary(&self) -> String {
         format!(
-            "{} events, {:.1} s simulated; {} writes ({} acked, {} failed, {} parked); {} faults: {} primary crashes, {} disk losses, {} outages, {} split brains, {} migrations, {} membership restarts, {} re-creations; {} starts ({} unclean, {} failed), {} promotions ({} refused), {} primaries fenced; {} stale writes refused, {} late packets, {} page-cache writes lost at crashes ({} sectors excused); {} regions pulled in recoveries, {} full rebuilds, {} regions copied",
+            "{} events, {:.1} s simulated; {} writes ({} acked, {} failed, {} parked); {} faults: {} primary crashes, {} disk losses, {} outages, {} split brains, {} migrations, {} membership restarts, {} re-creations; {} starts ({} unclean, {} failed), {} promotions ({} refused), {} primaries fenced; {} stale writes refused, {} late packets, {} page-cache writes lost at crashes ({} sectors excused); {} regions pulled in recoveries, {} full rebuilds, {} regions copied; {} local write failures, {} local sync failures",
             self.events,
             self.sim_time as f64 / 1e6,
             self.writes,
@@ -1001,11 +1016,15 @@ impl Stats {
             self.pulls,
             self.full_rebuilds,
             self.copies,
+            self.local_failures,
+            self.sync_failures,
         )
     }
 
     fn add(&mut self, o: &Stats) {
         self.events += o.events;
+        self.local_failures += o.local_failures;
+        self.sync_failures += o.sync_failures;
         self.writes += o.writes;
         self.acked += o.acked;
         self.failed += o.failed;
@@ -1616,6 +1635,10 @@ impl Sim {
             if changed {
                 self.persist(node, id);
             }
+            // The image is synced: a former primary's page-cache writes become durable
+            // before anything is compared or read here.
+            let d = &mut self.nodes[node].disk;
+            d.sync(d.mark());
         }
         let n = &mut self.nodes[node];
         let o = &n.rs.objs[&id];
@@ -2192,6 +2215,13 @@ impl Sim {
                 tick_due: false,
                 stored: vec![0; n_links],
             },
+            auth: MetaT {
+                work: VecDeque::new(),
+                busy: None,
+                scheduled: false,
+                tick_due: false,
+                stored: vec![0; n_links],
+            },
             guest: Guest {
                 reqs: BTreeMap::new(),
                 ops: BTreeMap::new(),
@@ -2376,7 +2406,13 @@ impl Sim {
                         self.kick_meta(p, W::Meta);
                     }
                 }
-                Action::Record { .. } | Action::StoreBitmap(_) | Action::Checkpoint { .. } => {
+                Action::Record { .. } => {
+                    self.prims[p].auth.work.push_back(a);
+                    if ctx != Ctx::Auth {
+                        self.kick_meta(p, W::Auth);
+                    }
+                }
+                Action::StoreBitmap(_) | Action::Checkpoint { .. } => {
                     self.prims[p].ctl.work.push_back(a);
                     if ctx != Ctx::Ctl {
                         self.kick_meta(p, W::Ctl);
@@ -2563,7 +2599,7 @@ impl Sim {
         }
     }
 
-    /// The authority applies a `Record`'s change (its reply comes at the control thread's
+    /// The authority applies a `Record`'s change (its reply comes at the authority thread's
     /// `MetaDone`). A request already sent is applied even if the primary died meanwhile.
     fn record_apply(&mut self, p: usize, i: usize, in_sync: bool) {
         let pr = &self.prims[p];
@@ -2587,7 +2623,7 @@ impl Sim {
         );
         if let Some(MBusy::Record {
             link, result: r, ..
-        }) = &mut self.prims[p].ctl.busy
+        }) = &mut self.prims[p].auth.busy
         {
             if *link == i {
                 *r = Some(result);
@@ -2692,6 +2728,7 @@ impl Sim {
         match w {
             W::Meta => &mut self.prims[p].meta,
             W::Ctl => &mut self.prims[p].ctl,
+            W::Auth => &mut self.prims[p].auth,
         }
     }
 
@@ -2850,8 +2887,23 @@ impl Sim {
                 self.meta_report(p, w, done);
             }
             Some(MBusy::Sync { id, bitmaps, mark }) => {
-                self.nodes[node].disk.sync(mark);
-                self.checkpoint_store(p, w, id, bitmaps, 0);
+                if self.env.sync_fail_permille > 0
+                    && !self.final_phase
+                    && self.rng.below(1000) < self.env.sync_fail_permille
+                {
+                    self.sync_fails(p, node);
+                    let mut out = Vec::new();
+                    self.prims[p].core.on_checkpoint(
+                        self.now,
+                        id,
+                        Err(CheckpointError::Sync("EIO (injected)".into())),
+                        &mut out,
+                    );
+                    self.execute(p, out, w.ctx());
+                } else {
+                    self.nodes[node].disk.sync(mark);
+                    self.checkpoint_store(p, w, id, bitmaps, 0);
+                }
             }
             Some(MBusy::CkStore { id, bitmaps, next }) => {
                 let b = &bitmaps[next];
@@ -3126,6 +3178,27 @@ impl Sim {
         } else {
             vec![0; len]
         };
+        let fail = op.is_some()
+            && !early
+            && self.env.local_fail_permille > 0
+            && self.rng.below(1000) < self.env.local_fail_permille;
+        if let (true, Some(op)) = (fail, op) {
+            // The local write fails after a random part of it landed.
+            let k = self.rng.below(len as u64 + 1) as usize;
+            trace!(
+                self,
+                "P{p} local write of w{wid} FAILS ({k} of {len} sectors landed)"
+            );
+            self.stats.local_failures += 1;
+            if k > 0 {
+                self.nodes[node].disk.write(start, &data[..k], wt);
+            }
+            let mut out = Vec::new();
+            self.prims[p].core.local_done(self.now, op, false, &mut out);
+            self.execute(p, out, Ctx::Worker(q));
+            self.process_mail(p, q);
+            return;
+        }
         self.nodes[node].disk.write(start, &data, wt);
         if self.env.ack_before_complete && kind == RKind::Write {
             // BROKEN: the guest sees it done before the replicas are.
@@ -3357,6 +3430,8 @@ impl Sim {
         pr.meta.work.clear();
         pr.ctl.busy = None;
         pr.ctl.work.clear();
+        pr.auth.busy = None;
+        pr.auth.work.clear();
         let ended: Vec<Wid> = std::mem::take(&mut pr.guest.reqs)
             .into_values()
             .filter(|r| r.kind != RKind::Flush)
@@ -3418,6 +3493,18 @@ impl Sim {
         self.stop_threads(p);
     }
 
+    /// A checkpoint's `fdatasync` of the primary's copy fails: its unsynced writes are gone
+    /// from the page cache, as at a host crash, but the daemon runs on (fenced by the machine)
+    /// until the operator restarts it.
+    fn sync_fails(&mut self, p: usize, n: usize) {
+        trace!(self, "P{p}: the sync of n{n} FAILS; its page cache is lost");
+        self.stats.sync_failures += 1;
+        let before = self.nodes[n].disk.view.clone();
+        let lost = self.nodes[n].disk.crash(&mut self.rng);
+        self.stats.lost_page_cache += lost;
+        self.page_cache_lost(n, &before);
+    }
+
     /// The host of node `n` crashes: its primary and replica server die, and its page
     /// cache is lost.
     fn crash_host(&mut self, n: usize) {
@@ -3432,6 +3519,13 @@ impl Sim {
         self.stats.lost_page_cache += lost;
         self.crash_replica(n, true);
         self.nodes[n].host_up = false;
+        self.page_cache_lost(n, &before);
+    }
+
+    /// Node `n` lost page-cache writes (its disk held `before`): if the authority names it
+    /// the primary, acknowledged writes among them may go only if no in-sync replica holds
+    /// them. (A superseded primary's copy does not count.)
+    fn page_cache_lost(&mut self, n: usize, before: &[Wid]) {
         let rec = self.record();
         let is_primary_copy = rec
             .as_ref()
@@ -3968,7 +4062,8 @@ impl Sim {
     /// would accept.
     fn check_now(&mut self) {
         if let Some(p) = self.current_prim() {
-            if self.prims[p].serving {
+            // A fenced primary fails every request: its copy is reconciled at its restart.
+            if self.prims[p].serving && self.prims[p].fenced_at.is_none() {
                 let node = self.prims[p].node;
                 let content = self.nodes[node].disk.view.clone();
                 if let Some(e) = self.check_copy(&content) {
@@ -4105,11 +4200,14 @@ impl Sim {
         }
         for (i, p) in self.prims.iter().enumerate().filter(|(_, p)| p.alive) {
             s += &format!(
-                "P{i} meta busy {} work {} ctl busy {} work {} activity {:?}; guest {:?}; ",
+                "P{i} meta busy {} work {} ctl busy {} work {} auth busy {} work {} \
+                 activity {:?}; guest {:?}; ",
                 p.meta.busy.is_some(),
                 p.meta.work.len(),
                 p.ctl.busy.is_some(),
                 p.ctl.work.len(),
+                p.auth.busy.is_some(),
+                p.auth.work.len(),
                 p.core.activity().iter().collect::<Vec<_>>(),
                 p.guest
                     .reqs
@@ -4151,7 +4249,9 @@ impl Sim {
         let threads_idle = pr.meta.busy.is_none()
             && pr.meta.work.is_empty()
             && pr.ctl.busy.is_none()
-            && pr.ctl.work.is_empty();
+            && pr.ctl.work.is_empty()
+            && pr.auth.busy.is_none()
+            && pr.auth.work.is_empty();
         if !links_ok || !threads_idle {
             return None;
         }
@@ -4487,6 +4587,32 @@ fn checker_catches_metadata_reported_durable_too_early() {
 fn a_replica_added_back_is_not_trusted_with_its_stale_bitmap() {
     let env = Env {
         weights: [10, 0, 10, 5, 0, 5, 0, 0, 40, 10, 0],
+        ..Env::standard()
+    };
+    check_env(env, 300);
+}
+
+// Local I/O errors on the primary (second review).
+
+/// A local write fails after part of it landed, while the replicas applied all of it: they
+/// are brought back to the local copy (a failed write may land or not, but the copies must
+/// agree), including a replica being recorded in sync at that moment.
+#[test]
+fn failed_local_writes_bring_the_replicas_back_to_the_local_copy() {
+    let env = Env {
+        local_fail_permille: 20,
+        ..Env::standard()
+    };
+    check_env(env, 300);
+}
+
+/// A checkpoint's sync fails and the page cache's unsynced writes are gone, the daemon
+/// still running: Linux reports such an error once, so the machine fences the disk rather
+/// than trust a later sync, and the restart pulls the active regions from a replica.
+#[test]
+fn a_failed_local_sync_fences_and_the_restart_recovers_the_lost_writes() {
+    let env = Env {
+        sync_fail_permille: 100,
         ..Env::standard()
     };
     check_env(env, 300);
