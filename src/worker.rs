@@ -135,6 +135,9 @@ impl Drop for QueueWorker {
         };
         if let QueueEngine::Uring(u) = &mut self.engine {
             u.drain(&mut self.done);
+            if u.events.sync_errors > 0 {
+                repl.local_sync_failed("an fdatasync of the local copy failed");
+            }
         }
         let mut ignored = Vec::new();
         for c in std::mem::take(&mut self.done) {

@@ -2786,6 +2786,25 @@ impl Sim {
                 );
             }
             Action::StoreBitmap(snap) => {
+                // An empty bitmap (the replica is recorded in sync next): the local copy is
+                // synced first, as `ctl_work` does.
+                if snap.words.iter().all(|&x| x == 0) {
+                    let node = self.prims[p].node;
+                    if self.env.sync_fail_permille > 0
+                        && !self.final_phase
+                        && self.rng.below(1000) < self.env.sync_fail_permille
+                    {
+                        self.sync_fails(p, node);
+                        let mut out = Vec::new();
+                        let core = &mut self.prims[p].core;
+                        core.local_sync_failed(self.now, "EIO (injected)", &mut out);
+                        core.on_bitmap_stored(snap.link, snap.gen, false, &mut out);
+                        self.execute(p, out, w.ctx());
+                        return;
+                    }
+                    let d = &mut self.nodes[node].disk;
+                    d.sync(d.mark());
+                }
                 if snap.gen <= self.thr(p, w).stored[snap.link] {
                     let mut out = Vec::new();
                     self.prims[p]

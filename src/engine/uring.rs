@@ -178,8 +178,10 @@ pub struct EngineEvents {
     pub errors: u64,
     /// fdatasyncs that made a write-through discard or write-zeroes durable.
     pub syncs: u64,
-    /// fdatasyncs that failed (a guest flush, or the sync after a write-through discard or
-    /// write-zeroes): pages written earlier may be gone, and Linux reports that only once.
+    /// Failures that may mean pages written earlier are gone, which Linux reports only once
+    /// per open file: a failed fdatasync (a guest flush, or the sync after a write-through
+    /// discard or write-zeroes), a failed RWF_DSYNC write (its sync may have taken another
+    /// write's error, and that write then completed as if durable), and any EIO on a write.
     pub sync_errors: u64,
 }
 
@@ -486,8 +488,11 @@ impl UringQueue {
                     Outcome::Resubmit
                 }
                 (e, op) => {
-                    if matches!(op, Op::Flush) {
-                        self.events.sync_errors += 1;
+                    let dsync = s.rw_flags & libc::RWF_DSYNC != 0;
+                    match op {
+                        Op::Flush => self.events.sync_errors += 1,
+                        Op::Write { .. } if dsync || e == libc::EIO => self.events.sync_errors += 1,
+                        _ => {}
                     }
                     tracing::debug!(
                         "request {:?} failed: {}",
@@ -800,10 +805,25 @@ mod tests {
         let slot = &mut f.q.slots[0];
         slot.op = Op::Write { offset: 0 };
         slot.syncing = false;
-        assert!(matches!(f.q.outcome(0, -libc::EIO), Outcome::Done(S_IOERR)));
+        slot.rw_flags = 0;
+        assert!(matches!(
+            f.q.outcome(0, -libc::ENOSPC),
+            Outcome::Done(S_IOERR)
+        ));
         assert_eq!(
             f.q.events.sync_errors, 2,
-            "a failed write is not a sync error"
+            "a write-back write failing with ENOSPC is not"
+        );
+        assert!(matches!(f.q.outcome(0, -libc::EIO), Outcome::Done(S_IOERR)));
+        assert_eq!(f.q.events.sync_errors, 3, "an EIO on a write is");
+        f.q.slots[0].rw_flags = libc::RWF_DSYNC;
+        assert!(matches!(
+            f.q.outcome(0, -libc::ENOSPC),
+            Outcome::Done(S_IOERR)
+        ));
+        assert_eq!(
+            f.q.events.sync_errors, 4,
+            "a failed write-through write is: its sync may have taken another write's error"
         );
     }
 

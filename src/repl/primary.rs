@@ -475,8 +475,8 @@ impl Replication {
 
     /// Opens the activity log and one dirty bitmap per replica, trusting each only if this
     /// node stored it as the primary of the epoch `before` holds (the one `take_over` just
-    /// superseded, or the one before if that start died before storing them again), for a
-    /// replica that was a member then; then stores them all again at the new epoch.
+    /// superseded), for a replica that was a member then; then stores them all again at the
+    /// new epoch.
     ///
     /// - A replica dropped from the membership and added back, or metadata from an older
     ///   era of this node, would describe a copy as it was then: not trusted (found by the
@@ -502,12 +502,12 @@ impl Replication {
         };
         let ours =
             before.filter(|b| !b.deleted && b.primary == config.node && b.uuid == record.uuid);
-        // Stored at the epoch of this node's last take-over, or at the one before it if
-        // that start crashed before it stored them again (then it never served, and they
-        // are still accurate).
+        // Stored at the epoch of this node's last take-over only. (Files of the epoch before
+        // it, left by a start that died before storing them again, would be accurate in
+        // this directory, but another metadata directory of this node may have served that
+        // epoch meanwhile: not trusted, at the price of a full reconcile.)
         let trusted = |tag: &Tag, epoch: u64| {
-            ours.is_some_and(|b| b.epoch == epoch || b.epoch == epoch + 1)
-                && tag.uuid == record.uuid
+            ours.is_some_and(|b| b.epoch == epoch) && tag.uuid == record.uuid
         };
         let empty = DirtyMap::in_memory(disk_bytes, rb);
         let (mut al_file, loaded) = open(ACTIVITY)?;
@@ -1299,6 +1299,18 @@ impl Replication {
         let mut out = Vec::new();
         match a {
             Action::StoreBitmap(snap) => {
+                // An empty bitmap is stored just before the replica is recorded in sync: the
+                // local copy its resync read must be durable first. A writeback error not
+                // reported yet (the page cache may have served what the disk lost) fences.
+                if snap.words.iter().all(|&w| w == 0) {
+                    if let Err(e) = self.local.sync_data() {
+                        let now = self.now();
+                        let mut core = self.core();
+                        core.local_sync_failed(now, &e.to_string(), &mut out);
+                        core.on_bitmap_stored(snap.link, snap.gen, false, &mut out);
+                        return out;
+                    }
+                }
                 let ok = self.store_bitmap(bitmaps, &snap, epoch).is_ok();
                 self.core()
                     .on_bitmap_stored(snap.link, snap.gen, ok, &mut out);
