@@ -197,6 +197,18 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Drops the clean pages of `file` from the page cache, so that later reads see what the
+/// disk holds (after a writeback error, pages the disk lacks may stay cached as clean).
+pub fn drop_page_cache(file: &File) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor `file` owns for the duration of the call.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())

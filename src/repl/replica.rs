@@ -243,10 +243,23 @@ impl Volume {
         // promoted away) are made durable before the new primary compares or reads
         // anything here: a host crash would otherwise take them back after they were
         // compared equal, and the copy would differ with no dirty bit to show it.
-        self.image()?.file.sync_data().map_err(|e| {
-            tracing::error!(volume = %self.name, "cannot sync the replica's image: {e}");
-            (Code::Io, format!("fdatasync: {e}"))
-        })?;
+        // If that sync fails, some of those writes are not on the disk, and Linux reports
+        // the error once: a retry would succeed. So the copy's identity is voided (the next
+        // primary compares all of it) and the page cache dropped (that comparison reads
+        // what the disk holds).
+        let img = self.image()?;
+        if let Err(e) = img.file.sync_data() {
+            tracing::error!(volume = %self.name, "cannot sync the replica's image ({e}): its identity is voided, the next primary rebuilds it by comparison");
+            if let Err(e) = crate::sys::drop_page_cache(&img.file) {
+                tracing::warn!(volume = %self.name, "cannot drop the image's page cache: {e}");
+            }
+            let void = State {
+                gen: 0,
+                ..cur.clone()
+            };
+            self.persist(&mut cur, void)?;
+            return Err((Code::Io, format!("fdatasync: {e}")));
+        }
         cur.session += 1;
         Ok(cur.clone())
     }
@@ -1210,6 +1223,24 @@ impl Applier {
         if let Err(e) = synced {
             for op in &mut self.batch {
                 op.result = Err((Code::Io, format!("fdatasync: {e}")));
+            }
+        }
+        // A write that failed may have taken, in its RWF_DSYNC sync, the writeback error of
+        // another write of the batch, which then completed as if durable (Linux reports such
+        // an error once per open file). Fail the whole batch (the primary resyncs each of
+        // its ranges), and drop the image's page cache so that the resync's comparison
+        // reads what the disk holds, not pages it lacks.
+        if let Some(why) = self.batch.iter().find_map(|op| op.result.clone().err()) {
+            for op in &mut self.batch {
+                if op.result.is_ok() {
+                    op.result = Err((
+                        Code::Io,
+                        format!("another write of its batch failed: {}", why.1),
+                    ));
+                }
+            }
+            if let Err(e) = crate::sys::drop_page_cache(&img.file) {
+                tracing::warn!(volume = %vol.name, "cannot drop the image's page cache: {e}");
             }
         }
         self.reply_batch();
