@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
 use cluster::{
-    free_port, health, make_image, replica_state, wait_in_sync, wait_until, Env, Model, Proc,
-    Writer, SIZE, VOLUME,
+    free_port, health, make_image, read_file, replica_state, wait_in_sync, wait_until, Env, Model,
+    Proc, Writer, SIZE, VOLUME,
 };
 use common::api_daemon::ApiDaemon;
 use common::{Client, Rng};
@@ -1205,4 +1205,95 @@ fn a_replica_added_back_is_not_trusted_with_its_old_bitmap() {
     c.restart_primary("");
     c.stop_primary();
     c.check_copies("A replica added back must be rebuilt, not trusted with its old bitmap.");
+}
+
+// ---------------------------------------------------------------------------------------
+// Found by the review: a failed sync of the primary's copy must stop it. Linux reports a
+// writeback error once; the pages the disk lacks may then leave the page cache, and a read
+// would return what was there before an acknowledged write.
+
+/// The primary's backing lives on a file system whose writeback fails: a guest flush fails,
+/// the disk is fenced (reads fail too, even once the page cache no longer holds the lost
+/// write), and the restart pulls the lost write back from a replica.
+#[test]
+fn a_failed_flush_fences_and_the_restart_pulls_back_what_the_disk_lost() {
+    const LEN: u64 = 8 * MIB;
+    let fs = ThinFs::mount();
+    let env = Env::new(false);
+    let (p1, p2) = (free_port(), free_port());
+    let _r1 = env.replica("r1", p1);
+    let _r2 = env.replica("r2", p2);
+    let img = fs.mnt.join("img");
+    // Sparse: writing back a write needs new blocks, which the full tmpfs cannot store.
+    std::fs::File::create(&img).unwrap().set_len(LEN).unwrap();
+    let mut model = Model::new(vec![0u8; LEN as usize]);
+    let sock = env.path("s.sock");
+    let meta = format!(",meta={}", env.path("meta").display());
+    let mut hp = free_port();
+    let mut primary = env.primary("a", &img, &sock, &[p1, p2], hp, &meta);
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(30));
+    let mut c = Client::connect(&sock, 1, false).unwrap();
+    let mut rng = Rng(12);
+    let mut data = vec![0u8; MIB as usize];
+    rng.fill(&mut data);
+    assert_eq!(c.write(0, 2 * MIB, &data, ReqFlags::empty()), 0);
+    model.record(2 * MIB, &data);
+    fs.exhaust();
+    let flushed = c.flush(0);
+    assert_ne!(
+        flushed, 0,
+        "precondition: the flush must fail once the file system cannot write back"
+    );
+    // The page cache lets go of the pages the disk lacks (memory pressure would).
+    ferrodisk::sys::drop_page_cache(&std::fs::File::open(&img).unwrap()).unwrap();
+    let mut problems = Vec::new();
+    match c.read(0, 2 * MIB, data.len()) {
+        Err(_) => {}
+        Ok(got) if got == data => problems.push(
+            "precondition lost: the write was still readable after the failed flush and the \
+             cache drop (the test no longer shows anything)"
+                .to_string(),
+        ),
+        Ok(_) => problems.push(
+            "after a failed flush the disk served a read that lacks an acknowledged write"
+                .to_string(),
+        ),
+    }
+    let status = health(hp)["volumes"][0]["status"].clone();
+    if status != "fenced" {
+        problems.push(format!(
+            "after a failed flush /health says {status}, not fenced"
+        ));
+    }
+    drop(c);
+    primary.kill();
+    fs.release();
+    let on_disk = read_file(&img);
+    assert_ne!(
+        &on_disk[2 * MIB as usize..3 * MIB as usize],
+        &data[..],
+        "precondition: the backing file must lack the write (else nothing was lost)"
+    );
+    hp = free_port();
+    let _primary = env.primary("a", &img, &sock, &[p1, p2], hp, &meta);
+    wait_in_sync(hp, &[p1, p2], Duration::from_secs(60));
+    let mut c = Client::connect(&sock, 1, false).unwrap();
+    let mut got = Vec::new();
+    for off in (0..LEN).step_by(MIB as usize) {
+        got.extend(
+            c.read(0, off, MIB as usize)
+                .expect("read after the restart"),
+        );
+    }
+    model.check("read through the restarted primary", &got);
+    drop(c);
+    for r in ["r1", "r2"] {
+        let copy = read_file(&env.replica_image(r));
+        if copy != got {
+            problems.push(format!(
+                "replica {r} differs from the primary after the restart"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
