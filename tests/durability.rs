@@ -114,6 +114,19 @@ fn write_chunks(
 
 /// Reads the whole volume back through the daemon serving `socket`, and checks every
 /// acknowledged write on it.
+/// Writes `data` at `offset` and reads it back; says what went wrong.
+fn write_read_back(c: &mut Client, offset: u64, data: &[u8]) -> Result<(), String> {
+    let w = c.write(0, offset, data, ReqFlags::empty());
+    let r = c.read(0, offset, data.len());
+    if w != 0 || r.as_deref() != Ok(data) {
+        return Err(format!(
+            "write {w}, read back equal: {:?}",
+            r.map(|d| d == data)
+        ));
+    }
+    Ok(())
+}
+
 fn read_back(socket: &Path, model: &Model, what: &str) {
     let mut c = Client::connect(socket, 1, false)
         .unwrap_or_else(|e| panic!("{what}: cannot connect to {}: {e}", socket.display()));
@@ -616,13 +629,9 @@ fn second_attach_of_a_replicated_volume_is_refused() {
         ));
     }
     // vm-1 keeps working.
-    let data = [0x5au8; 4096];
-    let w = c.write(0, MIB, &data, ReqFlags::empty());
-    let r = c.read(0, MIB, 4096);
-    if w != 0 || r.as_deref() != Ok(&data[..]) {
+    if let Err(e) = write_read_back(&mut c, MIB, &[0x5au8; 4096]) {
         problems.push(format!(
-            "vm-1's disk stopped working after the second attach: write {w}, read {:?}",
-            r.map(|d| d == data)
+            "vm-1's disk stopped working after the second attach: {e}"
         ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -679,14 +688,8 @@ fn second_primary_process_is_refused() {
             h["volumes"][0]["fence_reason"]
         ));
     }
-    let data = [9u8; 4096];
-    let w = client.write(0, MIB, &data, ReqFlags::empty());
-    let r = client.read(0, MIB, 4096);
-    if w != 0 || r.as_deref() != Ok(&data[..]) {
-        problems.push(format!(
-            "the first primary stopped serving: write {w}, read ok: {:?}",
-            r.map(|d| d == data)
-        ));
+    if let Err(e) = write_read_back(&mut client, MIB, &[9u8; 4096]) {
+        problems.push(format!("the first primary stopped serving: {e}"));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
@@ -1174,11 +1177,8 @@ fn failed_flush_at_detach_still_stops_the_links() {
     } else {
         a.wait_in_sync("vm");
         let mut c = Client::connect(&sock, 1, false).unwrap();
-        let data = vec![0x44u8; 65536];
-        let w = c.write(0, 2 * MIB, &data, ReqFlags::empty());
-        let r = c.read(0, 2 * MIB, data.len());
-        if w != 0 || r.as_deref() != Ok(&data[..]) {
-            problems.push(format!("the re-attached disk does not work: write {w}"));
+        if let Err(e) = write_read_back(&mut c, 2 * MIB, &[0x44u8; 65536]) {
+            problems.push(format!("the re-attached disk does not work: {e}"));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

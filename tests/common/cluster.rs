@@ -196,7 +196,6 @@ impl Env {
     }
 
     /// Starts a primary serving `image` on `socket`; waits for the socket.
-    /// Starts a primary serving `image` on `socket`; waits for the socket.
     pub fn primary(
         &self,
         node: &str,

@@ -174,6 +174,23 @@ impl H {
             .on_recorded(self.now, link, in_sync, Ok(()), &mut self.out);
     }
 
+    /// [`H::serving_pair`] after one write to region 3 (parked for the activity log, then
+    /// done locally and on both replicas), its actions taken.
+    fn serving_pair_with_a_write_to_region_3() -> H {
+        let (mut h, c0, c1) = H::serving_pair();
+        let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
+            panic!()
+        };
+        h.store_activity();
+        let sent = h.sent_writes();
+        h.take();
+        h.core.local_done(h.now, id, true, &mut h.out);
+        h.ack(0, c0, sent[0].2);
+        h.ack(1, c1, sent[1].2);
+        h.take();
+        h
+    }
+
     /// Two in-sync replicas opened with the identity our bitmaps describe: serving.
     fn serving_pair() -> (H, u64, u64) {
         let mut h = H::new(vec![in_sync("a", 7), in_sync("b", 7)], Some(empty()));
@@ -631,17 +648,7 @@ fn a_stale_nack_fences_and_fails_everything() {
 
 #[test]
 fn idle_regions_leave_the_activity_log_after_a_checkpoint() {
-    let (mut h, c0, c1) = H::serving_pair();
-    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
-        panic!()
-    };
-    h.store_activity();
-    let sent = h.sent_writes();
-    h.take();
-    h.core.local_done(h.now, id, true, &mut h.out);
-    h.ack(0, c0, sent[0].2);
-    h.ack(1, c1, sent[1].2);
-    h.take();
+    let mut h = H::serving_pair_with_a_write_to_region_3();
     assert!(h.core.activity().is_set(3));
     h.now += 1_000_000;
     h.core.tick_meta(h.now, &mut h.out);
@@ -900,17 +907,7 @@ fn a_fault_completes_the_writes_it_held_in_the_order_they_were_sent() {
 /// in flight keeps it too.
 #[test]
 fn a_write_waits_while_the_log_being_stored_drops_its_region() {
-    let (mut h, c0, c1) = H::serving_pair();
-    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
-        panic!()
-    };
-    h.store_activity();
-    let sent = h.sent_writes();
-    h.take();
-    h.core.local_done(h.now, id, true, &mut h.out);
-    h.ack(0, c0, sent[0].2);
-    h.ack(1, c1, sent[1].2);
-    h.take();
+    let mut h = H::serving_pair_with_a_write_to_region_3();
     h.now += 10_000_000;
     h.core.tick_meta(h.now, &mut h.out);
     let id = match h.take().as_slice() {
@@ -965,17 +962,7 @@ fn finish_stop(h: &mut H) -> (Phase, bool) {
 /// next start reconciled every active region.
 #[test]
 fn a_stop_during_a_checkpoint_takes_the_last_checkpoint_after_it() {
-    let (mut h, c0, c1) = H::serving_pair();
-    let Verdict::Parked(id) = h.write(1, 3 * MIB, 4096) else {
-        panic!()
-    };
-    h.store_activity();
-    let sent = h.sent_writes();
-    h.take();
-    h.core.local_done(h.now, id, true, &mut h.out);
-    h.ack(0, c0, sent[0].2);
-    h.ack(1, c1, sent[1].2);
-    h.take();
+    let mut h = H::serving_pair_with_a_write_to_region_3();
     h.now += 10_000_000;
     h.core.tick_meta(h.now, &mut h.out);
     let periodic = match h.take().as_slice() {
