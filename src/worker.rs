@@ -229,7 +229,7 @@ impl QueueWorker {
 
     /// Handles a kick: drains the available ring into the engine.
     pub fn process_queue(&mut self, vring: &Vring) {
-        let mem = self.mem.memory().into_inner();
+        let mut mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         self.refresh_inflight();
         self.refresh_driver();
@@ -240,7 +240,7 @@ impl QueueWorker {
         loop {
             let queue = state.get_queue_mut();
             let _ = queue.disable_notification(&*mem);
-            self.pop_batch(queue, &mem);
+            self.pop_batch(queue, &mut mem);
             // The replicas get the batch's writes first: their round trip is the long pole.
             self.flush_replication();
             let (submit_error, ready) = match &mut self.engine {
@@ -501,12 +501,26 @@ impl QueueWorker {
         }
     }
 
-    fn pop_batch(&mut self, queue: &mut virtio_queue::Queue, mem: &Arc<GuestMem>) {
+    fn pop_batch(&mut self, queue: &mut virtio_queue::Queue, mem: &mut Arc<GuestMem>) {
         if self.stopping() || self.held_back() {
             return;
         }
         let geo = self.disk.geometry();
         self.batch_start = Instant::now();
+        // A frontend adds memory (ADD_MEM_REG, SET_MEM_TABLE, acknowledged once the map is
+        // replaced) before it publishes a request that uses it. So observe the avail index
+        // first and load the memory map after: it covers every chain up to that index. A
+        // map loaded earlier (this batch's caller may have been descheduled since) would
+        // refuse a request into a region added in between. Chains published after the
+        // observation wait for the next round, which loads the map again.
+        let observed = match queue.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) => idx.0.wrapping_sub(queue.next_avail()),
+            Err(e) => {
+                self.log(format_args!("cannot read the available ring: {e}"));
+                return;
+            }
+        };
+        *mem = self.mem.memory().into_inner();
         let mut iter = match queue.iter(&**mem) {
             Ok(iter) => iter,
             // Not ready (stopped by GET_VRING_BASE, or not set up yet) or a corrupt avail
@@ -516,6 +530,7 @@ impl QueueWorker {
                 return;
             }
         };
+        let mut popped = 0u16;
         loop {
             if !self.has_room() {
                 self.backpressured = true;
@@ -524,7 +539,11 @@ impl QueueWorker {
             if self.deferred.is_some() {
                 return; // a driver image asked to wait: keep the order
             }
+            if popped == observed {
+                return;
+            }
             let Some(chain) = iter.next() else { return };
+            popped = popped.wrapping_add(1);
             if let Some((region, tracker)) = &mut self.tracker {
                 region.with(|m| tracker.mark(m, chain.head_index()));
             }

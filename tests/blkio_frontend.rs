@@ -297,3 +297,57 @@ fn several_disks_in_one_process() {
         assert_eq!(c.read(0, 0, 512).unwrap(), vec![i as u8 + 1; 512]);
     }
 }
+
+/// A frontend may add a memory region and at once publish a request into it (libblkio does
+/// exactly that in `map_mem_region`; QEMU does on memory hot-plug). The region is in the
+/// backend's map once ADD_MEM_REG is acknowledged, so the request must never be refused as
+/// outside guest memory, even while the queue's worker is busy with earlier requests.
+#[test]
+fn a_request_into_a_region_added_just_before_it_is_served() {
+    let dir = TempDir::new().unwrap();
+    let (_img, sock, spec) = file_disk(&dir, 16 * MIB, ",poll-us=0");
+    let _d = Daemon::start(&[spec], &sock);
+    let mut c = Client::connect(&sock, 1, false).unwrap();
+    const BUSY: usize = 48;
+    const ROUNDS: usize = 300;
+    let mut refused = 0;
+    for round in 0..ROUNDS {
+        // Keep the worker popping: a batch of small writes, submitted without waiting.
+        for i in 0..BUSY {
+            let p = c.buf;
+            c.queues[0].write((i as u64) * 4096, p, 4096, 0, ReqFlags::empty());
+        }
+        let mut none = [];
+        c.queues[0].do_io(&mut none, 0, None, None).expect("submit");
+        // A new region, and a read into it published right away.
+        let region = c.blkio.alloc_mem_region(1 << 16).expect("alloc");
+        c.blkio.map_mem_region(&region).expect("map");
+        let p = region.addr as *mut u8;
+        c.queues[0].read((round as u64 % 64) * 65536, p, 65536, 1, ReqFlags::empty());
+        let mut got = 0;
+        while got < BUSY + 1 {
+            let mut cs: [std::mem::MaybeUninit<blkio::Completion>; 8] =
+                std::array::from_fn(|_| std::mem::MaybeUninit::uninit());
+            let mut timeout = std::time::Duration::from_secs(20);
+            let n = c.queues[0]
+                .do_io(&mut cs, 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(n > 0, "no completion within 20 s");
+            for done in &cs[..n] {
+                // SAFETY: do_io initialized the first `n` completions.
+                let done = unsafe { done.assume_init_read() };
+                if done.ret != 0 {
+                    assert_eq!(done.user_data, 1, "a write failed: {}", done.ret);
+                    refused += 1;
+                }
+            }
+            got += n;
+        }
+        c.blkio.unmap_mem_region(&region);
+        c.blkio.free_mem_region(&region);
+    }
+    assert_eq!(
+        refused, 0,
+        "{refused} of {ROUNDS} reads into a fresh region were refused"
+    );
+}
