@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::Completion;
 use crate::disk::Files;
 use crate::request::{GuestMem, Op, Request, MAX_IOVECS};
+use crate::stats::RateLimit;
 use crate::virtio_blk::{S_IOERR, S_OK};
 
 /// Fixed-file index of the main (possibly O_DIRECT) file.
@@ -76,6 +77,8 @@ struct Slot {
     /// replicated write sends to the replicas): what owns the buffer the iovec points
     /// into, kept by the slot until the CQE is reaped.
     keep: Option<Box<dyn Send>>,
+    /// Resubmissions after an error that made no progress (EAGAIN, EINTR).
+    retries: u32,
 }
 
 // SAFETY: the raw pointers in `iov` point into guest memory kept alive by the queue's
@@ -102,6 +105,7 @@ impl Slot {
             used_len: 0,
             generation: 0,
             keep: None,
+            retries: 0,
         }
     }
 
@@ -183,7 +187,18 @@ pub struct EngineEvents {
     /// discard or write-zeroes), a failed RWF_DSYNC write (its sync may have taken another
     /// write's error, and that write then completed as if durable), and any EIO on a write.
     pub sync_errors: u64,
+    /// SQEs that found the submission queue full even after a submit (never expected).
+    pub sq_full: u64,
 }
+
+/// A request the ring did not take, handed back with what kept its buffer alive.
+pub struct Refused {
+    pub keep: Option<Box<dyn Send>>,
+    pub why: &'static str,
+}
+
+/// Resubmissions of one request (EAGAIN, short transfers) before it fails with IOERR.
+const MAX_RETRIES: u32 = 64;
 
 pub struct UringQueue {
     ring: IoUring,
@@ -197,6 +212,7 @@ pub struct UringQueue {
     dio_align: u64,
     has_buffered: bool,
     pub events: EngineEvents,
+    log_limit: RateLimit,
 }
 
 impl UringQueue {
@@ -243,6 +259,7 @@ impl UringQueue {
             dio_align: u64::from(files.dio_align),
             has_buffered: files.buffered.is_some(),
             events: EngineEvents::default(),
+            log_limit: RateLimit::new(10, std::time::Duration::from_secs(1)),
         })
     }
 
@@ -266,7 +283,9 @@ impl UringQueue {
 
     /// Accepts `req`, taking its iovecs (the caller gets an empty vector back in `iov`).
     /// Returns whether the request went to the page-cache file because O_DIRECT could not
-    /// take its buffers. The caller must have checked [`has_room`](Self::has_room).
+    /// take its buffers. A request the ring cannot take (no free slot: see
+    /// [`has_room`](Self::has_room); or no room in the submission queue) is handed back,
+    /// with its iovecs left in `iov`: never dropped.
     pub fn push(
         &mut self,
         req: &Request,
@@ -274,11 +293,12 @@ impl UringQueue {
         mem: &Arc<GuestMem>,
         write_through: bool,
         keep: Option<Box<dyn Send>>,
-    ) -> bool {
+    ) -> Result<bool, Refused> {
         let Some(idx) = self.free.pop() else {
-            // Callers check `has_room`; keep the invariant visible in debug builds.
-            debug_assert!(false, "push without room");
-            return false;
+            return Err(Refused {
+                keep,
+                why: "no free slot",
+            });
         };
         let misaligned = self.has_buffered && !self.aligned(req, iov);
         let slot = &mut self.slots[usize::from(idx)];
@@ -309,10 +329,21 @@ impl UringQueue {
             }
             _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         };
+        slot.retries = 0;
         slot.generation = self.snapshots.acquire(mem);
+        if !self.push_sqe(idx) {
+            let s = &mut self.slots[usize::from(idx)];
+            std::mem::swap(&mut s.iov, iov);
+            let keep = s.keep.take();
+            self.snapshots.release(s.generation);
+            self.free.push(idx);
+            return Err(Refused {
+                keep,
+                why: "the submission queue is full",
+            });
+        }
         self.in_flight.fetch_add(1, Ordering::Release);
-        self.push_sqe(idx);
-        misaligned
+        Ok(misaligned)
     }
 
     /// Whether O_DIRECT can take this request's buffers as they are.
@@ -362,9 +393,11 @@ impl UringQueue {
         entry.user_data(u64::from(idx))
     }
 
-    fn push_sqe(&mut self, idx: u16) {
+    /// Queues the SQE of slot `idx`; returns whether it is queued. Bounded: a full SQ is
+    /// handed to the kernel once, then the request is given up rather than spun on.
+    fn push_sqe(&mut self, idx: u16) -> bool {
         let entry = self.sqe(idx);
-        loop {
+        for attempt in 0..2 {
             // SAFETY: the SQE points at `slots[idx].iov`, whose heap buffer is owned by the
             // slot and neither moved nor freed until this SQE's CQE is reaped (the slot table
             // is never resized, and a slot is reused only after it is freed in `reap`). The
@@ -373,15 +406,17 @@ impl UringQueue {
             // buffer of ours, kept alive by `slots[idx].keep` until then.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
-                return;
+                return true;
             }
             // Cannot happen: the SQ has at least as many entries as there are slots, and each
             // slot has at most one SQE queued. Should it ever, hand the queued SQEs to the
-            // kernel and try again rather than drop the request.
-            if let Err(e) = self.submit() {
-                tracing::warn!("io_uring submit failed while the SQ was full: {e}");
+            // kernel and try once more.
+            if attempt == 0 {
+                let _ = self.submit();
             }
         }
+        self.events.sq_full += 1;
+        false
     }
 
     /// Hands every queued SQE to the kernel in one system call.
@@ -412,7 +447,9 @@ impl UringQueue {
             }
             if resubmit {
                 if let Err(e) = self.submit() {
-                    tracing::warn!("io_uring resubmit failed: {e}");
+                    if let Some(suppressed) = self.log_limit.allow() {
+                        tracing::warn!(suppressed, "io_uring resubmit failed: {e}");
+                    }
                 }
             }
         }
@@ -424,19 +461,34 @@ impl UringQueue {
             .ok()
             .filter(|&i| usize::from(i) < self.slots.len())
         else {
-            tracing::error!("io_uring returned unknown user_data {user_data}");
+            if let Some(suppressed) = self.log_limit.allow() {
+                tracing::error!(
+                    suppressed,
+                    "io_uring returned unknown user_data {user_data}"
+                );
+            }
             return false;
         };
-        match self.outcome(idx, res) {
-            Outcome::Resubmit => {
-                self.events.retries += 1;
-                self.push_sqe(idx);
-                true
+        let mut outcome = self.outcome(idx, res);
+        if let Outcome::Resubmit = outcome {
+            self.events.retries += 1;
+            let s = &mut self.slots[usize::from(idx)];
+            // A short transfer made progress (bounded by the request's length); an EAGAIN
+            // or EINTR did not: that kind is counted, and EAGAIN forever gives up.
+            s.retries += u32::from(res < 0);
+            if s.retries > MAX_RETRIES {
+                tracing::debug!("request {:?} gave up after {MAX_RETRIES} retries", s.op);
+                outcome = Outcome::Done(S_IOERR);
             }
-            Outcome::Next => {
-                self.push_sqe(idx);
-                true
+        }
+        if matches!(outcome, Outcome::Resubmit | Outcome::Next) {
+            if self.push_sqe(idx) {
+                return true;
             }
+            outcome = Outcome::Done(S_IOERR);
+        }
+        match outcome {
+            Outcome::Resubmit | Outcome::Next => unreachable!("handled above"),
             Outcome::Done(status) => {
                 if status != S_OK {
                     self.events.errors += 1;
@@ -631,7 +683,7 @@ mod tests {
             status: GuestAddress(0x3f_0000),
             data_len,
         };
-        let fallback = f.q.push(&req, &mut v, &f.mem, false, None);
+        let fallback = f.q.push(&req, &mut v, &f.mem, false, None).ok().unwrap();
         assert!(v.is_empty(), "push takes the iovecs");
         f.q.submit().unwrap();
         let mut done = Vec::new();
@@ -760,7 +812,10 @@ mod tests {
                 status: GuestAddress(0x3f_0000),
                 data_len: 0,
             };
-            f.q.push(&req, &mut Vec::new(), &f.mem, write_through, None);
+            assert!(f
+                .q
+                .push(&req, &mut Vec::new(), &f.mem, write_through, None)
+                .is_ok());
             f.q.submit().unwrap();
             let mut done = Vec::new();
             f.q.drain(&mut done);
@@ -880,10 +935,25 @@ mod tests {
                 status: GuestAddress(0x3f_0000),
                 data_len: 512,
             };
-            f.q.push(&req, &mut v, &f.mem, false, None);
+            assert!(f.q.push(&req, &mut v, &f.mem, false, None).is_ok());
             pushed += 1;
         }
         assert_eq!(pushed, 8);
+        assert_eq!(f.q.in_flight(), 8);
+        // A ninth request is handed back whole (it used to be dropped): its buffers stay with
+        // the caller and what keeps its data alive comes back.
+        let mut v = vec![iov(&f.mem, 0x1000, 512)];
+        let req = Request {
+            head: 8,
+            op: Op::Write { offset: 0 },
+            status: GuestAddress(0x3f_0000),
+            data_len: 512,
+        };
+        let refused =
+            f.q.push(&req, &mut v, &f.mem, false, Some(Box::new(7u8)))
+                .expect_err("no slot: handed back");
+        assert!(refused.keep.is_some());
+        assert_eq!(v.len(), 1, "the iovecs stay with the caller");
         assert_eq!(f.q.in_flight(), 8);
         f.q.submit().unwrap();
         let mut done = Vec::new();
