@@ -64,6 +64,17 @@ pub struct Request {
     pub data_len: u32,
 }
 
+impl Request {
+    /// A read, write, discard or write-zeroes of no bytes: there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        match self.op {
+            Op::Read { .. } | Op::Write { .. } => self.data_len == 0,
+            Op::Discard { len, .. } | Op::WriteZeroes { len, .. } => len == 0,
+            Op::Flush | Op::GetId => false,
+        }
+    }
+}
+
 /// Why a chain was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
@@ -90,6 +101,10 @@ pub enum ParseError {
     #[error("the request needs more than {MAX_IOVECS} buffers")]
     TooManyBuffers,
     #[error(
+        "the write carries {0} bytes of data, more than the {MAX_REQUEST_BYTES} the device accepts"
+    )]
+    TooLarge(u64),
+    #[error(
         "a discard or write-zeroes request carries {0} payload bytes, expected one 16-byte segment"
     )]
     BadSegmentCount(u32),
@@ -114,6 +129,7 @@ impl ParseError {
             | ParseError::OutOfRange { .. }
             | ParseError::ReadOnly
             | ParseError::TooManyBuffers
+            | ParseError::TooLarge(_)
             | ParseError::BadSegmentCount(_)
             | ParseError::NoIdBuffer => Some(S_IOERR),
         }
@@ -277,6 +293,11 @@ fn parse_descriptors(
                 }
                 (wr_len, false)
             };
+            // A write's data is copied when it is replicated or transformed, and it must fit
+            // one replication frame; a read moves straight into the guest's buffers.
+            if write && len > u64::from(MAX_REQUEST_BYTES) {
+                return Err(reject(ParseError::TooLarge(len)));
+            }
             check_range(geo, sector, len).map_err(reject)?;
             if write && geo.readonly {
                 return Err(reject(ParseError::ReadOnly));

@@ -33,12 +33,22 @@ pub const DISCARD_SEGMENT_BYTES: usize = 16;
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
 /// Segments per discard / write-zeroes request. One keeps the engine to one SQE per request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 1;
-/// Largest single data segment we advertise (SIZE_MAX).
-pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data bytes in one write. A longer write is refused (IOERR): the copies a
+/// replicated or driver-image write needs are bounded by it, and a write always fits one
+/// replication frame. The device advertises at most this much (SEG_MAX × SIZE_MAX); reads,
+/// which copy nothing, are not held to it.
+pub const MAX_REQUEST_BYTES: u32 = 4 << 20;
 
 /// Most data segments per request we advertise (SEG_MAX), given the queue size.
 pub fn seg_max(queue_size: u16) -> u32 {
     u32::from(queue_size).saturating_sub(2).clamp(1, 254)
+}
+
+/// Largest single data segment we advertise (SIZE_MAX): as large as it can be (in whole
+/// pages) while `seg_max` segments stay within [`MAX_REQUEST_BYTES`].
+pub fn size_max(seg_max: u32) -> u32 {
+    let per_segment = MAX_REQUEST_BYTES / seg_max.max(1);
+    (per_segment & !4095).max(4096)
 }
 
 /// The vhost-user "protocol features" bit in the virtio feature word.
@@ -93,7 +103,7 @@ impl ConfigSpace {
             b[off..off + 4].copy_from_slice(&v.to_le_bytes())
         };
         b[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
-        put32(&mut b, 8, SIZE_MAX);
+        put32(&mut b, 8, size_max(self.seg_max));
         put32(&mut b, 12, self.seg_max);
         // 16..20: geometry, unused.
         put32(&mut b, 20, self.blk_size);
@@ -135,6 +145,32 @@ mod tests {
         assert_eq!(b[32], 1);
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 2);
         assert_eq!(b[56], 1);
+    }
+
+    #[test]
+    fn advertised_requests_stay_within_the_limit() {
+        for queue_size in [2u16, 3, 4, 16, 64, 100, 128, 256, 1024, u16::MAX] {
+            let seg = seg_max(queue_size);
+            let size = size_max(seg);
+            assert!(
+                size >= 4096 && size % 4096 == 0,
+                "queue {queue_size}: {size}"
+            );
+            assert!(
+                u64::from(seg) * u64::from(size) <= u64::from(MAX_REQUEST_BYTES),
+                "queue {queue_size}: {seg} x {size}"
+            );
+        }
+        let c = ConfigSpace {
+            capacity_sectors: 8,
+            seg_max: 254,
+            blk_size: 512,
+            physical_block_exp: 0,
+            num_queues: 1,
+            writeback: false,
+        };
+        let b = c.to_bytes();
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 16384);
     }
 
     #[test]

@@ -526,3 +526,49 @@ fn parse_head_follows_indirect_tables() {
         (3, Op::Write { offset: 1024 }, 512)
     );
 }
+
+/// Descriptors may all point at one guest buffer: the data length is what the device is
+/// asked to move (and what a replicated write copies), so it is capped, not the memory.
+#[test]
+fn requests_beyond_the_advertised_size_are_refused() {
+    let m = mem();
+    let geo = Geometry {
+        capacity_sectors: 1 << 30,
+        readonly: false,
+    };
+    let half = MAX_REQUEST_BYTES / 2;
+    for req_type in [T_OUT, T_IN] {
+        header(&m, HDR, req_type, 0);
+        let flags = if req_type == T_IN { W } else { 0 };
+        let (ok, _) = run(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, half, flags),
+                desc(DATA, half, flags),
+                desc(STATUS, 1, W),
+            ],
+            geo,
+        );
+        assert_eq!(ok.unwrap().data_len, MAX_REQUEST_BYTES);
+        let (r, _) = run(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, half, flags),
+                desc(DATA, half, flags),
+                desc(DATA, 512, flags),
+                desc(STATUS, 1, W),
+            ],
+            geo,
+        );
+        if req_type == T_IN {
+            // A read copies nothing: it is not held to the limit.
+            assert_eq!(r.unwrap().data_len, MAX_REQUEST_BYTES + 512);
+            continue;
+        }
+        let e = err(r);
+        assert!(matches!(e, ParseError::TooLarge(n) if n == u64::from(MAX_REQUEST_BYTES) + 512));
+        assert_eq!(e.status(), Some(S_IOERR));
+    }
+}
