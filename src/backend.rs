@@ -21,6 +21,7 @@ use vmm_sys_util::event::{
 use crate::disk::Disk;
 use crate::engine::uring::UringError;
 use crate::proxy::InflightSlot;
+use crate::stats::RateLimit;
 use crate::virtio_blk::{self, CONFIG_LEN, CONFIG_WRITEBACK_OFFSET};
 use crate::worker::{QueueWorker, Vring, GM};
 
@@ -38,6 +39,8 @@ pub struct BlkBackend {
     workers: Vec<Mutex<QueueWorker>>,
     in_flight: Vec<Arc<AtomicUsize>>,
     stop: Arc<AtomicBool>,
+    /// The guest may toggle the write cache as often as it likes: its log line is limited.
+    config_log: Mutex<RateLimit>,
 }
 
 impl BlkBackend {
@@ -67,6 +70,7 @@ impl BlkBackend {
             workers,
             in_flight,
             stop,
+            config_log: Mutex::new(RateLimit::new(5, Duration::from_secs(60))),
         })
     }
 
@@ -193,7 +197,17 @@ impl VhostUserBackend for BlkBackend {
         let start = offset as usize;
         if start <= CONFIG_WRITEBACK_OFFSET && CONFIG_WRITEBACK_OFFSET < start + buf.len() {
             let on = buf[CONFIG_WRITEBACK_OFFSET - start] != 0;
-            tracing::info!(disk = %self.disk.config.socket.display(), "guest set the write cache to {}", if on { "writeback" } else { "writethrough" });
+            if on != self.disk.writeback() {
+                let allowed = self
+                    .config_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .allow();
+                if let Some(suppressed) = allowed {
+                    let mode = if on { "writeback" } else { "writethrough" };
+                    tracing::info!(disk = %self.disk.config.socket.display(), suppressed, "guest set the write cache to {mode}");
+                }
+            }
             self.disk.set_writeback(on);
             return Ok(());
         }

@@ -9,6 +9,7 @@
 //! When the in-flight table is full, the worker stops popping: the remaining chains stay in
 //! the virtqueue (back-pressure) and are picked up when completions free slots.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ use crate::repl::primary::{Begin, Delivery, DeliveryKind, Replication};
 use crate::request::{self, GuestMem, Op, Request, Scratch};
 use crate::stats::{add, QueueStats, RateLimit};
 use crate::sys;
-use crate::virtio_blk::{ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
+use crate::virtio_blk::{ID_BYTES, MAX_REQUEST_BYTES, S_IOERR, S_OK, S_UNSUPP};
 use vmm_sys_util::timerfd::TimerFd;
 
 pub type GM = GuestMemoryAtomic<GuestMem>;
@@ -80,7 +81,21 @@ pub struct QueueWorker {
     deferred: Option<Deferred>,
     driver_reads: Vec<Option<DriverRead>>,
     timer: TimerFd,
+    /// The heads taken from the ring and not yet returned to it (indexed by head): a guest
+    /// that offers a head again while it is in flight gets the second offer refused.
+    active: Vec<bool>,
+    /// Bytes of request copies this queue holds (replicated writes' stable copies, driver
+    /// images' bounce buffers), charged per head until the request is published.
+    charged: Vec<u32>,
+    charged_total: usize,
+    /// Requests the engine had no slot for when they became ready (a parked or deferred
+    /// request released while the ring is full): they go first when slots free up.
+    overflow: VecDeque<Parked>,
 }
+
+/// The most bytes of request copies one queue holds at a time. A request is taken from
+/// the ring only while one more of the largest size still fits, so the bound holds.
+pub const QUEUE_COPY_BUDGET: usize = 64 << 20;
 
 /// A request a driver image asked to retry later; nothing behind it is popped meanwhile.
 struct Deferred {
@@ -211,6 +226,10 @@ impl QueueWorker {
             deferred: None,
             driver_reads: (0..size).map(|_| None).collect(),
             timer: TimerFd::new().map_err(|e| UringError::EventFd(e.into()))?,
+            active: vec![false; usize::from(size)],
+            charged: vec![0; usize::from(size)],
+            charged_total: 0,
+            overflow: VecDeque::new(),
             disk,
         })
     }
@@ -236,6 +255,7 @@ impl QueueWorker {
         if self.needs_recovery {
             self.recover(&mut state, &mem);
         }
+        self.drain_overflow();
         self.backpressured = false;
         loop {
             let queue = state.get_queue_mut();
@@ -368,6 +388,7 @@ impl QueueWorker {
     /// Handles the engine's eventfd: completes finished requests.
     pub fn process_completions(&mut self, vring: &Vring) {
         self.reap();
+        self.drain_overflow();
         if !self.done.is_empty() {
             let mem = self.mem.memory().into_inner();
             let mut state = vring.get_mut();
@@ -393,6 +414,10 @@ impl QueueWorker {
             let mem = self.mem.memory().into_inner();
             let mut state = vring.get_mut();
             self.publish(&mut state, &mem);
+        }
+        // Published requests gave their copies back: take more if the budget held us.
+        if self.backpressured {
+            self.process_queue(vring);
         }
     }
 
@@ -494,10 +519,47 @@ impl QueueWorker {
         self.apply_deliveries();
     }
 
+    /// Whether another request may be taken from the ring: the engine has a slot for it,
+    /// nothing waits for one already, and a copy of the largest request still fits the
+    /// queue's budget.
     fn has_room(&self) -> bool {
-        match &self.engine {
+        let engine = match &self.engine {
             QueueEngine::Uring(u) => u.has_room(),
             QueueEngine::Null => true,
+        };
+        engine
+            && self.overflow.is_empty()
+            && self.charged_total + MAX_REQUEST_BYTES as usize <= QUEUE_COPY_BUDGET
+    }
+
+    /// Records `bytes` of copies held for `head` until its request is published.
+    fn charge(&mut self, head: u16, bytes: usize) {
+        if let Some(c) = self.charged.get_mut(usize::from(head)) {
+            *c = c.saturating_add(bytes as u32);
+            self.charged_total += bytes;
+        }
+    }
+
+    /// Hands requests that waited for an engine slot to the engine, oldest first.
+    fn drain_overflow(&mut self) {
+        let mut moved = false;
+        while let QueueEngine::Uring(u) = &self.engine {
+            if !u.has_room() {
+                break;
+            }
+            let Some(p) = self.overflow.pop_front() else {
+                break;
+            };
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Release);
+            self.iov = p.iov;
+            self.submit_local(&p.req, &p.mem, p.keep);
+            moved = true;
+        }
+        if let (true, QueueEngine::Uring(u)) = (moved, &mut self.engine) {
+            if let Err(e) = u.submit() {
+                self.log(format_args!("io_uring submit failed: {e}"));
+            }
         }
     }
 
@@ -544,13 +606,46 @@ impl QueueWorker {
             }
             let Some(chain) = iter.next() else { return };
             popped = popped.wrapping_add(1);
-            if let Some((region, tracker)) = &mut self.tracker {
-                region.with(|m| tracker.mark(m, chain.head_index()));
-            }
             add(&self.stats().requests, 1);
+            let head = chain.head_index();
             let parsed = request::parse(chain, mem, geo, &mut self.scratch, &mut self.iov);
+            if !self.take_head(&parsed, mem) {
+                continue;
+            }
+            if let Some((region, tracker)) = &mut self.tracker {
+                region.with(|m| tracker.mark(m, head));
+            }
             self.handle_parsed(parsed, mem);
         }
+    }
+
+    /// Claims the head of a parsed chain. A head that is still in flight is the guest's
+    /// error: the second offer gets IOERR in its status byte and no used element (the head
+    /// goes back once, when the first request completes), and the first is left alone.
+    fn take_head(
+        &mut self,
+        parsed: &Result<Request, request::Rejected>,
+        mem: &Arc<GuestMem>,
+    ) -> bool {
+        let (head, status) = match parsed {
+            Ok(r) => (r.head, Some(r.status)),
+            Err(r) => (r.head, r.status),
+        };
+        let Some(active) = self.active.get_mut(usize::from(head)) else {
+            return true;
+        };
+        if !*active {
+            *active = true;
+            return true;
+        }
+        add(&self.stats().errors_ioerr, 1);
+        if let Some(addr) = status {
+            let _ = mem.write_obj(S_IOERR, addr);
+        }
+        self.log(format_args!(
+            "refused a request whose head {head} is still in flight"
+        ));
+        false
     }
 
     fn handle_parsed(&mut self, parsed: Result<Request, request::Rejected>, mem: &Arc<GuestMem>) {
@@ -662,10 +757,24 @@ impl QueueWorker {
                 &mut self.scratch,
                 &mut self.iov,
             );
-            self.handle_parsed(parsed, mem);
+            if self.take_head(&parsed, mem) {
+                self.handle_parsed(parsed, mem);
+            }
         }
         // Completions the previous backend wrote may not have been signalled.
         let _ = state.signal_used_queue();
+    }
+
+    /// A request the engine could not take fails like one the engine failed: its
+    /// completion goes where the engine's would (a replicated request's to its `Held`).
+    fn complete_failed(&mut self, req: &Request) {
+        add(&self.stats().errors_ioerr, 1);
+        self.done.push(Completion {
+            head: req.head,
+            status_addr: Some(req.status),
+            status: S_IOERR,
+            used_len: 1,
+        });
     }
 
     fn fail_now(&mut self, req: &Request) {
@@ -702,6 +811,9 @@ impl QueueWorker {
         };
         let mut bounce = (op == abi::OP_WRITE && drv.wants_write_data())
             .then(|| AlignedBuf::zeroed(len as usize));
+        if bounce.is_some() {
+            self.charge(req.head, len as usize);
+        }
         let r = abi::Request {
             op,
             queue: self.queue as u32,
@@ -808,6 +920,18 @@ impl QueueWorker {
     }
 
     fn dispatch(&mut self, req: &Request, mem: &Arc<GuestMem>) {
+        if req.is_empty() {
+            // Nothing to move: answered here, never sent to the driver image, the engine
+            // or the replicas (a replica's fallocate of 0 bytes fails, which would count as
+            // a replica fault).
+            self.done.push(Completion {
+                head: req.head,
+                status_addr: Some(req.status),
+                status: S_OK,
+                used_len: 1,
+            });
+            return;
+        }
         if self.refresh_driver_failed() && req.op != Op::GetId {
             self.fail_now(req);
             return;
@@ -839,7 +963,7 @@ impl QueueWorker {
                 // One copy of a write's data, for the replicas and the local write alike:
                 // the guest may change its buffer while the write is in flight.
                 let data = match req.op {
-                    Op::Write { .. } => Some(self.stable_copy(bounce.take())),
+                    Op::Write { .. } => Some(self.stable_copy(req.head, bounce.take())),
                     _ => None,
                 };
                 let keep = data.clone().map(|d| Box::new(d) as Keep);
@@ -893,11 +1017,12 @@ impl QueueWorker {
     /// The data of a replicated write, copied once into a buffer of ours that both the
     /// replicas' frames and the local write use (`self.iov` is pointed at it). A driver
     /// image's transformed data (`bounce`) is such a copy already.
-    fn stable_copy(&mut self, bounce: Option<AlignedBuf>) -> Payload {
+    fn stable_copy(&mut self, head: u16, bounce: Option<AlignedBuf>) -> Payload {
         let buf = match bounce {
             Some(b) => b,
             None => {
                 let len: usize = self.iov.iter().map(|v| v.iov_len).sum();
+                self.charge(head, len);
                 let mut b = AlignedBuf::zeroed(len);
                 // SAFETY: `iov` was built from guest memory that the caller holds alive for
                 // this call; it is only read.
@@ -942,9 +1067,31 @@ impl QueueWorker {
                 };
                 self.done.push(complete_now(used));
             }
+            (QueueEngine::Uring(u), _) if !u.has_room() => {
+                // A parked or deferred request released while the ring is full: it waits
+                // for a slot, ahead of anything new (`has_room` stops the popping), and
+                // counts as in flight meanwhile.
+                self.in_flight
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                self.overflow.push_back(Parked {
+                    req: *req,
+                    iov: std::mem::take(&mut self.iov),
+                    mem: Arc::clone(mem),
+                    keep,
+                });
+            }
             (QueueEngine::Uring(u), _) => {
-                if u.push(req, &mut self.iov, mem, write_through, keep) {
-                    add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1);
+                match u.push(req, &mut self.iov, mem, write_through, keep) {
+                    Ok(true) => add(&self.disk.stats.queues[self.queue].unaligned_fallbacks, 1),
+                    Ok(false) => {}
+                    Err(refused) => {
+                        self.iov.clear();
+                        self.log(format_args!(
+                            "io_uring did not take request {}: {}",
+                            req.head, refused.why
+                        ));
+                        self.complete_failed(req);
+                    }
                 }
             }
         }
@@ -1057,6 +1204,13 @@ impl QueueWorker {
         }
         for i in 0..self.done.len() {
             let c = self.done[i];
+            let h = usize::from(c.head);
+            if let Some(a) = self.active.get_mut(h) {
+                *a = false;
+            }
+            if let Some(bytes) = self.charged.get_mut(h) {
+                self.charged_total -= std::mem::take(bytes) as usize;
+            }
             if let Some(addr) = c.status_addr {
                 if let Err(e) = mem.write_obj(c.status, addr) {
                     self.log(format_args!(
