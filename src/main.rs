@@ -162,6 +162,11 @@ struct ApiArgs {
     /// `ferrodisk image keygen`).
     #[arg(long, value_name = "FILE")]
     trusted_image_key: Option<std::path::PathBuf>,
+    /// Accept driver images without a signature (by default every image must be signed by
+    /// the --trusted-image-key). For development and tests only: an image runs as native
+    /// code inside the daemon.
+    #[arg(long)]
+    allow_unsigned_images: bool,
 }
 
 #[derive(clap::Args)]
@@ -484,7 +489,13 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
                 },
                 None => None,
             };
-            let m = match Manager::open(&api.state, key, repl_ctx) {
+            let opts = ferrodisk::api::ManagerOptions {
+                images: ferrodisk::driver::ImagePolicy {
+                    key,
+                    allow_unsigned: api.allow_unsigned_images,
+                },
+            };
+            let m = match Manager::open(&api.state, opts, repl_ctx) {
                 Ok(m) => m,
                 Err(e) => return fail(e, 1),
             };

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Backing, DiskConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 use crate::disk::Disk;
-use crate::driver::{AttachInfo, Driver, ImageStore, StoredImage, TrustedKey};
+use crate::driver::{AttachInfo, Driver, ImagePolicy, ImageStore, StoredImage};
 use crate::server::{self, DiskServer, SocketAccess};
 
 /// An API error: an HTTP status and a message for the operator.
@@ -211,6 +211,13 @@ struct Inner {
     upgrading: HashMap<String, Option<ImageRef>>,
 }
 
+/// How the daemon serving the API was started.
+#[derive(Clone, Default)]
+pub struct ManagerOptions {
+    /// Which driver images are accepted (`--trusted-image-key`, `--allow-unsigned-images`).
+    pub images: ImagePolicy,
+}
+
 /// The daemon's volumes and attachments.
 pub struct Manager {
     dir: PathBuf,
@@ -246,7 +253,7 @@ impl Manager {
     /// reported in `failed` and logged; the others are served.
     pub fn open(
         dir: &Path,
-        trusted_key: Option<TrustedKey>,
+        opts: ManagerOptions,
         repl: Option<ReplContext>,
     ) -> Result<Arc<Manager>, String> {
         std::fs::create_dir_all(dir.join("volumes"))
@@ -258,7 +265,7 @@ impl Manager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let images = ImageStore::open(&dir.join("images"), trusted_key)?;
+        let images = ImageStore::open(&dir.join("images"), opts.images)?;
         let m = Arc::new(Manager {
             repl,
             images,
@@ -838,9 +845,11 @@ impl Manager {
             context: &a.context,
             attach_config: &a.driver_config,
         };
-        let d = Driver::load(&img.dir, &img.manifest, &info).map_err(|e| {
+        let refused = |e: crate::driver::ImageError| {
             ApiError::new(e.status(), format!("image {} {}: {e}", r.name, r.version))
-        })?;
+        };
+        let (manifest, sealed) = self.images.load(&img).map_err(refused)?;
+        let d = Driver::load(&sealed, &manifest, &info).map_err(refused)?;
         tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded");
         Ok(Some(Arc::new(d)))
     }
