@@ -462,3 +462,48 @@ fn a_disk_whose_backing_goes_away_fails_alone() {
     let (s, _) = d.call("GET", "/v1/stats", None);
     assert_eq!(s, 200, "the daemon still answers");
 }
+
+/// `ferrodisk stats` shows the latency percentiles the daemon reports (the API nests them
+/// under `latency.ops.<op>`).
+#[test]
+fn stats_shows_the_latency_the_daemon_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ApiDaemon::start(dir.path(), &[]);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "lat", "size": "8M"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let sock = dir.path().join("lat.sock");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/attachments",
+        Some(json!({"volume": "lat", "instance": "i", "socket": sock})),
+    );
+    assert_eq!(s, 201, "{v}");
+    {
+        let mut c = Client::connect(&sock, 1, false).expect("connect");
+        for i in 0..8u64 {
+            assert_eq!(c.write(0, i * 4096, &[1u8; 4096], ReqFlags::empty()), 0);
+            assert!(c.read(0, i * 4096, 4096).is_ok());
+        }
+    }
+    let (_, stats) = d.call("GET", "/v1/stats/lat@i", None);
+    let api_p50 = stats[0]["latency"]["ops"]["read"]["p50_us"].as_f64();
+    assert!(api_p50.is_some(), "the API reports read latency: {stats}");
+    let (rc, out, err) = d.cli(&["stats", "lat@i"]);
+    assert_eq!(rc, 0, "{out}{err}");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    for col in ["READ_P50/P99_US", "WRITE_P50/P99_US"] {
+        let i = header.iter().position(|h| *h == col).unwrap();
+        let (p50, p99) = row[i].split_once('/').unwrap();
+        assert!(
+            p50.parse::<f64>().is_ok() && p99.parse::<f64>().is_ok(),
+            "{col} is `{}`:\n{out}",
+            row[i]
+        );
+    }
+}
