@@ -1116,29 +1116,33 @@ fn serve(
     }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
     disk.set_driver(driver);
-    let listener = server::bind(&a.socket, access).map_err(|e| match e {
+    let sock_err = |e: server::ServeError| match e {
         server::ServeError::Access { .. } => ApiError::bad(chain(&e)),
         e => ApiError::conflict(chain(&e)),
-    })?;
+    };
+    // A taken socket is refused before replication claims the volume; the socket is
+    // published only once the authority has accepted this primary.
+    server::check_free(&a.socket).map_err(sock_err)?;
     if let Some((ctx, dir)) = repl {
         let meta = dir.join("replication").join(&vol.name);
         let r =
             crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta, vol.uuid.as_deref())
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&a.socket);
-                    match e {
-                        crate::repl::primary::ReplError::Local { .. } => {
-                            ApiError::internal(chain(&e))
-                        }
-                        e => ApiError::new(
-                            409,
-                            format!("replication of {}: {}", vol.name, chain(&e)),
-                        ),
-                    }
+                .map_err(|e| match e {
+                    crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
+                    e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
                 })?;
         let _ = disk.repl.set(r);
     }
     let repl = disk.repl.get().cloned();
+    let listener = match server::bind(&a.socket, access) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(r) = &repl {
+                r.shutdown();
+            }
+            return Err(sock_err(e));
+        }
+    };
     DiskServer::start(Arc::new(disk), listener)
         .map(Arc::new)
         .map_err(|e| {
