@@ -167,6 +167,11 @@ struct ApiArgs {
     /// code inside the daemon.
     #[arg(long)]
     allow_unsigned_images: bool,
+    /// A directory (or a single file or block device) under which API clients may use or
+    /// create volume files. Repeatable. `<state>/volumes` is always one; without this
+    /// option it is the only one. Paths are compared after resolving symlinks.
+    #[arg(long = "volume-root", value_name = "DIR")]
+    volume_roots: Vec<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -504,6 +509,7 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
                     key,
                     allow_unsigned: api.allow_unsigned_images,
                 },
+                volume_roots: api.volume_roots.clone(),
             };
             let m = match Manager::open(&api.state, opts, repl_ctx) {
                 Ok(m) => m,

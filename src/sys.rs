@@ -497,3 +497,17 @@ pub fn seals(file: &File) -> io::Result<libc::c_int> {
     // SAFETY: plain system call on a descriptor `file` owns for its duration.
     cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) })
 }
+
+/// Creates the file `name` in the directory `dir` (`openat` with `O_CREAT | O_EXCL |
+/// O_NOFOLLOW`, read-write, close-on-exec) with `mode`: never through a symlink, never an
+/// existing file.
+pub fn create_at(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let n = c_name(name)?;
+    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_RDWR | libc::O_CLOEXEC;
+    // SAFETY: plain system call; `dir` stays open and `n` alive for its duration.
+    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags, mode) })?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else; the File owns
+    // (and closes) it from here on.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}

@@ -9,11 +9,12 @@
 
 pub mod client;
 pub mod http;
+pub mod paths;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -216,6 +217,8 @@ struct Inner {
 pub struct ManagerOptions {
     /// Which driver images are accepted (`--trusted-image-key`, `--allow-unsigned-images`).
     pub images: ImagePolicy,
+    /// Where volumes may live besides `<state>/volumes` (`--volume-root`).
+    pub volume_roots: Vec<PathBuf>,
 }
 
 /// The daemon's volumes and attachments.
@@ -223,6 +226,7 @@ pub struct Manager {
     dir: PathBuf,
     inner: Mutex<Inner>,
     images: ImageStore,
+    roots: paths::VolumeRoots,
     repl: Option<ReplContext>,
 }
 
@@ -266,9 +270,11 @@ impl Manager {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         let images = ImageStore::open(&dir.join("images"), opts.images)?;
+        let roots = paths::VolumeRoots::new(&dir.join("volumes"), &opts.volume_roots)?;
         let m = Arc::new(Manager {
             repl,
             images,
+            roots,
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 state,
@@ -369,21 +375,16 @@ impl Manager {
             .transpose()?;
         let (path, size, owned) = match (&req.path, size) {
             (Some(p), None) => {
-                let meta = std::fs::metadata(p)
+                let (path, f) = self.roots.open_existing(p, false)?;
+                let meta = f
+                    .metadata()
                     .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
                 let size = if meta.file_type().is_block_device() {
-                    let f = File::open(p)
-                        .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
                     crate::sys::block_device_info(&f)
                         .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?
                         .size
-                } else if meta.is_file() {
-                    meta.len()
                 } else {
-                    return Err(ApiError::bad(format!(
-                        "{} is neither a regular file nor a block device",
-                        p.display()
-                    )));
+                    meta.len()
                 };
                 if size == 0 || size % 512 != 0 {
                     return Err(ApiError::bad(format!(
@@ -391,23 +392,18 @@ impl Manager {
                         p.display()
                     )));
                 }
-                (p.clone(), size, false)
+                (path, size, false)
             }
             (p, Some(size)) => {
                 let path = p
                     .clone()
                     .unwrap_or_else(|| self.dir.join("volumes").join(format!("{}.img", req.name)));
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| {
-                        ApiError::conflict(format!("cannot create {}: {e}", path.display()))
-                    })?;
-                f.set_len(size)
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+                let (path, f) = self.roots.create(&path)?;
+                let sized = f.set_len(size).and_then(|()| f.sync_all());
+                if let Err(e) = sized {
+                    let _ = self.roots.remove(&path);
+                    return Err(ApiError::internal(format!("{}: {e}", path.display())));
+                }
                 (path, size, true)
             }
             (None, None) => {
@@ -437,7 +433,7 @@ impl Manager {
         });
         if let Err(e) = r {
             if owned {
-                let _ = std::fs::remove_file(&vol.path);
+                let _ = self.roots.remove(&vol.path);
             }
             return Err(e);
         }
@@ -496,10 +492,7 @@ impl Manager {
             .filter_map(|a| inner.live.get(&a.id).cloned())
             .collect();
         if live.is_empty() {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&vol.path)
-                .map_err(|e| ApiError::internal(format!("{}: {e}", vol.path.display())))?;
+            let (_, f) = self.roots.open_existing(&vol.path, true)?;
             if f.metadata()
                 .map(|m| m.file_type().is_block_device())
                 .unwrap_or(false)
@@ -555,8 +548,8 @@ impl Manager {
             self.forget_replicated(&vol);
         }
         if vol.owned {
-            if let Err(e) = std::fs::remove_file(&vol.path) {
-                tracing::warn!(volume = name, "cannot remove {}: {e}", vol.path.display());
+            if let Err(e) = self.roots.remove(&vol.path) {
+                tracing::warn!(volume = name, "{}", e.message);
             }
         }
         tracing::info!(volume = name, "volume deleted");
@@ -1042,7 +1035,7 @@ impl Manager {
         driver: Option<Arc<Driver>>,
     ) -> Result<Arc<DiskServer>, ApiError> {
         if vol.replicas.is_empty() {
-            return serve(vol, a, driver, None);
+            return serve(vol, a, driver, &self.roots, None);
         }
         let ctx = self.repl.as_ref().ok_or_else(|| {
             ApiError::bad(format!(
@@ -1050,7 +1043,7 @@ impl Manager {
                 vol.name
             ))
         })?;
-        serve(vol, a, driver, Some((ctx, &self.dir)))
+        serve(vol, a, driver, &self.roots, Some((ctx, &self.dir)))
     }
 }
 
@@ -1058,6 +1051,7 @@ fn serve(
     vol: &Volume,
     a: &Attachment,
     driver: Option<Arc<Driver>>,
+    roots: &paths::VolumeRoots,
     repl: Option<(&ReplContext, &Path)>,
 ) -> Result<Arc<DiskServer>, ApiError> {
     let o = &a.options;
@@ -1114,7 +1108,34 @@ fn serve(
             cfg.resync_mbps = r;
         }
     }
+    // The backing must still be the file under a volume root it was (no symlink or
+    // directory swapped in since), before it is opened and, through the open files,
+    // after.
+    let (resolved, _) = roots.open_existing(&vol.path, false)?;
+    if resolved != vol.path {
+        return Err(ApiError::forbidden(format!(
+            "volume {}: {} now resolves to {}: refused",
+            vol.name,
+            vol.path.display(),
+            resolved.display()
+        )));
+    }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
+    let files = disk.files.as_ref().map(|f| (&f.main, f.buffered.as_ref()));
+    if let Some((main, buffered)) = files {
+        roots.check_open(main, &vol.path)?;
+        if let Some(b) = buffered {
+            roots.check_open(b, &vol.path)?;
+        }
+    }
+    // Replication opens the local copy again: through the disk's own open file.
+    let local = files.map_or_else(
+        || vol.path.clone(),
+        |(main, _)| {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", main.as_raw_fd()))
+        },
+    );
     disk.set_driver(driver);
     let sock_err = |e: server::ServeError| match e {
         server::ServeError::Access { .. } => ApiError::bad(chain(&e)),
@@ -1125,12 +1146,11 @@ fn serve(
     server::check_free(&a.socket).map_err(sock_err)?;
     if let Some((ctx, dir)) = repl {
         let meta = dir.join("replication").join(&vol.name);
-        let r =
-            crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta, vol.uuid.as_deref())
-                .map_err(|e| match e {
-                    crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
-                    e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
-                })?;
+        let r = crate::repl::primary::start_for_disk(&disk, &local, ctx, meta, vol.uuid.as_deref())
+            .map_err(|e| match e {
+                crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
+                e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
+            })?;
         let _ = disk.repl.set(r);
     }
     let repl = disk.repl.get().cloned();
