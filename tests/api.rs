@@ -614,3 +614,50 @@ fn host_paths_outside_the_volume_roots_are_refused() {
     );
     assert_eq!(s, 201, "{v}");
 }
+
+/// The log lines API requests cause are rate-limited: a client creating volumes in a loop
+/// gets at most a burst of lines in the daemon's log, and a line says how many were left
+/// out.
+#[test]
+fn log_lines_caused_by_api_requests_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ApiDaemon::start(dir.path(), &[]);
+    const N: usize = 120;
+    let start = std::time::Instant::now();
+    for i in 0..N {
+        let (s, v) = d.call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": format!("v{i}"), "size": "512"})),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    // The limit is 50 lines per 10 s: the loop should take far less than that.
+    let windows = 1 + start.elapsed().as_secs() as usize / 10;
+    let (s, _) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "last", "size": "512"})),
+    );
+    assert_eq!(s, 201);
+    let log = d.log();
+    let created = log.matches("volume created").count();
+    assert!(
+        created <= 50 * windows && created < N,
+        "{created} `volume created` lines for {N} requests in {windows} window(s)"
+    );
+    // Once a new window starts the count of lines left out is logged; wait for it.
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let (s, _) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "after", "size": "512"})),
+    );
+    assert_eq!(s, 201);
+    assert!(
+        d.log()
+            .contains("log lines caused by API requests were left out"),
+        "{}",
+        d.log()
+    );
+}

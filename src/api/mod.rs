@@ -228,7 +228,14 @@ pub struct Manager {
     images: ImageStore,
     roots: paths::VolumeRoots,
     repl: Option<ReplContext>,
+    /// The log lines API requests cause (see [`Manager::log`]).
+    log_limit: Mutex<crate::stats::RateLimit>,
 }
+
+/// At most this many log lines caused by API requests per [`API_LOG_PERIOD`]; then one line
+/// says how many were left out.
+const API_LOG_BURST: u32 = 50;
+const API_LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
     if crate::config::valid_name(s) {
@@ -275,6 +282,7 @@ impl Manager {
             repl,
             images,
             roots,
+            log_limit: Mutex::new(crate::stats::RateLimit::new(API_LOG_BURST, API_LOG_PERIOD)),
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 state,
@@ -306,6 +314,27 @@ impl Manager {
             }
         }
         Ok(m)
+    }
+
+    /// Runs `line` (one `tracing` call) unless the API's log lines are over their rate: a
+    /// client that creates and deletes volumes in a loop cannot flood the daemon's log.
+    fn log(&self, line: impl FnOnce()) {
+        let allowed = self
+            .log_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow();
+        match allowed {
+            Some(0) => line(),
+            Some(n) => {
+                tracing::warn!(
+                    suppressed = n,
+                    "{n} log lines caused by API requests were left out (rate limit)"
+                );
+                line();
+            }
+            None => {}
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -437,7 +466,7 @@ impl Manager {
             }
             return Err(e);
         }
-        tracing::info!(volume = %vol.name, path = %vol.path.display(), size = vol.size, "volume created");
+        self.log(|| tracing::info!(volume = %vol.name, path = %vol.path.display(), size = vol.size, "volume created"));
         Ok(vol)
     }
 
@@ -511,12 +540,14 @@ impl Manager {
                 v.size = bytes;
             }
         })?;
-        tracing::info!(
-            volume = name,
-            size = bytes,
-            attachments = live.len(),
-            "volume resized"
-        );
+        self.log(|| {
+            tracing::info!(
+                volume = name,
+                size = bytes,
+                attachments = live.len(),
+                "volume resized"
+            )
+        });
         Ok(Volume { size: bytes, ..vol })
     }
 
@@ -549,10 +580,10 @@ impl Manager {
         }
         if vol.owned {
             if let Err(e) = self.roots.remove(&vol.path) {
-                tracing::warn!(volume = name, "{}", e.message);
+                self.log(|| tracing::warn!(volume = name, "{}", e.message));
             }
         }
-        tracing::info!(volume = name, "volume deleted");
+        self.log(|| tracing::info!(volume = name, "volume deleted"));
         Ok(())
     }
 
@@ -570,17 +601,17 @@ impl Manager {
                     for m in &before.replicas {
                         match crate::repl::tools::drop_copy(&m.addr, &ctx.key, name, epoch) {
                             Ok(()) => {
-                                tracing::info!(volume = %name, replica = %m.addr, "replica copy dropped")
+                                self.log(|| tracing::info!(volume = %name, replica = %m.addr, "replica copy dropped"))
                             }
                             Err(e) => {
-                                tracing::warn!(volume = %name, replica = %m.addr, "cannot drop the replica's copy (its UUID keeps it from ever being used again): {e}")
+                                self.log(|| tracing::warn!(volume = %name, replica = %m.addr, "cannot drop the replica's copy (its UUID keeps it from ever being used again): {e}"))
                             }
                         }
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(volume = %name, "cannot delete the volume's authority record (a volume created again under this name gets a new UUID anyway): {e}")
+                    self.log(|| tracing::warn!(volume = %name, "cannot delete the volume's authority record (a volume created again under this name gets a new UUID anyway): {e}"))
                 }
             }
         }
@@ -601,7 +632,9 @@ impl Manager {
                 std::fs::rename(&meta, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
             if let Err(e) = gone {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
+                    self.log(
+                        || tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display()),
+                    );
                 }
             }
         }
@@ -695,7 +728,7 @@ impl Manager {
         }
         inner.live.insert(id.clone(), served);
         inner.failed.remove(&id);
-        tracing::info!(attachment = %id, socket = %att.socket.display(), context = ?att.context, "attached");
+        self.log(|| tracing::info!(attachment = %id, socket = %att.socket.display(), context = ?att.context, "attached"));
         Ok(att)
     }
 
@@ -720,7 +753,7 @@ impl Manager {
         if let Some(s) = server {
             s.close();
             if let Err(e) = s.disk.sync() {
-                tracing::error!(attachment = id, "flush at detach failed: {e}");
+                self.log(|| tracing::error!(attachment = id, "flush at detach failed: {e}"));
             }
             // Replication stops either way (its threads and connections end). A clean stop
             // empties the activity log; after a failed flush its own sync fails too, and
@@ -729,7 +762,7 @@ impl Manager {
                 r.shutdown();
             }
         }
-        tracing::info!(attachment = id, "detached");
+        self.log(|| tracing::info!(attachment = id, "detached"));
         Ok(())
     }
 
@@ -843,7 +876,7 @@ impl Manager {
         };
         let (manifest, sealed) = self.images.load(&img).map_err(refused)?;
         let d = Driver::load(&sealed, &manifest, &info).map_err(refused)?;
-        tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded");
+        self.log(|| tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded"));
         Ok(Some(Arc::new(d)))
     }
 
@@ -853,6 +886,7 @@ impl Manager {
             .images
             .add(dir)
             .map_err(|e| ApiError::new(e.status(), format!("image refused: {e}")))?;
+        self.log(|| tracing::info!(image = %img.manifest.name, version = %img.manifest.version, "image added"));
         Ok(image_json(&img, &[]))
     }
 
@@ -980,7 +1014,7 @@ impl Manager {
         self.commit(&mut inner, |s| {
             s.attachments.insert(next.id.clone(), next);
         })?;
-        tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded");
+        self.log(|| tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded"));
         Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": true}))
     }
 }

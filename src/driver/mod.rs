@@ -692,7 +692,6 @@ impl ImageStore {
         let io = |e: std::io::Error| ImageError::Io(format!("storing the image: {e}"));
         std::fs::create_dir_all(dest.parent().unwrap_or(&self.dir)).map_err(io)?;
         std::fs::rename(&tmp, &dest).map_err(io)?;
-        tracing::info!(image = %m.name, version = %m.version, "image added");
         Ok(StoredImage {
             manifest: v.manifest,
             dir: dest,
