@@ -794,4 +794,27 @@ fn unsigned_images_are_refused_by_default() {
     assert!(!marker.exists(), "the refused module was loaded");
     let (_, list) = d.call("GET", "/v1/images", None);
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    drop(d);
+
+    // Stored and attached under --allow-unsigned-images, then a restart without it: the
+    // attachment is not served again with that image, and the module is not loaded.
+    let mut d = ApiDaemon::start(p, UNSIGNED);
+    let (s, v) = add(&d, &pack(p, &so, "u", "1.0.0", &["--default"]));
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "v");
+    let (s, v) = attach(&d, p, "v", "i", json!({}), json!({}));
+    assert_eq!(s, 201, "{v}");
+    d.terminate();
+    std::fs::remove_file(&marker).unwrap();
+    let d = ApiDaemon::start(p, &[]);
+    let (_, atts) = d.call("GET", "/v1/attachments", None);
+    let state = atts[0]["state"].as_str().unwrap();
+    assert!(
+        state.starts_with("failed") && state.contains("unsigned images are refused"),
+        "{atts}"
+    );
+    assert!(
+        !marker.exists(),
+        "the unsigned module was loaded at the restart"
+    );
 }
