@@ -662,6 +662,18 @@ impl ImageStore {
         Ok(s)
     }
 
+    fn forget_sealed(&self, m: &Manifest) {
+        let key = (
+            m.name.clone(),
+            m.version.clone(),
+            m.sha256.to_ascii_lowercase(),
+        );
+        self.sealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
     /// Verifies the image in `src` and stores it. The files of `src` are read once; the
     /// stored copy and the module loaded to check it are made from the verified bytes.
     pub fn add(&self, src: &Path) -> Result<StoredImage, ImageError> {
@@ -676,7 +688,16 @@ impl ImageStore {
             )));
         }
         let sealed = self.seal(&v)?;
-        let lib = Module::open(&sealed)?;
+        let lib = match Module::open(&sealed) {
+            Ok(lib) => lib,
+            Err(e) => {
+                if let ImageError::Load(_) = e {
+                    // Never loaded, so glibc does not know its name: the copy can go.
+                    self.forget_sealed(&v.manifest);
+                }
+                return Err(e);
+            }
+        };
         if lib.name != m.name || lib.version != m.version {
             return Err(ImageError::Invalid(format!(
                 "the module says it is {} {}, the manifest {} {}",
