@@ -1142,24 +1142,16 @@ fn serve(
             cfg.resync_mbps = r;
         }
     }
-    // The backing must still be the file under a volume root it was (no symlink or
-    // directory swapped in since), before it is opened and, through the open files,
+    // The backing must still resolve under a volume root (no symlink or directory swapped
+    // in since it was created), checked before it is opened and, through the open files,
     // after.
     let (resolved, _) = roots.open_existing(&vol.path, false)?;
-    if resolved != vol.path {
-        return Err(ApiError::forbidden(format!(
-            "volume {}: {} now resolves to {}: refused",
-            vol.name,
-            vol.path.display(),
-            resolved.display()
-        )));
-    }
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
     let files = disk.files.as_ref().map(|f| (&f.main, f.buffered.as_ref()));
     if let Some((main, buffered)) = files {
-        roots.check_open(main, &vol.path)?;
+        roots.check_open(main, &resolved)?;
         if let Some(b) = buffered {
-            roots.check_open(b, &vol.path)?;
+            roots.check_open(b, &resolved)?;
         }
     }
     // Replication opens the local copy again: through the disk's own open file.
