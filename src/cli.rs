@@ -672,7 +672,7 @@ pub fn stats(api: &ApiSocket, id: Option<&str>, json: bool) -> ExitCode {
             .flatten()
             .map(|d| {
                 let t = &d["stats"]["totals"];
-                let lat = &d["latency"];
+                let lat = &d["latency"]["ops"];
                 let p = |op: &str, q: &str| {
                     lat[op][q]
                         .as_f64()

@@ -162,6 +162,16 @@ struct ApiArgs {
     /// `ferrodisk image keygen`).
     #[arg(long, value_name = "FILE")]
     trusted_image_key: Option<std::path::PathBuf>,
+    /// Accept driver images without a signature (by default every image must be signed by
+    /// the --trusted-image-key). For development and tests only: an image runs as native
+    /// code inside the daemon.
+    #[arg(long)]
+    allow_unsigned_images: bool,
+    /// A directory (or a single file or block device) under which API clients may use or
+    /// create volume files. Repeatable. `<state>/volumes` is always one; without this
+    /// option it is the only one. Paths are compared after resolving symlinks.
+    #[arg(long = "volume-root", value_name = "DIR")]
+    volume_roots: Vec<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -414,25 +424,20 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
             Err(e) => return fail(format!("--disk {spec}: {e}"), 2),
         }
     }
-    // Sockets this process published: removed however serve() returns, so that a failed
-    // start leaves no dead socket for a hypervisor to find.
-    let mut published = RemoveOnExit(Vec::new());
-    let mut bound = Vec::new();
+    let mut disks = Vec::new();
     for c in configs {
-        let socket = c.socket.clone();
-        let disk = match Disk::open(c) {
-            Ok(d) => Arc::new(d),
-            Err(e) => return fail(chain(&e), 1),
-        };
-        match server::bind(&socket, SocketAccess::default()) {
-            Ok(l) => {
-                published.0.push(socket);
-                bound.push((disk, l));
-            }
+        match Disk::open(c) {
+            Ok(d) => disks.push(Arc::new(d)),
             Err(e) => return fail(chain(&e), 1),
         }
     }
-    let disks: Vec<Arc<Disk>> = bound.iter().map(|(d, _)| Arc::clone(d)).collect();
+    // A socket that another live process serves is refused before replication claims the
+    // volume in the authority.
+    for d in &disks {
+        if let Err(e) = server::check_free(&d.config.socket) {
+            return fail(chain(&e), 1);
+        }
+    }
     let repl_ctx = if disks.iter().any(|d| d.config.volume.is_some()) || api.api.is_some() {
         match repl_context(repl) {
             Ok(c) => c,
@@ -443,6 +448,21 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
     };
     if let Err((msg, code)) = start_replication(&disks, repl_ctx.as_ref()) {
         return fail(msg, code);
+    }
+    // Sockets are published only now, once the authority has accepted this primary: a
+    // start that is refused never shows a socket for a hypervisor to find. Those published
+    // are removed however serve() returns.
+    let mut published = RemoveOnExit(Vec::new());
+    let mut bound = Vec::new();
+    for disk in &disks {
+        let socket = disk.config.socket.clone();
+        match server::bind(&socket, SocketAccess::default()) {
+            Ok(l) => {
+                published.0.push(socket);
+                bound.push((Arc::clone(disk), l));
+            }
+            Err(e) => return fail(chain(&e), 1),
+        }
     }
     if let Some(addr) = health {
         let listener = match std::net::TcpListener::bind(addr) {
@@ -484,7 +504,14 @@ fn serve(specs: &[String], repl: &ReplArgs, health: Option<&str>, api: &ApiArgs)
                 },
                 None => None,
             };
-            let m = match Manager::open(&api.state, key, repl_ctx) {
+            let opts = ferrodisk::api::ManagerOptions {
+                images: ferrodisk::driver::ImagePolicy {
+                    key,
+                    allow_unsigned: api.allow_unsigned_images,
+                },
+                volume_roots: api.volume_roots.clone(),
+            };
+            let m = match Manager::open(&api.state, opts, repl_ctx) {
                 Ok(m) => m,
                 Err(e) => return fail(e, 1),
             };

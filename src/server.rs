@@ -179,8 +179,31 @@ pub fn listen_unix(path: &Path, access: SocketAccess) -> Result<UnixListener, Se
 
 /// Removes `path` if it is a socket nobody listens on; refuses anything else.
 fn remove_if_stale(path: &Path) -> Result<(), ServeError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
+    if !probe(path)? {
         return Ok(());
+    }
+    std::fs::remove_file(path)
+        .or_else(|e| match e.kind() {
+            io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        })
+        .map_err(|source| ServeError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Fails if `path` is taken: it is not a socket, or a live process listens on it. A stale
+/// socket is left for [`listen_unix`] to replace. For a start that has work to do before it
+/// publishes its socket, so that it gives up before that work.
+pub fn check_free(path: &Path) -> Result<(), ServeError> {
+    probe(path).map(drop)
+}
+
+/// `Ok(true)`: `path` is a stale socket (nobody listens); `Ok(false)`: nothing is there.
+fn probe(path: &Path) -> Result<bool, ServeError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(false);
     };
     if !meta.file_type().is_socket() {
         return Err(ServeError::NotASocket(path.to_path_buf()));
@@ -188,16 +211,8 @@ fn remove_if_stale(path: &Path) -> Result<(), ServeError> {
     match UnixStream::connect(path) {
         Ok(_) => Err(ServeError::SocketInUse(path.to_path_buf())),
         // Only a refused connection proves that nobody listens.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(|source| ServeError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(ServeError::Probe {
             path: path.to_path_buf(),
             source,

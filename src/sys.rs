@@ -463,3 +463,51 @@ pub fn unlinked(file: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
     file.metadata().is_ok_and(|m| m.nlink() == 0)
 }
+
+/// A sealed in-memory copy of `bytes`: a memfd (close-on-exec) holding exactly these bytes,
+/// with `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`, so that nobody, this
+/// process included, can change it any more. Asked to be executable (`MFD_EXEC`) where the
+/// kernel knows the flag (Linux 6.3 and later), so that `vm.memfd_noexec=1` does not make it
+/// unmappable for code.
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> io::Result<File> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let n = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in a memfd name"))?;
+    const MFD_EXEC: libc::c_uint = 0x0010;
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: plain system call; `n` is a NUL-terminated string alive for its duration.
+    let mut fd = unsafe { libc::memfd_create(n.as_ptr(), base | MFD_EXEC) };
+    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above (a kernel before 6.3 refuses the unknown flag).
+        fd = unsafe { libc::memfd_create(n.as_ptr(), base) };
+    }
+    let fd = cvt(fd)?;
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else; the File
+    // owns (and closes) it from here on.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(bytes)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain system call on a descriptor `f` owns for its duration.
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(f)
+}
+
+/// The seals of a memfd (`F_GET_SEALS`).
+pub fn seals(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: plain system call on a descriptor `file` owns for its duration.
+    cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) })
+}
+
+/// Creates the file `name` in the directory `dir` (`openat` with `O_CREAT | O_EXCL |
+/// O_NOFOLLOW`, read-write, close-on-exec) with `mode`: never through a symlink, never an
+/// existing file.
+pub fn create_at(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let n = c_name(name)?;
+    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_RDWR | libc::O_CLOEXEC;
+    // SAFETY: plain system call; `dir` stays open and `n` alive for its duration.
+    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags, mode) })?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else; the File owns
+    // (and closes) it from here on.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}

@@ -242,8 +242,8 @@ fn bad_requests_get_4xx_with_a_clear_message() {
             "POST",
             "/v1/volumes",
             Some(json!({"name": "x", "path": "/nonexistent/file"})),
-            400,
-            "No such file",
+            403,
+            "outside the volume roots",
         ),
         (
             "POST",
@@ -311,7 +311,8 @@ fn bad_requests_get_4xx_with_a_clear_message() {
 #[test]
 fn one_broken_attachment_does_not_stop_the_others_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = ApiDaemon::start(dir.path(), &[]);
+    let root = dir.path().to_str().unwrap();
+    let mut d = ApiDaemon::start(dir.path(), &["--volume-root", root]);
     let ext = dir.path().join("external.img");
     std::fs::write(&ext, vec![0u8; 1 << 20]).unwrap();
     for (name, body) in [
@@ -329,7 +330,7 @@ fn one_broken_attachment_does_not_stop_the_others_after_a_restart() {
     }
     d.terminate();
     std::fs::remove_file(&ext).unwrap(); // the backing goes away while the daemon is down
-    let d = ApiDaemon::start(dir.path(), &[]);
+    let d = ApiDaemon::start(dir.path(), &["--volume-root", root]);
     let (_, atts) = d.call("GET", "/v1/attachments", None);
     let state = |id: &str| {
         atts.as_array()
@@ -461,4 +462,202 @@ fn a_disk_whose_backing_goes_away_fails_alone() {
     );
     let (s, _) = d.call("GET", "/v1/stats", None);
     assert_eq!(s, 200, "the daemon still answers");
+}
+
+/// `ferrodisk stats` shows the latency percentiles the daemon reports (the API nests them
+/// under `latency.ops.<op>`).
+#[test]
+fn stats_shows_the_latency_the_daemon_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ApiDaemon::start(dir.path(), &[]);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "lat", "size": "8M"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let sock = dir.path().join("lat.sock");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/attachments",
+        Some(json!({"volume": "lat", "instance": "i", "socket": sock})),
+    );
+    assert_eq!(s, 201, "{v}");
+    {
+        let mut c = Client::connect(&sock, 1, false).expect("connect");
+        for i in 0..8u64 {
+            assert_eq!(c.write(0, i * 4096, &[1u8; 4096], ReqFlags::empty()), 0);
+            assert!(c.read(0, i * 4096, 4096).is_ok());
+        }
+    }
+    let (_, stats) = d.call("GET", "/v1/stats/lat@i", None);
+    let api_p50 = stats[0]["latency"]["ops"]["read"]["p50_us"].as_f64();
+    assert!(api_p50.is_some(), "the API reports read latency: {stats}");
+    let (rc, out, err) = d.cli(&["stats", "lat@i"]);
+    assert_eq!(rc, 0, "{out}{err}");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    for col in ["READ_P50/P99_US", "WRITE_P50/P99_US"] {
+        let i = header.iter().position(|h| *h == col).unwrap();
+        let (p50, p99) = row[i].split_once('/').unwrap();
+        assert!(
+            p50.parse::<f64>().is_ok() && p99.parse::<f64>().is_ok(),
+            "{col} is `{}`:\n{out}",
+            row[i]
+        );
+    }
+}
+
+/// An API client can use host paths only under a `--volume-root` (and `<state>/volumes`):
+/// a file outside, a symlink inside pointing outside, a directory symlink, and a file
+/// swapped for a symlink after the volume was created are all refused, and nothing outside
+/// is read, written or created. A path under the root works.
+#[test]
+fn host_paths_outside_the_volume_roots_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let root = p.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let outside = p.join("outside.img");
+    std::fs::write(&outside, vec![5u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link.img")).unwrap();
+    std::os::unix::fs::symlink(p, root.join("up")).unwrap();
+    std::fs::write(root.join("in.img"), vec![0u8; 1 << 20]).unwrap();
+    let d = ApiDaemon::start(p, &["--volume-root", root.to_str().unwrap()]);
+    let create = |body: Value| d.call("POST", "/v1/volumes", Some(body));
+    for (name, body) in [
+        ("outside", json!({"name": "outside", "path": outside})),
+        ("passwd", json!({"name": "passwd", "path": "/etc/passwd"})),
+        (
+            "link",
+            json!({"name": "link", "path": root.join("link.img")}),
+        ),
+        (
+            "dotdot",
+            json!({"name": "dotdot", "path": root.join("../outside.img")}),
+        ),
+        (
+            "new-up",
+            json!({"name": "new-up", "path": root.join("up/new.img"), "size": "1M"}),
+        ),
+        (
+            "new-out",
+            json!({"name": "new-out", "path": p.join("new.img"), "size": "1M"}),
+        ),
+    ] {
+        let (s, v) = create(body);
+        assert_eq!(s, 403, "{name}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("outside the volume roots"),
+            "{name}: {v}"
+        );
+    }
+    assert!(!p.join("new.img").exists(), "a file was created outside");
+    let (_, list) = d.call("GET", "/v1/volumes", None);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+
+    // Under the root: an existing file and a new one work, and serve I/O.
+    let (s, v) = create(json!({"name": "in", "path": root.join("in.img")}));
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = create(json!({"name": "new", "path": root.join("new.img"), "size": "1M"}));
+    assert_eq!(s, 201, "{v}");
+    let sock = p.join("in.sock");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/attachments",
+        Some(json!({"volume": "in", "instance": "i", "socket": sock})),
+    );
+    assert_eq!(s, 201, "{v}");
+    {
+        let mut c = Client::connect(&sock, 1, false).expect("connect");
+        assert_eq!(c.write(0, 0, &[9u8; 4096], ReqFlags::empty()), 0);
+        assert_eq!(c.flush(0), 0);
+    }
+    assert_eq!(
+        std::fs::read(root.join("in.img")).unwrap()[..4096],
+        [9u8; 4096]
+    );
+
+    // A volume's file swapped for a symlink to a file outside after it was created: the
+    // attach is refused, and the file outside is untouched.
+    std::fs::remove_file(root.join("new.img")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("new.img")).unwrap();
+    let (s, v) = d.call(
+        "POST",
+        "/v1/attachments",
+        Some(json!({"volume": "new", "instance": "i", "socket": p.join("new.sock")})),
+    );
+    assert_eq!(s, 403, "{v}");
+    assert!(!p.join("new.sock").exists());
+    // Deleting that volume removes the symlink in the root, never the file outside.
+    let (s, v) = d.call("DELETE", "/v1/volumes/new", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(std::fs::read(&outside).unwrap(), vec![5u8; 1 << 20]);
+
+    // Without --volume-root, only the daemon's own volume directory is allowed.
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = ApiDaemon::start(dir2.path(), &[]);
+    let (s, v) = d2.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "x", "path": root.join("in.img")})),
+    );
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = d2.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "y", "size": "1M"})),
+    );
+    assert_eq!(s, 201, "{v}");
+}
+
+/// The log lines API requests cause are rate-limited: a client creating volumes in a loop
+/// gets at most a burst of lines in the daemon's log, and a line says how many were left
+/// out.
+#[test]
+fn log_lines_caused_by_api_requests_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ApiDaemon::start(dir.path(), &[]);
+    const N: usize = 120;
+    let start = std::time::Instant::now();
+    for i in 0..N {
+        let (s, v) = d.call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": format!("v{i}"), "size": "512"})),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    // The limit is 50 lines per 10 s: the loop should take far less than that.
+    let windows = 1 + start.elapsed().as_secs() as usize / 10;
+    let (s, _) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "last", "size": "512"})),
+    );
+    assert_eq!(s, 201);
+    let log = d.log();
+    let created = log.matches("volume created").count();
+    assert!(
+        created <= 50 * windows && created < N,
+        "{created} `volume created` lines for {N} requests in {windows} window(s)"
+    );
+    // Once a new window starts the count of lines left out is logged; wait for it.
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let (s, _) = d.call(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "after", "size": "512"})),
+    );
+    assert_eq!(s, 201);
+    assert!(
+        d.log()
+            .contains("log lines caused by API requests were left out"),
+        "{}",
+        d.log()
+    );
 }

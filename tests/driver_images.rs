@@ -16,6 +16,9 @@ use common::api_daemon::ApiDaemon;
 use common::{Client, BIN};
 use serde_json::{json, Value};
 
+/// Most tests here add unsigned images: the daemon must be told to accept them.
+const UNSIGNED: &[&str] = &["--allow-unsigned-images"];
+
 /// What a test C module does.
 #[derive(Clone, Copy, Default)]
 struct CModule<'a> {
@@ -26,6 +29,8 @@ struct CModule<'a> {
     no_fini: bool,
     /// Writes: 0 pass, 1 FAIL verdict, -1 internal error.
     on_write: i32,
+    /// A constructor creates this file when the module is loaded: proof that its code ran.
+    marker: Option<&'a Path>,
 }
 
 /// The C source of the test images (parameters as `-D` macros).
@@ -45,6 +50,9 @@ fn compile(dir: &Path, m: CModule<'_>) -> PathBuf {
         .arg(format!("-DON_WRITE={}", m.on_write));
     if m.no_fini {
         cmd.arg("-DNO_FINI");
+    }
+    if let Some(marker) = m.marker {
+        cmd.arg(format!("-DMARKER=\"{}\"", marker.display()));
     }
     let out = cmd
         .output()
@@ -130,7 +138,7 @@ fn image_of(d: &ApiDaemon, id: &str) -> (String, String, String) {
 fn the_newest_matching_image_is_chosen_with_a_default() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     let linux1 = compile(p, module("linux", "1.0.0"));
     let linux2 = compile(p, module("linux", "1.10.0"));
     let big = compile(p, module("big", "3.0.0"));
@@ -188,7 +196,7 @@ fn the_newest_matching_image_is_chosen_with_a_default() {
 fn bad_images_are_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     // Checksum mismatch: the module changed after packing.
     let img = pack(
         p,
@@ -282,7 +290,7 @@ fn signatures_are_checked_when_a_key_is_trusted() {
     let (s, v) = add(&d, &pack(p, &so, "s", "1.0.0", &[]));
     assert_eq!(s, 400, "unsigned: {v}");
     assert!(
-        v["error"].as_str().unwrap().contains("bad signature"),
+        v["error"].as_str().unwrap().contains("no manifest.sig"),
         "{v}"
     );
     let (s, v) = add(&d, &pack(p, &so, "s", "1.0.0", &["--sign", &evil]));
@@ -318,7 +326,7 @@ fn signatures_are_checked_when_a_key_is_trusted() {
 fn init_failure_refuses_the_attach_and_others_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     let (s, v) = add(
         &d,
         &pack(
@@ -353,7 +361,7 @@ fn init_failure_refuses_the_attach_and_others_keep_working() {
 fn an_image_error_at_runtime_fails_the_attachment_not_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     let broken = CModule {
         on_write: -1,
         ..module("broken", "1.0.0")
@@ -409,7 +417,7 @@ fn an_image_error_at_runtime_fails_the_attachment_not_the_daemon() {
 fn a_new_version_applies_on_reattach_or_upgrade_only() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let mut d = ApiDaemon::start(p, &[]);
+    let mut d = ApiDaemon::start(p, UNSIGNED);
     let (s, _) = add(
         &d,
         &pack(
@@ -483,7 +491,7 @@ fn a_new_version_applies_on_reattach_or_upgrade_only() {
     assert!(out.contains("already on drv 2.0.0"), "{out}");
     // The choice is kept across a daemon restart (a restart is not a re-attach).
     d.terminate();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     assert_eq!(image_of(&d, "v@old").1, "2.0.0");
     assert_eq!(image_of(&d, "w@new").1, "2.0.0");
 }
@@ -516,7 +524,7 @@ fn add_faulty(d: &ApiDaemon, dir: &Path, rule: &str) {
 fn a_panic_inside_a_rust_image_is_contained() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     add_faulty(&d, p, "test=faulty");
     volume(&d, "p");
     volume(&d, "c");
@@ -597,7 +605,7 @@ fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let d = ApiDaemon::start(p, &[]);
+    let d = ApiDaemon::start(p, UNSIGNED);
     add_faulty(&d, p, "os=linux");
     volume(&d, "v");
     // Version 2: a pass-through module under the same name, built now (the compiler is
@@ -654,4 +662,159 @@ fn an_upgrade_that_drains_slowly_does_not_block_the_api() {
     assert_eq!(image_of(&d, "v@vm").1, "2.0.0");
     let (s, v) = d.call("DELETE", "/v1/attachments/v@vm", None);
     assert_eq!(s, 200, "detach works once the upgrade is done: {v}");
+}
+
+/// The module `image add` stores and loads is the one it verified: a module swapped on disk
+/// right after the daemon read and hashed it (the daemon is held in that window by a test
+/// hook) is never loaded, and attachments run the verified code.
+#[test]
+fn a_module_swapped_after_verification_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let pause = p.join("pause");
+    let d = ApiDaemon::start_with_env(
+        p,
+        UNSIGNED,
+        &[("FERRODISK_TEST_IMAGE_PAUSE", pause.as_path())],
+    );
+    let marker = p.join("evil-ran");
+    let good = compile(p, module("swap", "1.0.0"));
+    let img = pack(p, &good, "swap", "1.0.0", &["--default"]);
+    // Same name and version, so that nothing but the hash tells them apart.
+    let evil_dir = p.join("evil");
+    std::fs::create_dir(&evil_dir).unwrap();
+    let evil = compile(
+        &evil_dir,
+        CModule {
+            marker: Some(&marker),
+            ..module("swap", "1.0.0")
+        },
+    );
+    let api = d.api.clone();
+    let adding = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let r = ferrodisk::api::client::request(
+                &api,
+                "POST",
+                "/v1/images",
+                Some(&json!({ "path": img })),
+            )
+            .unwrap();
+            (r.status, r.json())
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !pause.with_extension("reached").exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Verified: now the module in the image directory becomes another one.
+    let so = img.join(good.file_name().unwrap());
+    std::fs::copy(&evil, img.join("swapped")).unwrap();
+    std::fs::rename(img.join("swapped"), &so).unwrap();
+    std::fs::write(pause.with_extension("go"), b"").unwrap();
+    let (s, v) = adding.join().unwrap();
+    assert!(!marker.exists(), "the swapped-in module ran in the daemon");
+    assert_eq!(s, 201, "the verified bytes were stored: {v}");
+    let stored = p
+        .join("state/images/swap/1.0.0")
+        .join(good.file_name().unwrap());
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        std::fs::read(&good).unwrap(),
+        "the stored copy is the verified module"
+    );
+    volume(&d, "v");
+    let (s, v) = attach(&d, p, "v", "i", json!({}), json!({}));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(image_of(&d, "v@i").0, "swap");
+    assert!(!marker.exists(), "the swapped-in module ran at attach");
+}
+
+/// The stored copy is checked again at attach: a module replaced in the store is refused
+/// (checksum mismatch) and never loaded.
+#[test]
+fn a_tampered_stored_module_is_refused_at_attach() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, UNSIGNED);
+    let marker = p.join("evil-ran");
+    let good = compile(p, module("tamper", "1.0.0"));
+    let (s, v) = add(&d, &pack(p, &good, "tamper", "1.0.0", &["--default"]));
+    assert_eq!(s, 201, "{v}");
+    let evil_dir = p.join("evil");
+    std::fs::create_dir(&evil_dir).unwrap();
+    let evil = compile(
+        &evil_dir,
+        CModule {
+            marker: Some(&marker),
+            ..module("tamper", "1.0.0")
+        },
+    );
+    let stored = p
+        .join("state/images/tamper/1.0.0")
+        .join(good.file_name().unwrap());
+    std::fs::copy(&evil, &stored).unwrap();
+    volume(&d, "v");
+    let (s, v) = attach(&d, p, "v", "i", json!({}), json!({}));
+    assert!(!marker.exists(), "the tampered module ran in the daemon");
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("checksum mismatch"),
+        "{v}"
+    );
+    assert!(!p.join("v-i.sock").exists(), "nothing is served");
+}
+
+/// Without `--allow-unsigned-images`, an unsigned image is refused, with a message that
+/// says what to do.
+#[test]
+fn unsigned_images_are_refused_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, &[]);
+    let marker = p.join("ran");
+    let so = compile(
+        p,
+        CModule {
+            marker: Some(&marker),
+            ..module("u", "1.0.0")
+        },
+    );
+    let (s, v) = add(&d, &pack(p, &so, "u", "1.0.0", &["--default"]));
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("unsigned images are refused")
+            && msg.contains("--trusted-image-key")
+            && msg.contains("--allow-unsigned-images"),
+        "{msg}"
+    );
+    assert!(!marker.exists(), "the refused module was loaded");
+    let (_, list) = d.call("GET", "/v1/images", None);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    drop(d);
+
+    // Stored and attached under --allow-unsigned-images, then a restart without it: the
+    // attachment is not served again with that image, and the module is not loaded.
+    let mut d = ApiDaemon::start(p, UNSIGNED);
+    let (s, v) = add(&d, &pack(p, &so, "u", "1.0.0", &["--default"]));
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "v");
+    let (s, v) = attach(&d, p, "v", "i", json!({}), json!({}));
+    assert_eq!(s, 201, "{v}");
+    d.terminate();
+    std::fs::remove_file(&marker).unwrap();
+    let d = ApiDaemon::start(p, &[]);
+    let (_, atts) = d.call("GET", "/v1/attachments", None);
+    let state = atts[0]["state"].as_str().unwrap();
+    assert!(
+        state.starts_with("failed") && state.contains("unsigned images are refused"),
+        "{atts}"
+    );
+    assert!(
+        !marker.exists(),
+        "the unsigned module was loaded at the restart"
+    );
 }

@@ -1125,6 +1125,8 @@ fn failed_flush_at_detach_still_stops_the_links() {
             "api-node",
             "--replication-key",
             &key,
+            "--volume-root",
+            fs.mnt.to_str().unwrap(),
         ],
     );
     let a = ApiCluster {

@@ -642,6 +642,8 @@ fn api_attachment_wait_shows_rebuild_progress() {
             "n",
             "--replication-key",
             &key,
+            "--volume-root",
+            env.dir.path().to_str().unwrap(),
         ],
     );
     let (r1, r2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));

@@ -9,11 +9,12 @@
 
 pub mod client;
 pub mod http;
+pub mod paths;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Backing, DiskConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 use crate::disk::Disk;
-use crate::driver::{AttachInfo, Driver, ImageStore, StoredImage, TrustedKey};
+use crate::driver::{AttachInfo, Driver, ImagePolicy, ImageStore, StoredImage};
 use crate::server::{self, DiskServer, SocketAccess};
 
 /// An API error: an HTTP status and a message for the operator.
@@ -211,13 +212,30 @@ struct Inner {
     upgrading: HashMap<String, Option<ImageRef>>,
 }
 
+/// How the daemon serving the API was started.
+#[derive(Clone, Default)]
+pub struct ManagerOptions {
+    /// Which driver images are accepted (`--trusted-image-key`, `--allow-unsigned-images`).
+    pub images: ImagePolicy,
+    /// Where volumes may live besides `<state>/volumes` (`--volume-root`).
+    pub volume_roots: Vec<PathBuf>,
+}
+
 /// The daemon's volumes and attachments.
 pub struct Manager {
     dir: PathBuf,
     inner: Mutex<Inner>,
     images: ImageStore,
+    roots: paths::VolumeRoots,
     repl: Option<ReplContext>,
+    /// The log lines API requests cause (see [`Manager::log`]).
+    log_limit: Mutex<crate::stats::RateLimit>,
 }
+
+/// At most this many log lines caused by API requests per [`API_LOG_PERIOD`]; then one line
+/// says how many were left out.
+const API_LOG_BURST: u32 = 50;
+const API_LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn valid_name(what: &str, s: &str) -> Result<(), ApiError> {
     if crate::config::valid_name(s) {
@@ -246,7 +264,7 @@ impl Manager {
     /// reported in `failed` and logged; the others are served.
     pub fn open(
         dir: &Path,
-        trusted_key: Option<TrustedKey>,
+        opts: ManagerOptions,
         repl: Option<ReplContext>,
     ) -> Result<Arc<Manager>, String> {
         std::fs::create_dir_all(dir.join("volumes"))
@@ -258,10 +276,13 @@ impl Manager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let images = ImageStore::open(&dir.join("images"), trusted_key)?;
+        let images = ImageStore::open(&dir.join("images"), opts.images)?;
+        let roots = paths::VolumeRoots::new(&dir.join("volumes"), &opts.volume_roots)?;
         let m = Arc::new(Manager {
             repl,
             images,
+            roots,
+            log_limit: Mutex::new(crate::stats::RateLimit::new(API_LOG_BURST, API_LOG_PERIOD)),
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 state,
@@ -293,6 +314,27 @@ impl Manager {
             }
         }
         Ok(m)
+    }
+
+    /// Runs `line` (one `tracing` call) unless the API's log lines are over their rate: a
+    /// client that creates and deletes volumes in a loop cannot flood the daemon's log.
+    fn log(&self, line: impl FnOnce()) {
+        let allowed = self
+            .log_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow();
+        match allowed {
+            Some(0) => line(),
+            Some(n) => {
+                tracing::warn!(
+                    suppressed = n,
+                    "{n} log lines caused by API requests were left out (rate limit)"
+                );
+                line();
+            }
+            None => {}
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -362,21 +404,16 @@ impl Manager {
             .transpose()?;
         let (path, size, owned) = match (&req.path, size) {
             (Some(p), None) => {
-                let meta = std::fs::metadata(p)
+                let (path, f) = self.roots.open_existing(p, false)?;
+                let meta = f
+                    .metadata()
                     .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
                 let size = if meta.file_type().is_block_device() {
-                    let f = File::open(p)
-                        .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?;
                     crate::sys::block_device_info(&f)
                         .map_err(|e| ApiError::bad(format!("{}: {e}", p.display())))?
                         .size
-                } else if meta.is_file() {
-                    meta.len()
                 } else {
-                    return Err(ApiError::bad(format!(
-                        "{} is neither a regular file nor a block device",
-                        p.display()
-                    )));
+                    meta.len()
                 };
                 if size == 0 || size % 512 != 0 {
                     return Err(ApiError::bad(format!(
@@ -384,23 +421,18 @@ impl Manager {
                         p.display()
                     )));
                 }
-                (p.clone(), size, false)
+                (path, size, false)
             }
             (p, Some(size)) => {
                 let path = p
                     .clone()
                     .unwrap_or_else(|| self.dir.join("volumes").join(format!("{}.img", req.name)));
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| {
-                        ApiError::conflict(format!("cannot create {}: {e}", path.display()))
-                    })?;
-                f.set_len(size)
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+                let (path, f) = self.roots.create(&path)?;
+                let sized = f.set_len(size).and_then(|()| f.sync_all());
+                if let Err(e) = sized {
+                    let _ = self.roots.remove(&path);
+                    return Err(ApiError::internal(format!("{}: {e}", path.display())));
+                }
                 (path, size, true)
             }
             (None, None) => {
@@ -430,11 +462,11 @@ impl Manager {
         });
         if let Err(e) = r {
             if owned {
-                let _ = std::fs::remove_file(&vol.path);
+                let _ = self.roots.remove(&vol.path);
             }
             return Err(e);
         }
-        tracing::info!(volume = %vol.name, path = %vol.path.display(), size = vol.size, "volume created");
+        self.log(|| tracing::info!(volume = %vol.name, path = %vol.path.display(), size = vol.size, "volume created"));
         Ok(vol)
     }
 
@@ -489,10 +521,7 @@ impl Manager {
             .filter_map(|a| inner.live.get(&a.id).cloned())
             .collect();
         if live.is_empty() {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&vol.path)
-                .map_err(|e| ApiError::internal(format!("{}: {e}", vol.path.display())))?;
+            let (_, f) = self.roots.open_existing(&vol.path, true)?;
             if f.metadata()
                 .map(|m| m.file_type().is_block_device())
                 .unwrap_or(false)
@@ -511,12 +540,14 @@ impl Manager {
                 v.size = bytes;
             }
         })?;
-        tracing::info!(
-            volume = name,
-            size = bytes,
-            attachments = live.len(),
-            "volume resized"
-        );
+        self.log(|| {
+            tracing::info!(
+                volume = name,
+                size = bytes,
+                attachments = live.len(),
+                "volume resized"
+            )
+        });
         Ok(Volume { size: bytes, ..vol })
     }
 
@@ -548,11 +579,11 @@ impl Manager {
             self.forget_replicated(&vol);
         }
         if vol.owned {
-            if let Err(e) = std::fs::remove_file(&vol.path) {
-                tracing::warn!(volume = name, "cannot remove {}: {e}", vol.path.display());
+            if let Err(e) = self.roots.remove(&vol.path) {
+                self.log(|| tracing::warn!(volume = name, "{}", e.message));
             }
         }
-        tracing::info!(volume = name, "volume deleted");
+        self.log(|| tracing::info!(volume = name, "volume deleted"));
         Ok(())
     }
 
@@ -570,17 +601,17 @@ impl Manager {
                     for m in &before.replicas {
                         match crate::repl::tools::drop_copy(&m.addr, &ctx.key, name, epoch) {
                             Ok(()) => {
-                                tracing::info!(volume = %name, replica = %m.addr, "replica copy dropped")
+                                self.log(|| tracing::info!(volume = %name, replica = %m.addr, "replica copy dropped"))
                             }
                             Err(e) => {
-                                tracing::warn!(volume = %name, replica = %m.addr, "cannot drop the replica's copy (its UUID keeps it from ever being used again): {e}")
+                                self.log(|| tracing::warn!(volume = %name, replica = %m.addr, "cannot drop the replica's copy (its UUID keeps it from ever being used again): {e}"))
                             }
                         }
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(volume = %name, "cannot delete the volume's authority record (a volume created again under this name gets a new UUID anyway): {e}")
+                    self.log(|| tracing::warn!(volume = %name, "cannot delete the volume's authority record (a volume created again under this name gets a new UUID anyway): {e}"))
                 }
             }
         }
@@ -601,7 +632,9 @@ impl Manager {
                 std::fs::rename(&meta, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
             if let Err(e) = gone {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display());
+                    self.log(
+                        || tracing::warn!(volume = %name, "cannot remove {}: {e}", meta.display()),
+                    );
                 }
             }
         }
@@ -695,7 +728,7 @@ impl Manager {
         }
         inner.live.insert(id.clone(), served);
         inner.failed.remove(&id);
-        tracing::info!(attachment = %id, socket = %att.socket.display(), context = ?att.context, "attached");
+        self.log(|| tracing::info!(attachment = %id, socket = %att.socket.display(), context = ?att.context, "attached"));
         Ok(att)
     }
 
@@ -720,7 +753,7 @@ impl Manager {
         if let Some(s) = server {
             s.close();
             if let Err(e) = s.disk.sync() {
-                tracing::error!(attachment = id, "flush at detach failed: {e}");
+                self.log(|| tracing::error!(attachment = id, "flush at detach failed: {e}"));
             }
             // Replication stops either way (its threads and connections end). A clean stop
             // empties the activity log; after a failed flush its own sync fails too, and
@@ -729,7 +762,7 @@ impl Manager {
                 r.shutdown();
             }
         }
-        tracing::info!(attachment = id, "detached");
+        self.log(|| tracing::info!(attachment = id, "detached"));
         Ok(())
     }
 
@@ -838,10 +871,12 @@ impl Manager {
             context: &a.context,
             attach_config: &a.driver_config,
         };
-        let d = Driver::load(&img.dir, &img.manifest, &info).map_err(|e| {
+        let refused = |e: crate::driver::ImageError| {
             ApiError::new(e.status(), format!("image {} {}: {e}", r.name, r.version))
-        })?;
-        tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded");
+        };
+        let (manifest, sealed) = self.images.load(&img).map_err(refused)?;
+        let d = Driver::load(&sealed, &manifest, &info).map_err(refused)?;
+        self.log(|| tracing::info!(attachment = %a.id, image = %r.name, version = %r.version, "driver image loaded"));
         Ok(Some(Arc::new(d)))
     }
 
@@ -851,6 +886,7 @@ impl Manager {
             .images
             .add(dir)
             .map_err(|e| ApiError::new(e.status(), format!("image refused: {e}")))?;
+        self.log(|| tracing::info!(image = %img.manifest.name, version = %img.manifest.version, "image added"));
         Ok(image_json(&img, &[]))
     }
 
@@ -978,7 +1014,7 @@ impl Manager {
         self.commit(&mut inner, |s| {
             s.attachments.insert(next.id.clone(), next);
         })?;
-        tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded");
+        self.log(|| tracing::info!(attachment = id, ?from, to = ?target, "attachment upgraded"));
         Ok(serde_json::json!({"id": id, "from": from, "to": target, "changed": true}))
     }
 }
@@ -1033,7 +1069,7 @@ impl Manager {
         driver: Option<Arc<Driver>>,
     ) -> Result<Arc<DiskServer>, ApiError> {
         if vol.replicas.is_empty() {
-            return serve(vol, a, driver, None);
+            return serve(vol, a, driver, &self.roots, None);
         }
         let ctx = self.repl.as_ref().ok_or_else(|| {
             ApiError::bad(format!(
@@ -1041,7 +1077,7 @@ impl Manager {
                 vol.name
             ))
         })?;
-        serve(vol, a, driver, Some((ctx, &self.dir)))
+        serve(vol, a, driver, &self.roots, Some((ctx, &self.dir)))
     }
 }
 
@@ -1049,6 +1085,7 @@ fn serve(
     vol: &Volume,
     a: &Attachment,
     driver: Option<Arc<Driver>>,
+    roots: &paths::VolumeRoots,
     repl: Option<(&ReplContext, &Path)>,
 ) -> Result<Arc<DiskServer>, ApiError> {
     let o = &a.options;
@@ -1105,31 +1142,53 @@ fn serve(
             cfg.resync_mbps = r;
         }
     }
+    // The backing must still resolve under a volume root (no symlink or directory swapped
+    // in since it was created), checked before it is opened and, through the open files,
+    // after.
+    let (resolved, _) = roots.open_existing(&vol.path, false)?;
     let disk = Disk::open(cfg).map_err(|e| ApiError::bad(chain(&e)))?;
+    let files = disk.files.as_ref().map(|f| (&f.main, f.buffered.as_ref()));
+    if let Some((main, buffered)) = files {
+        roots.check_open(main, &resolved)?;
+        if let Some(b) = buffered {
+            roots.check_open(b, &resolved)?;
+        }
+    }
+    // Replication opens the local copy again: through the disk's own open file.
+    let local = files.map_or_else(
+        || vol.path.clone(),
+        |(main, _)| {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", main.as_raw_fd()))
+        },
+    );
     disk.set_driver(driver);
-    let listener = server::bind(&a.socket, access).map_err(|e| match e {
+    let sock_err = |e: server::ServeError| match e {
         server::ServeError::Access { .. } => ApiError::bad(chain(&e)),
         e => ApiError::conflict(chain(&e)),
-    })?;
+    };
+    // A taken socket is refused before replication claims the volume; the socket is
+    // published only once the authority has accepted this primary.
+    server::check_free(&a.socket).map_err(sock_err)?;
     if let Some((ctx, dir)) = repl {
         let meta = dir.join("replication").join(&vol.name);
-        let r =
-            crate::repl::primary::start_for_disk(&disk, &vol.path, ctx, meta, vol.uuid.as_deref())
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&a.socket);
-                    match e {
-                        crate::repl::primary::ReplError::Local { .. } => {
-                            ApiError::internal(chain(&e))
-                        }
-                        e => ApiError::new(
-                            409,
-                            format!("replication of {}: {}", vol.name, chain(&e)),
-                        ),
-                    }
-                })?;
+        let r = crate::repl::primary::start_for_disk(&disk, &local, ctx, meta, vol.uuid.as_deref())
+            .map_err(|e| match e {
+                crate::repl::primary::ReplError::Local { .. } => ApiError::internal(chain(&e)),
+                e => ApiError::new(409, format!("replication of {}: {}", vol.name, chain(&e))),
+            })?;
         let _ = disk.repl.set(r);
     }
     let repl = disk.repl.get().cloned();
+    let listener = match server::bind(&a.socket, access) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(r) = &repl {
+                r.shutdown();
+            }
+            return Err(sock_err(e));
+        }
+    };
     DiskServer::start(Arc::new(disk), listener)
         .map(Arc::new)
         .map_err(|e| {

@@ -4,9 +4,13 @@
 //!
 //! An image is a directory with `manifest.json` (name, version, ABI version, the module's
 //! file name and sha256, rules matching instance context, optional config) and the module, a
-//! shared object. With a trusted key configured, `manifest.sig` (hex ed25519 signature of the
-//! manifest's bytes) must verify; since the manifest holds the module's hash, the signature
-//! covers the module too.
+//! shared object, and `manifest.sig` (hex ed25519 signature of the manifest's bytes), which
+//! must verify against the trusted key unless the daemon allows unsigned images; since the
+//! manifest holds the module's hash, the signature covers the module too.
+//!
+//! Every file is read once into memory and checked there; the daemon stores those bytes, and
+//! loads a module only from a sealed memfd holding the verified bytes (never from a path that
+//! someone could swap between the check and `dlopen`).
 
 pub mod abi;
 
@@ -14,7 +18,7 @@ use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +68,8 @@ pub enum ImageError {
     MissingSymbol(String),
     #[error("the image's init failed: {0}")]
     Init(String),
+    #[error("{0}")]
+    Unsigned(String),
     #[error("{0}")]
     Io(String),
 }
@@ -157,50 +163,196 @@ impl Manifest {
     }
 }
 
-/// Reads and verifies the image in `dir`: manifest, checksum, signature (if `key`), and the
-/// module itself (loadable, every symbol present, its ABI version). Returns the manifest and
-/// the manifest's exact bytes.
-pub fn verify_dir(dir: &Path, key: Option<&TrustedKey>) -> Result<(Manifest, Vec<u8>), ImageError> {
+/// Which images the daemon accepts: those signed by `key`, and unsigned ones only with
+/// `allow_unsigned` (`serve --allow-unsigned-images`).
+#[derive(Clone, Default)]
+pub struct ImagePolicy {
+    pub key: Option<TrustedKey>,
+    pub allow_unsigned: bool,
+}
+
+/// The largest manifest and module read (each is held in memory while it is verified).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+const MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// Reads a regular file through one descriptor: a symlink as the last component, a FIFO or
+/// a device is refused, and so is a file over `max` bytes.
+fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut buf = Vec::with_capacity(meta.len().min(max) as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(buf)
+}
+
+/// An image read into memory and verified. What the daemon stores and loads are these very
+/// bytes: nothing reads the image's files again.
+pub struct VerifiedImage {
+    pub manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+    signature: Option<Vec<u8>>,
+    module: Vec<u8>,
+}
+
+/// Checks `manifest.sig` against the policy; `Ok(true)`: signed by the trusted key.
+fn check_signature(
+    manifest: &[u8],
+    sig: Option<&[u8]>,
+    p: &ImagePolicy,
+) -> Result<bool, ImageError> {
+    let (key, sig) = match (&p.key, sig) {
+        (Some(k), Some(s)) => (k, s),
+        (Some(_), None) if p.allow_unsigned => return Ok(false),
+        (None, _) if p.allow_unsigned => return Ok(false),
+        (Some(_), None) => {
+            return Err(ImageError::Unsigned(
+                "the image has no manifest.sig: this daemon accepts only images signed by its \
+                 --trusted-image-key (sign with `ferrodisk image pack --sign`)"
+                    .into(),
+            ))
+        }
+        (None, _) => {
+            return Err(ImageError::Unsigned(
+                "this daemon has no --trusted-image-key to verify images with, and unsigned \
+                 images are refused: start it with --trusted-image-key FILE and sign images \
+                 (`ferrodisk image pack --sign`), or with --allow-unsigned-images"
+                    .into(),
+            ))
+        }
+    };
+    let text = std::str::from_utf8(sig).unwrap_or_default();
+    let sig: [u8; 64] = unhex(text)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ImageError::Signature("manifest.sig is not 128 hex characters".into()))?;
+    key.0
+        .verify_strict(manifest, &ed25519_dalek::Signature::from_bytes(&sig))
+        .map_err(|_| {
+            ImageError::Signature("the signature does not match the trusted key".into())
+        })?;
+    Ok(true)
+}
+
+/// Reads the image in `dir` (each file through one descriptor, into memory) and verifies
+/// those bytes: the manifest, its signature as `policy` requires, and the module's sha256.
+/// The module is not loaded here (see [`SealedModule`]).
+pub fn read_verified(dir: &Path, policy: &ImagePolicy) -> Result<VerifiedImage, ImageError> {
     let mpath = dir.join("manifest.json");
-    let bytes = std::fs::read(&mpath)
+    let bytes = read_regular(&mpath, MAX_MANIFEST_BYTES)
         .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?;
     let m: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?;
-    if let Some(k) = key {
-        let spath = dir.join("manifest.sig");
-        let sig = std::fs::read_to_string(&spath).map_err(|e| {
-            ImageError::Signature(format!(
-                "{}: {e} (a trusted key is configured, so images must be signed)",
-                spath.display()
-            ))
-        })?;
-        let sig: [u8; 64] = unhex(&sig).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-            ImageError::Signature("manifest.sig is not 128 hex characters".into())
-        })?;
-        k.0.verify_strict(&bytes, &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| {
-                ImageError::Signature("the signature does not match the trusted key".into())
-            })?;
-    }
+    let spath = dir.join("manifest.sig");
+    let signature = match read_regular(&spath, 1024) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ImageError::Signature(format!("{}: {e}", spath.display()))),
+    };
+    check_signature(&bytes, signature.as_deref(), policy)?;
     m.check()?;
-    let module = dir.join(&m.module);
-    let code = std::fs::read(&module)
-        .map_err(|e| ImageError::Invalid(format!("{}: {e}", module.display())))?;
-    let actual = sha256_hex(&code);
+    let mpath = dir.join(&m.module);
+    let module = read_regular(&mpath, MAX_MODULE_BYTES)
+        .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?;
+    let actual = sha256_hex(&module);
     if !actual.eq_ignore_ascii_case(&m.sha256) {
         return Err(ImageError::Checksum {
             expected: m.sha256.clone(),
             actual,
         });
     }
-    let lib = Module::open(&module)?;
-    if lib.name != m.name || lib.version != m.version {
-        return Err(ImageError::Invalid(format!(
-            "the module says it is {} {}, the manifest {} {}",
-            lib.name, lib.version, m.name, m.version
-        )));
+    Ok(VerifiedImage {
+        manifest: m,
+        manifest_bytes: bytes,
+        signature,
+        module,
+    })
+}
+
+/// A module's verified bytes in a sealed memfd, loaded with `dlopen` through
+/// `/proc/self/fd/N`: no file anyone else can write is ever loaded, so the code that runs is
+/// the code that was hashed.
+pub struct SealedModule {
+    file: std::fs::File,
+    sha256: String,
+}
+
+impl SealedModule {
+    fn new(name: &str, bytes: &[u8], sha256: &str) -> Result<SealedModule, ImageError> {
+        let file =
+            crate::sys::sealed_memfd(&format!("ferrodisk-image-{name}"), bytes).map_err(|e| {
+                ImageError::Io(format!("cannot make the sealed copy of the module: {e}"))
+            })?;
+        let s = SealedModule {
+            file,
+            sha256: sha256.to_ascii_lowercase(),
+        };
+        s.check()?;
+        Ok(s)
     }
-    Ok((m, bytes))
+
+    /// The name `dlopen` is given.
+    fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// Checks the seals and hashes the sealed bytes again.
+    fn check(&self) -> Result<(), ImageError> {
+        use std::os::unix::fs::FileExt;
+        let all = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        let seals = crate::sys::seals(&self.file)
+            .map_err(|e| ImageError::Io(format!("the module's sealed copy: {e}")))?;
+        if seals & all != all {
+            return Err(ImageError::Io("the module's copy is not sealed".into()));
+        }
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut off = 0u64;
+        loop {
+            let n = self
+                .file
+                .read_at(&mut buf, off)
+                .map_err(|e| ImageError::Io(format!("the module's sealed copy: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        let actual: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if actual != self.sha256 {
+            return Err(ImageError::Checksum {
+                expected: self.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Debug builds: `FERRODISK_TEST_IMAGE_PAUSE=PATH` makes `image add` create `PATH.reached`
+/// once it has read and verified the image, and wait (30 s at most) for `PATH.go`. The tests
+/// swap the image's files in that window.
+fn test_pause() {
+    #[cfg(debug_assertions)]
+    if let Some(p) = std::env::var_os("FERRODISK_TEST_IMAGE_PAUSE") {
+        let p = PathBuf::from(p);
+        let _ = std::fs::write(p.with_extension("reached"), b"");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !p.with_extension("go").exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 /// A loaded module: the library and its entry points.
@@ -217,11 +369,12 @@ struct Module {
 }
 
 impl Module {
-    fn open(path: &Path) -> Result<Module, ImageError> {
-        // SAFETY: loading a shared object runs its initialisers. The module passed the
-        // checksum (and signature) check against the manifest just before, which is the
-        // trust decision; the library is owned by the returned `Module`.
-        let lib = unsafe { libloading::Library::new(path) }
+    fn open(sealed: &SealedModule) -> Result<Module, ImageError> {
+        // SAFETY: loading a shared object runs its initialisers. The sealed copy holds the
+        // bytes that passed the checksum (and signature) check, and cannot change (sealed,
+        // and the descriptor is this process's own), which is the trust decision; the
+        // library is owned by the returned `Module`.
+        let lib = unsafe { libloading::Library::new(sealed.path()) }
             .map_err(|e| ImageError::Load(e.to_string()))?;
         fn sym<T: Copy>(lib: &libloading::Library, name: &[u8]) -> Result<T, ImageError> {
             // SAFETY: `T` is the function type the ABI (docs/driver-abi.md) gives this symbol;
@@ -311,8 +464,18 @@ unsafe impl Sync for Driver {}
 
 impl Driver {
     /// Loads the module of a stored image and creates its instance for an attachment.
-    pub fn load(dir: &Path, manifest: &Manifest, a: &AttachInfo<'_>) -> Result<Driver, ImageError> {
-        let module = Module::open(&dir.join(&manifest.module))?;
+    pub fn load(
+        sealed: &SealedModule,
+        manifest: &Manifest,
+        a: &AttachInfo<'_>,
+    ) -> Result<Driver, ImageError> {
+        let module = Module::open(sealed)?;
+        if module.name != manifest.name || module.version != manifest.version {
+            return Err(ImageError::Invalid(format!(
+                "the module says it is {} {}, the manifest {} {}",
+                module.name, module.version, manifest.name, manifest.version
+            )));
+        }
         let c =
             |s: String| CString::new(s).map_err(|_| ImageError::Invalid("NUL in a string".into()));
         let volume = c(a.volume.to_string())?;
@@ -446,10 +609,15 @@ impl Drop for Driver {
     }
 }
 
-/// The images the daemon has: `<state>/images/<name>/<version>/`.
+/// The images the daemon has: `<state>/images/<name>/<version>/` (directory mode 0700),
+/// and the sealed copies of the modules this process loaded.
 pub struct ImageStore {
     dir: PathBuf,
-    key: Option<TrustedKey>,
+    policy: ImagePolicy,
+    /// By (name, version, sha256). Never dropped: glibc knows a loaded library by the name
+    /// it was opened as, and a library can stay loaded after `dlclose`; a descriptor number
+    /// closed and reused for another module would then `dlopen` the old library.
+    sealed: Mutex<std::collections::HashMap<(String, String, String), Arc<SealedModule>>>,
 }
 
 /// A stored image.
@@ -460,17 +628,58 @@ pub struct StoredImage {
 }
 
 impl ImageStore {
-    pub fn open(dir: &Path, key: Option<TrustedKey>) -> Result<ImageStore, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pub fn open(dir: &Path, policy: ImagePolicy) -> Result<ImageStore, String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(ImageStore {
             dir: dir.to_path_buf(),
-            key,
+            policy,
+            sealed: Mutex::new(Default::default()),
         })
     }
 
-    /// Verifies the image in `src` and copies it into the store.
+    /// The sealed copy of a verified image's module (made once per process, hashed again
+    /// at every use).
+    fn seal(&self, v: &VerifiedImage) -> Result<Arc<SealedModule>, ImageError> {
+        let m = &v.manifest;
+        let key = (
+            m.name.clone(),
+            m.version.clone(),
+            m.sha256.to_ascii_lowercase(),
+        );
+        let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sealed.get(&key) {
+            s.check()?;
+            return Ok(Arc::clone(s));
+        }
+        let s = Arc::new(SealedModule::new(&m.name, &v.module, &m.sha256)?);
+        sealed.insert(key, Arc::clone(&s));
+        Ok(s)
+    }
+
+    fn forget_sealed(&self, m: &Manifest) {
+        let key = (
+            m.name.clone(),
+            m.version.clone(),
+            m.sha256.to_ascii_lowercase(),
+        );
+        self.sealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    /// Verifies the image in `src` and stores it. The files of `src` are read once; the
+    /// stored copy and the module loaded to check it are made from the verified bytes.
     pub fn add(&self, src: &Path) -> Result<StoredImage, ImageError> {
-        let (m, bytes) = verify_dir(src, self.key.as_ref())?;
+        let v = read_verified(src, &self.policy)?;
+        test_pause();
+        let m = &v.manifest;
         let dest = self.dir.join(&m.name).join(&m.version);
         if dest.exists() {
             return Err(ImageError::Invalid(format!(
@@ -478,24 +687,74 @@ impl ImageStore {
                 m.name, m.version
             )));
         }
-        let io = |e: std::io::Error| ImageError::Io(format!("storing the image: {e}"));
-        let tmp = self.dir.join(format!(".{}-{}.tmp", m.name, m.version));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
-        std::fs::write(tmp.join("manifest.json"), &bytes).map_err(io)?;
-        std::fs::copy(src.join(&m.module), tmp.join(&m.module)).map_err(io)?;
-        if src.join("manifest.sig").exists() {
-            std::fs::copy(src.join("manifest.sig"), tmp.join("manifest.sig")).map_err(io)?;
+        let sealed = self.seal(&v)?;
+        let lib = match Module::open(&sealed) {
+            Ok(lib) => lib,
+            Err(e) => {
+                if let ImageError::Load(_) = e {
+                    // Never loaded, so glibc does not know its name: the copy can go.
+                    self.forget_sealed(&v.manifest);
+                }
+                return Err(e);
+            }
+        };
+        if lib.name != m.name || lib.version != m.version {
+            return Err(ImageError::Invalid(format!(
+                "the module says it is {} {}, the manifest {} {}",
+                lib.name, lib.version, m.name, m.version
+            )));
         }
-        // Check the copy too (what is loaded later is the stored copy).
-        verify_dir(&tmp, self.key.as_ref())?;
+        drop(lib);
+        let tmp = self.dir.join(format!(".{}-{}.tmp", m.name, m.version));
+        self.write_copy(&v, &tmp)
+            .map_err(|e| ImageError::Io(format!("storing the image: {e}")))?;
+        // Check the stored copy too: it is what a later attach (or restart) reads.
+        read_verified(&tmp, &self.policy)?;
+        let io = |e: std::io::Error| ImageError::Io(format!("storing the image: {e}"));
         std::fs::create_dir_all(dest.parent().unwrap_or(&self.dir)).map_err(io)?;
         std::fs::rename(&tmp, &dest).map_err(io)?;
-        tracing::info!(image = %m.name, version = %m.version, "image added");
         Ok(StoredImage {
-            manifest: m,
+            manifest: v.manifest,
             dir: dest,
         })
+    }
+
+    /// Writes the verified bytes into a new directory `tmp` (mode 0700), synced.
+    fn write_copy(&self, v: &VerifiedImage, tmp: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let _ = std::fs::remove_dir_all(tmp);
+        std::fs::DirBuilder::new().mode(0o700).create(tmp)?;
+        let write = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp.join(name))?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()
+        };
+        write("manifest.json", &v.manifest_bytes)?;
+        write(&v.manifest.module, &v.module)?;
+        if let Some(sig) = &v.signature {
+            write("manifest.sig", sig)?;
+        }
+        std::fs::File::open(tmp)?.sync_all()
+    }
+
+    /// The module of a stored image, for an attachment: the stored copy is read and
+    /// verified again (signature as the policy requires, and sha256), and the sealed copy
+    /// made from those bytes is returned (hashed again if it was made before). Returns the
+    /// manifest that was verified with it.
+    pub fn load(&self, img: &StoredImage) -> Result<(Manifest, Arc<SealedModule>), ImageError> {
+        let v = read_verified(&img.dir, &self.policy)?;
+        if v.manifest.name != img.manifest.name || v.manifest.version != img.manifest.version {
+            return Err(ImageError::Invalid(format!(
+                "the stored manifest of {} {} now says {} {}",
+                img.manifest.name, img.manifest.version, v.manifest.name, v.manifest.version
+            )));
+        }
+        let sealed = self.seal(&v)?;
+        Ok((v.manifest, sealed))
     }
 
     /// Every stored image, oldest version first within a name.

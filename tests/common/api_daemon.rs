@@ -17,6 +17,11 @@ pub struct ApiDaemon {
 
 impl ApiDaemon {
     pub fn start(dir: &Path, extra: &[&str]) -> ApiDaemon {
+        ApiDaemon::start_with_env(dir, extra, &[])
+    }
+
+    /// As [`ApiDaemon::start`], with environment variables for the daemon.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> ApiDaemon {
         let api = dir.join("api.sock");
         let log = dir.join("daemon.log");
         let f = std::fs::OpenOptions::new()
@@ -30,6 +35,7 @@ impl ApiDaemon {
             .arg("--state")
             .arg(dir.join("state"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()

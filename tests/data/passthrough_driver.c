@@ -1,6 +1,7 @@
 /* A minimal driver image for tests (ABI v1, see docs/driver-abi.md). Built with
  * cc -shared -fPIC -DNAME='"x"' -DVERSION='"1.0.0"' -DABI=1 -DON_WRITE=0 [-DNO_FINI].
- * ON_WRITE is the verdict for writes: 0 pass, 1 FD_FAIL, negative an internal error. */
+ * ON_WRITE is the verdict for writes: 0 pass, 1 FD_FAIL, negative an internal error.
+ * With -DMARKER='"/path"', a constructor creates that file when the module is loaded. */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -30,4 +31,12 @@ int32_t ferrodisk_driver_complete(void *inst, const struct fd_request *r, int32_
 }
 #ifndef NO_FINI
 void ferrodisk_driver_fini(void *inst) { free(inst); }
+#endif
+#ifdef MARKER
+#include <fcntl.h>
+#include <unistd.h>
+__attribute__((constructor)) static void marker(void) {
+    int fd = open(MARKER, O_CREAT | O_WRONLY, 0600);
+    if (fd >= 0) close(fd);
+}
 #endif

@@ -44,6 +44,8 @@ fn start(dir: &WorkDir) -> Api {
         api.display().to_string(),
         "--state".into(),
         dir.join("state").display().to_string(),
+        // The test images are not signed.
+        "--allow-unsigned-images".into(),
     ];
     let daemon = Daemon::start_program(
         dir,
