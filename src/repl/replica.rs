@@ -33,6 +33,7 @@ use io_uring::{opcode, types, IoUring};
 use serde::{Deserialize, Serialize};
 
 use super::wire::{self, Code, Key, Msg, WireError, MAX_READ};
+use crate::engine::uring::restricted_ring;
 use crate::repl::authority::check_volume_name;
 
 /// Most queued messages per connection before the reader waits for the applier.
@@ -896,7 +897,15 @@ impl Applier {
             server,
             vol,
             tx,
-            ring: IoUring::new(MAX_BATCH as u32)?,
+            // Writes and fallocates on the image only (see `restricted_ring`).
+            ring: restricted_ring(
+                MAX_BATCH as u32,
+                2 * MAX_BATCH as u32,
+                &[opcode::Write::CODE, opcode::Fallocate::CODE],
+                io_uring::squeue::Flags::empty(),
+                |_| Ok(()),
+            )
+            .map_err(io::Error::other)?,
             writable,
             batch: Vec::with_capacity(MAX_BATCH),
             replies: Vec::with_capacity(MAX_BATCH),
