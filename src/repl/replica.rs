@@ -455,7 +455,10 @@ impl ReplicaServer {
             let me = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("replica-{peer}"))
-                .spawn(move || me.connection(stream, peer));
+                .spawn(move || {
+                    crate::seccomp::enter_or_exit(crate::seccomp::Role::Replica);
+                    me.connection(stream, peer)
+                });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a connection thread: {e}");
             }
