@@ -13,13 +13,14 @@
 //! was derived by reading the code and checked by running the test suites under `strace -f`
 //! (see `docs/architecture.md`, "Sandboxing"). Some entries look at arguments: `mmap` and
 //! `mprotect` may not make memory executable, and `fcntl`, `ioctl`, `prctl`, `setsockopt`,
-//! `shutdown` and `io_uring_register` are allowed only for the commands we use.
+//! `shutdown` and `io_uring_register` are allowed only for the commands we use. A second
+//! filter on the queue workers answers file look-ups with `EACCES` (`soft_refusals`).
 //!
 //! What a thread gets for a system call outside its list depends on the [`Mode`]:
 //! `trap` (the default) sends SIGSYS, whose handler names the system call on stderr and then
-//! exits with status 159 (128 + SIGSYS), `kill` ends the process at once
-//! (`SECCOMP_RET_KILL_PROCESS`, no message), `log` allows the call but has the kernel log it (audit), and `off`
-//! installs nothing.
+//! exits with status 159 (128 + SIGSYS); `kill` ends the process at once
+//! (`SECCOMP_RET_KILL_PROCESS`, no message); `log` allows the call but has the kernel log it
+//! (audit); `off` installs nothing.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -169,11 +170,71 @@ pub fn apply(role: Role, mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::Trap {
         install_sigsys_handler()?;
     }
+    // The refusals first: once the allow-list is in place, installing a filter is refused.
+    if let Some(refusals) = refusal_program(role, mode)? {
+        seccompiler::apply_filter(&refusals).map_err(SeccompError::Apply)?;
+    }
     seccompiler::apply_filter(&prog).map_err(SeccompError::Apply)
 }
 
-/// The BPF program of `role` (`None` for [`Mode::Off`]).
-pub fn program(role: Role, mode: Mode) -> Result<Option<BpfProgram>, SeccompError> {
+/// A second filter, for the system calls a thread must not make but that code it runs may
+/// try (see [`soft_refusals`]): they fail with `EACCES`. The allow-list lets them through,
+/// and the kernel takes the stricter answer of the two filters.
+fn refusal_program(role: Role, mode: Mode) -> Result<Option<BpfProgram>, SeccompError> {
+    if matches!(mode, Mode::Log | Mode::Off) {
+        return Ok(None);
+    }
+    let list = soft_refusals(role);
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))?;
+    let rules = list.into_iter().map(|nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .map_err(SeccompError::Build)?;
+    let prog: BpfProgram = filter.try_into().map_err(SeccompError::Build)?;
+    Ok(Some(prog))
+}
+
+/// File look-ups a queue worker never makes for its own work, refused with `EACCES`
+/// rather than ending the process: a driver image that panics (caught at its boundary)
+/// has its own copy of std, which resolves a backtrace by opening the executable and
+/// `/proc/self/maps` when `RUST_BACKTRACE` is set. Refused, the backtrace has no symbols
+/// and the panic stays contained.
+fn soft_refusals(role: Role) -> Vec<i64> {
+    match role {
+        Role::QueueWorker => vec![
+            libc::SYS_openat,
+            libc::SYS_statx,
+            libc::SYS_newfstatat,
+            libc::SYS_getcwd,
+            libc::SYS_readlinkat,
+            libc::SYS_faccessat,
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_open,
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_stat,
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_lstat,
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_readlink,
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_access,
+        ],
+        Role::Replica => Vec::new(),
+    }
+}
+
+/// The allow-list program of `role` (`None` for [`Mode::Off`]). Only ever installed with
+/// its [`refusal_program`] (see [`apply`]).
+fn program(role: Role, mode: Mode) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         Mode::Kill => SeccompAction::KillProcess,
         Mode::Trap => SeccompAction::Trap,
@@ -190,6 +251,13 @@ pub fn program(role: Role, mode: Mode) -> Result<Option<BpfProgram>, SeccompErro
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for entry in list.map_err(SeccompError::Build)? {
         rules.entry(entry.0).or_default().extend(entry.1);
+    }
+    if refusal_program(role, mode)?.is_some() {
+        // Let them through here: the refusal filter answers EACCES, and a trap or a kill
+        // here would take precedence over it.
+        for nr in soft_refusals(role) {
+            rules.insert(nr, Vec::new());
+        }
     }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .map_err(SeccompError::Build)?;
@@ -502,6 +570,13 @@ mod tests {
             let r = match call.as_str() {
                 // SAFETY: plain system calls on no memory of ours; the result is checked.
                 "socket" => unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) },
+                // SAFETY: a NUL-terminated path that lives for the call.
+                "open" => unsafe {
+                    let fd = libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY);
+                    let errno = io::Error::last_os_error().raw_os_error().unwrap();
+                    eprintln!("open errno {errno}");
+                    fd
+                },
                 // SAFETY: an anonymous mapping the test never uses; unmapped below.
                 _ => unsafe {
                     let p = libc::mmap(
@@ -569,6 +644,20 @@ mod tests {
         assert_eq!(out.status.code(), Some(159), "{err}");
         let msg = format!("seccomp refused system call {} ", libc::SYS_mmap);
         assert!(err.contains(&msg), "{err}");
+    }
+
+    #[test]
+    fn file_lookups_fail_with_eacces_and_the_process_goes_on() {
+        for mode in ["trap", "kill"] {
+            let out = run_child(&format!("{mode},open"));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{mode}: {err}");
+            assert!(err.contains("open returned -1"), "{mode}: {err}");
+            assert!(
+                err.contains(&format!("open errno {}", libc::EACCES)),
+                "{err}"
+            );
+        }
     }
 
     #[test]
