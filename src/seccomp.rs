@@ -319,6 +319,9 @@ fn common_syscalls() -> Built<Vec<Entry>> {
         // the thread id.
         any(libc::SYS_write),
         any(libc::SYS_read),
+        // No more than `write`: a vectored write to a descriptor the thread already has
+        // (std's `write_vectored`, which a TLS layer writing records uses).
+        any(libc::SYS_writev),
         any(libc::SYS_gettid),
         // A thread's first HashMap asks for its random keys.
         any(libc::SYS_getrandom),
