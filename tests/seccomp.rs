@@ -136,14 +136,20 @@ fn replica_connection_threads_run_under_their_filter() {
             Err(e) => panic!("replica not listening: {e}"),
         }
     };
-    // The connection thread waits for the handshake: it is there, filtered.
+    // The connection thread waits for the handshake. It has its name from the start and
+    // installs its filter first thing: wait (bounded) until it has.
     let pid = r.0.id();
     let conn = loop {
         let all = threads(pid);
-        if let Some(t) = all.iter().find(|t| t.1.starts_with("replica-")) {
-            break (t.2, all.iter().find(|t| t.0 == pid).unwrap().2);
+        let main = all.iter().find(|t| t.0 == pid).unwrap().2;
+        let conn = all.iter().find(|t| t.1.starts_with("replica-"));
+        if let Some(&(_, _, 2)) = conn {
+            break (2, main);
         }
-        assert!(Instant::now() < deadline, "no connection thread: {all:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no filtered connection thread: {all:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(conn, (2, 0), "connection thread filtered, main thread not");
