@@ -255,6 +255,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // Before this thread looks at a guest request: its filter (once per thread).
+        crate::seccomp::enter_or_exit(crate::seccomp::Role::QueueWorker);
         let Some(vring) = vrings.first() else {
             return Ok(());
         };

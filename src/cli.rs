@@ -6,6 +6,23 @@ use std::process::ExitCode;
 use ferrodisk::api::client::{request, Response};
 use serde_json::{json, Value};
 
+/// The sandbox of the threads that handle guest requests and replication frames.
+#[derive(clap::Args)]
+pub struct SeccompArgs {
+    /// Seccomp filter on the queue workers and the replica server's connection threads:
+    /// `trap` refuses a system call outside their allow-list and exits naming it (159),
+    /// `kill` has the kernel kill the process silently, `log` allows it and has the kernel
+    /// log it (audit), `off` installs no filter. See docs/architecture.md, "Sandboxing".
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        env = "FERRODISK_SECCOMP",
+        default_value = "trap"
+    )]
+    pub seccomp: ferrodisk::seccomp::Mode,
+}
+
 #[derive(clap::Args)]
 pub struct ApiSocket {
     /// The daemon's API socket.

@@ -10,8 +10,9 @@
 //! - [`disk`]: backing, geometry, cache mode and [`stats`].
 //!
 //! Later pipeline stages (replication, driver images) sit between `worker` and `engine`:
-//! they see validated requests and hand them on. `unsafe` code lives in [`sys`] and
-//! [`engine::uring`] only.
+//! they see validated requests and hand them on. `unsafe` code lives in [`sys`],
+//! [`seccomp`] and [`engine::uring`] only. [`seccomp`] confines the queue workers and the
+//! replica server's threads to the system calls they need.
 
 pub mod api;
 pub mod backend;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod repl;
 pub mod request;
+pub mod seccomp;
 pub mod server;
 pub mod stats;
 pub mod sys;

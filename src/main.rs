@@ -45,6 +45,8 @@ enum Command {
         /// Serve `GET /health` (JSON) on this TCP address, e.g. 127.0.0.1:9100.
         #[arg(long, value_name = "ADDR")]
         health: Option<String>,
+        #[command(flatten)]
+        sandbox: cli::SeccompArgs,
     },
     /// Hold replicas of volumes for remote primaries.
     Replica {
@@ -57,6 +59,8 @@ enum Command {
         /// Pre-shared key file (at least 16 bytes) that peers must prove they hold.
         #[arg(long = "replication-key", value_name = "FILE")]
         key: std::path::PathBuf,
+        #[command(flatten)]
+        sandbox: cli::SeccompArgs,
     },
     /// Make an in-sync replica the new primary of a volume (after the old one failed).
     Promote {
@@ -204,14 +208,26 @@ fn main() -> ExitCode {
             repl,
             health,
             api,
-        } => serve(&disks, &repl, health.as_deref(), &api),
+            sandbox,
+        } => {
+            ferrodisk::seccomp::set_mode(sandbox.seccomp);
+            serve(&disks, &repl, health.as_deref(), &api)
+        }
         Command::Volume { api, cmd } => cli::volume(&api, cmd),
         Command::Attach(a) => cli::attach(&a),
         Command::Image { api, cmd } => cli::image(&api, cmd),
         Command::Attachment { api, cmd } => cli::attachment(&api, cmd),
         Command::Detach { api, id, json } => cli::detach(&api, &id, json),
         Command::Stats { api, id, json } => cli::stats(&api, id.as_deref(), json),
-        Command::Replica { listen, data, key } => replica(&listen, &data, &key),
+        Command::Replica {
+            listen,
+            data,
+            key,
+            sandbox,
+        } => {
+            ferrodisk::seccomp::set_mode(sandbox.seccomp);
+            replica(&listen, &data, &key)
+        }
         Command::Promote {
             authority,
             volume,

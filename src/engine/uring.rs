@@ -200,6 +200,46 @@ pub struct Refused {
 /// Resubmissions of one request (EAGAIN, short transfers) before it fails with IOERR.
 const MAX_RETRIES: u32 = 64;
 
+/// The opcodes the engine submits; its ring refuses every other one (`-EACCES`).
+pub const ENGINE_OPS: [u8; 4] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+];
+
+/// Creates a ring of `entries` SQEs (and `cq_entries` CQEs) that accepts only the opcodes
+/// `ops`, with exactly the SQE flags `flags` (every SQE must carry them, and no other flag
+/// is allowed; e.g. `FIXED_FILE`, which also confines SQEs to the registered files).
+///
+/// The ring is created disabled (`IORING_SETUP_R_DISABLED`); `setup` registers what the
+/// ring needs (files, an eventfd); then the restrictions are registered, which also
+/// forbid any later `io_uring_register` call, and the ring is enabled.
+pub fn restricted_ring(
+    entries: u32,
+    cq_entries: u32,
+    ops: &[u8],
+    flags: squeue::Flags,
+    setup: impl FnOnce(&io_uring::Submitter<'_>) -> Result<(), UringError>,
+) -> Result<IoUring, UringError> {
+    let ring = IoUring::builder()
+        .setup_r_disabled()
+        .setup_cqsize(cq_entries)
+        .build(entries)
+        .map_err(|source| UringError::Create { entries, source })?;
+    let sub = ring.submitter();
+    setup(&sub)?;
+    let reg = |what, r: io::Result<()>| r.map_err(|source| UringError::Register { what, source });
+    let mut restrictions: Vec<Restriction> =
+        ops.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    if !flags.is_empty() {
+        restrictions.push(Restriction::sqe_flags_required(flags.bits()));
+    }
+    reg("restrictions", sub.register_restrictions(&mut restrictions))?;
+    reg("enable", sub.register_enable_rings())?;
+    Ok(ring)
+}
+
 pub struct UringQueue {
     ring: IoUring,
     eventfd: EventFd,
@@ -223,30 +263,24 @@ impl UringQueue {
         in_flight: Arc<AtomicUsize>,
     ) -> Result<Self, UringError> {
         let entries = u32::from(queue_size).next_power_of_two();
-        let ring = IoUring::builder()
-            .setup_r_disabled()
-            .setup_cqsize(entries * 2)
-            .build(entries)
-            .map_err(|source| UringError::Create { entries, source })?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
         let mut fds: Vec<RawFd> = vec![files.main.as_raw_fd()];
         if let Some(b) = &files.buffered {
             fds.push(b.as_raw_fd());
         }
-        let sub = ring.submitter();
-        let reg =
-            |what, r: io::Result<()>| r.map_err(|source| UringError::Register { what, source });
-        reg("files", sub.register_files(&fds))?;
-        reg("the eventfd", sub.register_eventfd(eventfd.as_raw_fd()))?;
-        let mut restrictions = [
-            Restriction::sqe_op(opcode::Readv::CODE),
-            Restriction::sqe_op(opcode::Writev::CODE),
-            Restriction::sqe_op(opcode::Fsync::CODE),
-            Restriction::sqe_op(opcode::Fallocate::CODE),
-            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
-        ];
-        reg("restrictions", sub.register_restrictions(&mut restrictions))?;
-        reg("enable", sub.register_enable_rings())?;
+        let ring = restricted_ring(
+            entries,
+            entries * 2,
+            &ENGINE_OPS,
+            squeue::Flags::FIXED_FILE,
+            |sub| {
+                let reg = |what, r: io::Result<()>| {
+                    r.map_err(|source| UringError::Register { what, source })
+                };
+                reg("files", sub.register_files(&fds))?;
+                reg("the eventfd", sub.register_eventfd(eventfd.as_raw_fd()))
+            },
+        )?;
         let n = usize::from(queue_size);
         Ok(UringQueue {
             ring,
@@ -898,6 +932,91 @@ mod tests {
             f.q.events.short_transfers, 1,
             "the first 4 KiB arrive, then EOF"
         );
+    }
+
+    /// Pushes `sqe` on `ring` and returns its CQE's result.
+    fn submit_raw(ring: &mut IoUring, sqe: squeue::Entry) -> i32 {
+        // SAFETY: every SQE these tests push points at memory (a path, a buffer) that lives
+        // until `submit_and_wait` below has returned its completion.
+        unsafe { ring.submission().push(&sqe.user_data(77)).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        assert_eq!(cqe.user_data(), 77);
+        cqe.result()
+    }
+
+    #[test]
+    fn the_engine_ring_refuses_other_opcodes_and_unregistered_files() {
+        let mut f = fixture(false, 1 << 20);
+        let path = std::ffi::CString::new(f.path.to_str().unwrap()).unwrap();
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build();
+        assert_eq!(submit_raw(&mut f.q.ring, open), -libc::EACCES, "OpenAt");
+        let nop = opcode::Nop::new().build();
+        assert_eq!(submit_raw(&mut f.q.ring, nop), -libc::EACCES, "Nop");
+        let file = std::fs::File::open(&f.path).unwrap();
+        let mut buf = [0u8; 512];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let raw_fd = opcode::Readv::new(types::Fd(file.as_raw_fd()), iov.as_ptr(), 1).build();
+        assert_eq!(
+            submit_raw(&mut f.q.ring, raw_fd),
+            -libc::EACCES,
+            "a Readv on a file that is not registered"
+        );
+        let fixed = opcode::Readv::new(types::Fixed(FILE_MAIN), iov.as_ptr(), 1).build();
+        assert_eq!(
+            submit_raw(&mut f.q.ring, fixed),
+            512,
+            "the engine's own Readv"
+        );
+        let linked = opcode::Readv::new(types::Fixed(FILE_MAIN), iov.as_ptr(), 1)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+        assert_eq!(
+            submit_raw(&mut f.q.ring, linked),
+            -libc::EACCES,
+            "an SQE flag it does not use"
+        );
+        assert!(
+            f.q.ring
+                .submitter()
+                .register_files(&[file.as_raw_fd()])
+                .is_err(),
+            "no registration once enabled"
+        );
+    }
+
+    #[test]
+    fn a_ring_without_fixed_files_takes_only_its_opcodes() {
+        // The replica's applier ring: Write and Fallocate on plain file descriptors.
+        let mut ring = restricted_ring(
+            8,
+            16,
+            &[opcode::Write::CODE, opcode::Fallocate::CODE],
+            squeue::Flags::empty(),
+            |_| Ok(()),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("img")).unwrap();
+        let data = [5u8; 4096];
+        let fd = types::Fd(file.as_raw_fd());
+        let write = opcode::Write::new(fd, data.as_ptr(), 4096).build();
+        assert_eq!(submit_raw(&mut ring, write), 4096);
+        let zero = opcode::Fallocate::new(fd, 4096)
+            .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            .build();
+        assert_eq!(submit_raw(&mut ring, zero), 0);
+        let mut buf = [0u8; 16];
+        let read = opcode::Read::new(fd, buf.as_mut_ptr(), 16).build();
+        assert_eq!(submit_raw(&mut ring, read), -libc::EACCES, "Read");
+        let path = std::ffi::CString::new("/etc/passwd").unwrap();
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build();
+        assert_eq!(submit_raw(&mut ring, open), -libc::EACCES, "OpenAt");
+        let fixed = opcode::Write::new(types::Fixed(0), data.as_ptr(), 16).build();
+        assert_eq!(submit_raw(&mut ring, fixed), -libc::EACCES, "an SQE flag");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use io_uring::{opcode, types, IoUring};
 use serde::{Deserialize, Serialize};
 
 use super::wire::{self, Code, Key, Msg, WireError, MAX_READ};
+use crate::engine::uring::restricted_ring;
 use crate::repl::authority::check_volume_name;
 
 /// Most queued messages per connection before the reader waits for the applier.
@@ -454,7 +455,10 @@ impl ReplicaServer {
             let me = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("replica-{peer}"))
-                .spawn(move || me.connection(stream, peer));
+                .spawn(move || {
+                    crate::seccomp::enter_or_exit(crate::seccomp::Role::Replica);
+                    me.connection(stream, peer)
+                });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a connection thread: {e}");
             }
@@ -896,7 +900,15 @@ impl Applier {
             server,
             vol,
             tx,
-            ring: IoUring::new(MAX_BATCH as u32)?,
+            // Writes and fallocates on the image only (see `restricted_ring`).
+            ring: restricted_ring(
+                MAX_BATCH as u32,
+                2 * MAX_BATCH as u32,
+                &[opcode::Write::CODE, opcode::Fallocate::CODE],
+                io_uring::squeue::Flags::empty(),
+                |_| Ok(()),
+            )
+            .map_err(io::Error::other)?,
             writable,
             batch: Vec::with_capacity(MAX_BATCH),
             replies: Vec::with_capacity(MAX_BATCH),
