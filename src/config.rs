@@ -382,6 +382,17 @@ mod tests {
         assert_eq!(c.volume.as_deref(), Some("vol-1"));
         assert_eq!(c.replicas, vec!["10.0.0.2:7000", "[::1]:7001"]);
         assert_eq!((c.replica_timeout_ms, c.resync_mbps), (2000, 50));
+        assert_eq!(c.tls_name, None);
+    }
+
+    #[test]
+    fn an_empty_replica_list_and_a_tls_name() {
+        let c = DiskConfig::parse("path=/a,socket=/s,volume=v,replicas=,tls-name=replicas.example")
+            .unwrap();
+        assert!(c.replicas.is_empty());
+        assert_eq!(c.tls_name.as_deref(), Some("replicas.example"));
+        assert!(DiskConfig::parse("path=/a,socket=/s,volume=v,replicas=h:1+").is_err());
+        assert!(DiskConfig::parse("path=/a,socket=/s,tls-name=x").is_err());
     }
 
     #[test]
