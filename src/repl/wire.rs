@@ -1646,4 +1646,69 @@ mod tests {
     fn short_keys_are_refused() {
         assert!(Key::new(vec![1; 8]).is_err());
     }
+
+    /// A CA and a certificate for 127.0.0.1 signed by it, as a [`Tls`].
+    fn tls() -> Arc<Tls> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let t = Tls::from_pem(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            ca.pem().as_bytes(),
+        );
+        Arc::new(t.unwrap())
+    }
+
+    fn tls_pair(client: &Auth, server: &Auth, name: Option<&str>) -> (Halves, Halves) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = server.clone();
+        let t = std::thread::spawn(move || server.accept(l.accept().unwrap().0));
+        let c = client.connect(TcpStream::connect(addr).unwrap(), &addr.to_string(), name);
+        (c, t.join().unwrap())
+    }
+
+    #[test]
+    fn messages_round_trip_over_tls_in_both_directions() {
+        let auth = Auth::Tls(tls());
+        let (c, s) = tls_pair(&auth, &auth, None);
+        let ((mut ctx, mut crx), (mut stx, mut srx)) = (c.unwrap(), s.unwrap());
+        let data: Vec<u8> = (0..MAX_READ as usize).map(|i| (i % 253) as u8).collect();
+        let t = std::thread::spawn(move || {
+            let got: Vec<Msg> = (0..3).map(|_| srx.recv().unwrap()).collect();
+            stx.send(&Msg::Ack { seq: 9, value: 1 }).unwrap();
+            got
+        });
+        ctx.send(&Msg::Fence { seq: 1, epoch: 2 }).unwrap();
+        ctx.send_write(2, 2, 4096, 7, &data).unwrap();
+        ctx.send(&Msg::Sums {
+            seq: 3,
+            offset: 0,
+            len: 1,
+            chunk: 1,
+        })
+        .unwrap();
+        let got = t.join().unwrap();
+        assert_eq!(got[0], Msg::Fence { seq: 1, epoch: 2 });
+        assert!(matches!(&got[1], Msg::Write { data: d, offset: 4096, .. } if *d == data));
+        assert_eq!(crx.recv().unwrap(), Msg::Ack { seq: 9, value: 1 });
+    }
+
+    #[test]
+    fn tls_checks_the_name_and_the_ca() {
+        let auth = Auth::Tls(tls());
+        let (c, _) = tls_pair(&auth, &auth, Some("replica.example"));
+        assert!(matches!(c, Err(WireError::Tls(_))), "{:?}", c.err());
+        let other = Auth::Tls(tls());
+        let (c, _) = tls_pair(&auth, &other, None);
+        assert!(matches!(c, Err(WireError::Tls(_))), "{:?}", c.err());
+    }
 }
