@@ -330,6 +330,54 @@ fn tls_replicates_and_reads_back() {
         replica_has(&env, "r1", 4096, &data) && replica_has(&env, "r1", 8 << 20, &big)
     });
     assert!(r1.log().contains("TLS 1.3"), "{}", r1.log());
+    // The tools speak TLS too.
+    let (code, out) = env.verify(&img, &[p1]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Plain TCP is never a default: with neither TLS nor a pre-shared key, a replica server
+/// and a replicated disk refuse to start, and say what is missing.
+#[test]
+fn neither_tls_nor_a_key_refuses_to_start() {
+    let env = Env::new(false);
+    let data = env.path("r1");
+    let out = std::process::Command::new(common::BIN)
+        .args(["replica", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("need TLS") && err.contains("--replication-key"),
+        "{err}"
+    );
+    let img = env.path("img");
+    make_image(&img, None);
+    let disk = format!(
+        "path={},socket={},volume={VOLUME},replicas=127.0.0.1:1",
+        img.display(),
+        env.path("s.sock").display()
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--authority", &env.authority, "--disk", &disk])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("need TLS"), "{err}");
+    // Half of the TLS files is refused too.
+    let (cert, _, _) = env.tls_files("ca1", "host1");
+    let out = std::process::Command::new(common::BIN)
+        .args(["replica", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("all three"), "{err}");
 }
 
 /// The wire carries the pattern in the clear with a pre-shared key (the check has
