@@ -19,6 +19,8 @@ for each round:
   B  ferrodisk serve, unreplicated, writeback=off,direct=on (write-through, O_DIRECT + RWF_DSYNC)
   C  ferrodisk serve with 2 replicas (ferrodisk replica) on 127.0.0.1
   D  as C, with adaptive polling off (poll-us=0)
+  T  as C, with the links over TLS 1.3 (certificates made with openssl) instead of a
+     pre-shared key
 Defaults: 3 rounds, 5 s measured after 1 s of warm-up, 1 s idle before each run
 (--settle), span 256M of a 1G image.
 --quick: 1 round, 1 s, 0.5 s warm-up, no settle, span 64M; --out and --results default to '-' (stdout
@@ -78,7 +80,7 @@ size_bytes=$(to_bytes "$size")
 ((span_bytes >= 1 << 20 && span_bytes <= size_bytes)) || die "--span must be between 1M and $size"
 
 # ---- prerequisites --------------------------------------------------------------------------
-for c in cargo git jq curl dd awk sort; do
+for c in cargo git jq curl dd awk sort openssl; do
     command -v "$c" >/dev/null || die "'$c' is not in PATH (needed by this script)"
 done
 if [[ $out != - ]]; then
@@ -251,15 +253,30 @@ for img in "$PLAIN" "$PRIM"; do
         die "cannot write $img"
 done
 mkdir -p "$work/r1" "$work/r2"
+# T: one CA and one certificate (for 127.0.0.1, server and client) shared by the three daemons.
+note "making a CA and a certificate for T with openssl"
+{
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=ferrodisk bench CA" -keyout "$work/ca.key" -out "$work/ca.crt" &&
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -subj "/CN=127.0.0.1" -keyout "$work/host.key" -out "$work/host.csr" &&
+        printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >"$work/host.ext" &&
+        openssl x509 -req -in "$work/host.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" \
+            -CAcreateserial -days 2 -extfile "$work/host.ext" -out "$work/host.crt"
+} >"$work/openssl.log" 2>&1 || die "openssl could not make the test certificates (see $work/openssl.log)"
+PSK=(--replication-key "$work/key")
+TLS=(--tls-cert "$work/host.crt" --tls-key "$work/host.key" --tls-ca "$work/ca.crt")
 
 SPEC_A="path=$PLAIN,socket=$work/a.sock"
 SPEC_B="path=$PLAIN,socket=$work/b.sock,writeback=off,direct=on"
 SPEC_C="path=$PRIM,socket=$work/c.sock,volume=vol1,replicas=127.0.0.1:$P1+127.0.0.1:$P2"
 SPEC_D="path=$PRIM,socket=$work/d.sock,volume=vol1,replicas=127.0.0.1:$P1+127.0.0.1:$P2,poll-us=0"
+SPEC_T="path=$PRIM,socket=$work/t.sock,volume=vol1,replicas=127.0.0.1:$P1+127.0.0.1:$P2"
 declare -A NAME=([A]="unreplicated, write-back" [B]="unreplicated, write-through (O_DIRECT)"
-    [C]="replicated, 2 replicas on loopback" [D]="replicated as C, poll-us=0")
+    [C]="replicated, 2 replicas on loopback (pre-shared key)" [D]="replicated as C, poll-us=0"
+    [T]="replicated as C, over TLS 1.3")
 # replicated CONFIG: whether the configuration has replicas.
-replicated() { [[ $1 == C || $1 == D ]]; }
+replicated() { [[ $1 == C || $1 == D || $1 == T ]]; }
 
 backend_pid="" rpid1="" rpid2=""
 # up CONFIG: starts the backend(s) of a configuration and waits until it can be measured.
@@ -273,19 +290,19 @@ up() {
         sock="$work/${1,,}.sock"
         wait_socket "$sock" "$backend_pid" "serve-$1.log"
         ;;
-    C | D)
-        local spec
-        [[ $1 == C ]] && spec=$SPEC_C || spec=$SPEC_D
+    C | D | T)
+        local spec link=("${PSK[@]}")
+        case $1 in C) spec=$SPEC_C ;; D) spec=$SPEC_D ;; T) spec=$SPEC_T link=("${TLS[@]}") ;; esac
         start "$work/replica1.log" "$BIN" replica --listen "127.0.0.1:$P1" --data "$work/r1" \
-            --replication-key "$work/key"
+            "${link[@]}"
         rpid1=$started
         start "$work/replica2.log" "$BIN" replica --listen "127.0.0.1:$P2" --data "$work/r2" \
-            --replication-key "$work/key"
+            "${link[@]}"
         rpid2=$started
         wait_port "$P1" "$rpid1" replica1.log
         wait_port "$P2" "$rpid2" replica2.log
         start "$work/serve-$1.log" "$BIN" serve --authority "file:$work/authority" --node a \
-            --replication-key "$work/key" --health "127.0.0.1:$PH" --disk "$spec"
+            "${link[@]}" --health "127.0.0.1:$PH" --disk "$spec"
         backend_pid=$started
         sock="$work/${1,,}.sock"
         wait_socket "$sock" "$backend_pid" "serve-$1.log"
@@ -389,7 +406,7 @@ done
 workloads=("4k-randwrite-qd32:32" "4k-randwrite-qd1:1")
 rec=""
 for ((r = 1; r <= rounds; r++)); do
-    for cfg in A B C D; do
+    for cfg in A B C D T; do
         note "round $r/$rounds: $cfg (${NAME[$cfg]})"
         up "$cfg"
         for w in "${workloads[@]}"; do
@@ -466,7 +483,7 @@ table() {
     echo "| config | workload | IOPS (median; min–max) | p50 µs | p99 µs | p99.9 µs | primary CPU µs/IO | replicas CPU µs/IO (both) |"
     echo "|---|---|--:|--:|--:|--:|--:|--:|"
     for w in 4k-randwrite-qd32 4k-randwrite-qd1; do
-        for c in A B C D; do
+        for c in A B C D T; do
             local k=".\"$c/$w\""
             printf '| %s %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n' "$c" "${NAME[$c]}" "$w" \
                 "$(fmt iops "$(v "$k.iops")")" "$(fmt iops "$(v "$k.iops_min")")" "$(fmt iops "$(v "$k.iops_max")")" \
@@ -491,6 +508,10 @@ iD32=$(v ".\"D/$q32\".iops") iD1=$(v ".\"D/$q1\".iops") cpuD=$(v ".\"D/$q32\".cp
 rDC32=$(calc 'a / b' "$iD32" "$iC32") rDA32=$(calc 'a / b' "$iD32" "$iA32")
 dDC50=$(calc 'a - b' "$(v ".\"D/$q1\".p50")" "$(v ".\"C/$q1\".p50")")
 cpuD1=$(v ".\"D/$q1\".cpu") cpuC1=$(v ".\"C/$q1\".cpu")
+iT32=$(v ".\"T/$q32\".iops") iT1=$(v ".\"T/$q1\".iops") cpuT=$(v ".\"T/$q32\".cpu") rcpuT=$(v ".\"T/$q32\".rcpu")
+rTC32=$(calc 'a / b' "$iT32" "$iC32") rTC1=$(calc 'a / b' "$iT1" "$iC1") rTA32=$(calc 'a / b' "$iT32" "$iA32")
+dTC50=$(calc 'a - b' "$(v ".\"T/$q1\".p50")" "$(v ".\"C/$q1\".p50")")
+dTC99=$(calc 'a - b' "$(v ".\"T/$q1\".p99")" "$(v ".\"C/$q1\".p99")")
 target=$(awk -v r="$rCA32" 'BEGIN { if (r == "null") print "not measured"; else if (r >= 0.70) print "**MET**"; else print "**NOT MET**" }')
 cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 fs=$(findmnt -no FSTYPE,SOURCE -T "$work" 2>/dev/null | awk '{print $1 " on " $2}')
@@ -514,7 +535,7 @@ section="$work/section.md"
     fi
     echo "- Ferrodisk: commit $commit$dirty"
     echo "- Images, replica files and sockets in \`$base\` (${fs:-unknown filesystem}): the primary image and both replica files share one virtual disk"
-    echo "- $rounds round(s); each run ${duration} s measured after ${ramp} s of warm-up (and ${settle} s idle before it); 4k random writes over the first $span of a $size image, 1 queue; configurations alternate A, B, C, D within each round and every run gets freshly started daemons; numbers are medians over the rounds.$(
+    echo "- $rounds round(s); each run ${duration} s measured after ${ramp} s of warm-up (and ${settle} s idle before it); 4k random writes over the first $span of a $size image, 1 queue; configurations alternate A, B, C, D, T within each round and every run gets freshly started daemons; numbers are medians over the rounds.$(
         [[ $results == - ]] || echo " Raw records: \`$results\` (\`kind\`: \`fill\` or \`measure\`; each with the load average when it was written).")"
     echo
     echo "Backends as started (\`\$DIR\` is the temp dir, \`\$P1\`, \`\$P2\`, \`\$PH\` free local ports; \`key\` is 32 random bytes):"
@@ -525,6 +546,7 @@ section="$work/section.md"
     echo "  \`ferrodisk serve --authority file:\$DIR/authority --node a --replication-key \$DIR/key --health 127.0.0.1:\$PH --disk path=\$DIR/primary.img,socket=\$DIR/c.sock,volume=vol1,replicas=127.0.0.1:\$P1+127.0.0.1:\$P2\`"
     echo "  (primary: write-back, page cache, as A; each replica writes with O_DIRECT + RWF_DSYNC). Measured only once \`GET /health\` reports both replicas \`in-sync\`; the script checks that they are still in-sync, with no failed replica write, after each run."
     echo "- D: as C (same volume, image and replica servers), with \`,poll-us=0\` added to the disk spec: the queue worker sleeps in epoll after every event instead of spinning for up to 50 µs."
+    echo "- T: as C, with \`--tls-cert \$DIR/host.crt --tls-key \$DIR/host.key --tls-ca \$DIR/ca.crt\` instead of \`--replication-key \$DIR/key\` on all three daemons (one P-256 certificate for 127.0.0.1, signed by a CA made with \`openssl\` for the run): the links run TLS 1.3 (AES-256-GCM or ChaCha20-Poly1305 as rustls negotiates) and their frames carry no HMAC tag."
     echo "- Client: \`ferrodisk-loadgen run --socket SOCK --pid PRIMARY_PID --rw randwrite --bs 4k --qd 32|1 --queues 1 --duration $duration --ramp $ramp --span $span\`"
     echo
     echo "Preparation: \`plain.img\` and \`primary.img\` are written in full with zeros (\`dd oflag=direct\`), then the measured span is written once more by a sequential pass (\`ferrodisk-loadgen run --rw write --bs 1M --qd 4 --ramp 0\`, repeated with a longer duration until it covers the span) through A and through C before the first round. The replicas create their files with \`fallocate\` (unwritten extents), and the first write to an unwritten extent converts it (a journal commit), about 5× slower than a later write to it; without this pass the replicated numbers would measure extent conversion. The pass goes through the replicated primary, so both replicas' files are written over the span too. After every run the daemons are stopped (the primary flushes), both images are \`fdatasync\`ed and their pages dropped from the page cache (\`dd oflag=nocache count=0\`, i.e. \`posix_fadvise(DONTNEED)\`), so every run starts with nothing of the span cached or dirty (otherwise B's O_DIRECT writes would leave A's image uncached and C's primary image cached)."
@@ -541,6 +563,7 @@ section="$work/section.md"
     echo "- Added QD1 write latency, replicated minus write-back: p50 $(fmt dlat "$dA50") µs, p99 $(fmt dlat "$dA99") µs"
     echo "- Added QD1 write latency, replicated minus write-through: p50 $(fmt dlat "$dB50") µs, p99 $(fmt dlat "$dB99") µs"
     echo "- CPU at QD32: primary $(fmt cpu "$cpuC") µs/IO replicated vs $(fmt cpu "$cpuA") unreplicated write-back, plus $(fmt cpu "$rcpuC") µs/IO in the two replica processes"
+    echo "- TLS against the pre-shared key (T against C): QD32 IOPS $(fmt ratio "$rTC32")× (T / write-back: $(fmt ratio "$rTA32")), QD1 IOPS $(fmt ratio "$rTC1")×; QD1 latency p50 $(fmt dlat "$dTC50") µs, p99 $(fmt dlat "$dTC99") µs; CPU at QD32: primary $(fmt cpu "$cpuT") vs $(fmt cpu "$cpuC") µs/IO, replicas $(fmt cpu "$rcpuT") vs $(fmt cpu "$rcpuC") µs/IO"
     echo "- Polling off (D against C): QD32 IOPS $(fmt ratio "$rDC32")× (D / write-back: $(fmt ratio "$rDA32")), primary CPU at QD32 $(fmt cpu "$cpuD") vs $(fmt cpu "$cpuC") µs/IO (replicas $(fmt cpu "$rcpuD")), at QD1 $(fmt cpu "$cpuD1") vs $(fmt cpu "$cpuC1") µs/IO; QD1 p50 $(fmt dlat "$dDC50") µs"
     echo
     echo "Reading: on this VM the primary image and both replica files are on the same virtual disk, so each replicated guest write costs two durable device writes (one per replica, O_DIRECT + RWF_DSYNC) plus one write into the primary's page cache, and the two replica servers, the primary and the load generator share $(nproc) CPUs. At QD32 the replicated disk makes $(fmt iops "$iC32") guest writes/s, i.e. $(fmt iops "$(calc 'a * 2' "$iC32" 1)") durable 4k writes/s on the device, $(fmt pct "$durable") of the $(fmt iops "$iB32") durable writes/s that the write-through disk (B) gets from the same device, while the write-back disk (A) only copies into the page cache. The ratio to write-back therefore compares three copies (two of them durable) with one cached copy, and is bounded by the device here, not by the replication path alone; the write-through ratio is the fairer one for what a guest gets (a write acknowledged only when durable, in B on one disk, in C on two replicas). At QD1 a replicated write is acknowledged after a loopback round trip to both replicas and a durable write on each (in parallel, on the same device), and four processes (client, primary, two replicas) must be woken on 2 CPUs: its p50 of $(fmt lat "$(v ".\"C/$q1\".p50")") µs is $(fmt dlat "$dB50") µs from write-through's single durable write ($(fmt lat "$(v ".\"B/$q1\".p50")") µs) and $(fmt dlat "$dA50") µs from write-back's page-cache copy ($(fmt lat "$(v ".\"A/$q1\".p50")") µs). The write-back numbers (A, and the primary's share of C) are the least stable ones on these VMs: they are CPU-bound page-cache copies whose speed depends on how fast an idle CPU wakes up (see the caveats in \`benches/README.md\`) and on the state of the page cache (hence the cache drop between runs), so check the min–max column. On machines where the replicas have their own disks (and network), the device part of this cost is not shared; these numbers do not say how a real network would add to it."

@@ -21,7 +21,7 @@ pub const MAX_POLL_US: u64 = 10_000;
 /// Errors in a `--disk` specification.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight, volume, replicas, replica-timeout-ms, resync-mbps, meta, latency-range)")]
+    #[error("unknown key `{0}` (known keys: path, engine, size, socket, queues, queue-size, readonly, direct, serial, writeback, poll-us, inflight, volume, replicas, replica-timeout-ms, resync-mbps, meta, tls-name, latency-range)")]
     UnknownKey(String),
     #[error("key `{0}` is given twice")]
     DuplicateKey(String),
@@ -82,6 +82,8 @@ pub struct DiskConfig {
     pub resync_mbps: u32,
     /// Directory for the dirty bitmaps and the clean-stop marker (default `<path>.ferrodisk`).
     pub meta: Option<PathBuf>,
+    /// The name the replicas' TLS certificates must carry (`None`: each replica's host).
+    pub tls_name: Option<String>,
     /// The range of the fine latency histogram buckets.
     pub latency_range: crate::metrics::FineRange,
 }
@@ -110,6 +112,7 @@ impl DiskConfig {
             replica_timeout_ms: DEFAULT_REPLICA_TIMEOUT_MS,
             resync_mbps: DEFAULT_RESYNC_MBPS,
             meta: None,
+            tls_name: None,
             latency_range: crate::metrics::FineRange::default(),
         }
     }
@@ -137,6 +140,7 @@ impl DiskConfig {
             replica_timeout_ms: DEFAULT_REPLICA_TIMEOUT_MS,
             resync_mbps: DEFAULT_RESYNC_MBPS,
             meta: None,
+            tls_name: None,
             latency_range: crate::metrics::FineRange::default(),
         };
         for item in spec.split(',').filter(|s| !s.is_empty()) {
@@ -182,7 +186,11 @@ impl DiskConfig {
                     cfg.volume = Some(value.to_string());
                 }
                 "replicas" => {
-                    for r in value.split('+') {
+                    // An empty list is a volume without replicas (still fenced by epoch).
+                    for r in value
+                        .split('+')
+                        .filter(|r| !value.is_empty() || !r.is_empty())
+                    {
                         if !valid_host_port(r) {
                             return Err(bad(
                                 "replicas",
@@ -207,6 +215,16 @@ impl DiskConfig {
                     cfg.resync_mbps = parse_in_range("resync-mbps", value, 0, 1_000_000)? as u32
                 }
                 "meta" => cfg.meta = Some(PathBuf::from(value)),
+                "tls-name" => {
+                    if value.is_empty() || value.len() > 253 || value.contains(['/', ' ']) {
+                        return Err(bad(
+                            "tls-name",
+                            value,
+                            "expected a DNS name or an IP address",
+                        ));
+                    }
+                    cfg.tls_name = Some(value.to_string());
+                }
                 "latency-range" => {
                     cfg.latency_range = crate::metrics::FineRange::parse(value).map_err(|_| {
                         bad(
@@ -227,7 +245,13 @@ impl DiskConfig {
         }
         cfg.socket = socket.ok_or(ConfigError::Missing("socket"))?;
         if cfg.volume.is_none() {
-            for key in ["replicas", "replica-timeout-ms", "resync-mbps", "meta"] {
+            for key in [
+                "replicas",
+                "replica-timeout-ms",
+                "resync-mbps",
+                "meta",
+                "tls-name",
+            ] {
                 if seen.contains(&key) {
                     return Err(ConfigError::NeedsVolume(key));
                 }
@@ -358,6 +382,17 @@ mod tests {
         assert_eq!(c.volume.as_deref(), Some("vol-1"));
         assert_eq!(c.replicas, vec!["10.0.0.2:7000", "[::1]:7001"]);
         assert_eq!((c.replica_timeout_ms, c.resync_mbps), (2000, 50));
+        assert_eq!(c.tls_name, None);
+    }
+
+    #[test]
+    fn an_empty_replica_list_and_a_tls_name() {
+        let c = DiskConfig::parse("path=/a,socket=/s,volume=v,replicas=,tls-name=replicas.example")
+            .unwrap();
+        assert!(c.replicas.is_empty());
+        assert_eq!(c.tls_name.as_deref(), Some("replicas.example"));
+        assert!(DiskConfig::parse("path=/a,socket=/s,volume=v,replicas=h:1+").is_err());
+        assert!(DiskConfig::parse("path=/a,socket=/s,tls-name=x").is_err());
     }
 
     #[test]

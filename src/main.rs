@@ -11,9 +11,10 @@ use ferrodisk::config::{Backing, DiskConfig};
 use ferrodisk::disk::Disk;
 use ferrodisk::repl::authority::Authority;
 use ferrodisk::repl::primary::ReplContext;
+use ferrodisk::repl::replica::Limits;
 use ferrodisk::repl::replica::ReplicaServer;
 use ferrodisk::repl::tools;
-use ferrodisk::repl::wire::Key;
+use ferrodisk::repl::wire::{Auth, Key, Tls};
 use ferrodisk::server::{self, DiskServer, SocketAccess};
 
 mod cli;
@@ -56,11 +57,19 @@ enum Command {
         /// Directory of the replica files (`<volume>.img`, `<volume>.epoch`).
         #[arg(long, value_name = "DIR")]
         data: std::path::PathBuf,
-        /// Pre-shared key file (at least 16 bytes) that peers must prove they hold.
-        #[arg(long = "replication-key", value_name = "FILE")]
-        key: std::path::PathBuf,
         #[command(flatten)]
         sandbox: cli::SeccompArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Most authenticated connections at once.
+        #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+        max_connections: usize,
+        /// Most connections in their handshake at once (a new one evicts the oldest).
+        #[arg(long, value_name = "N", default_value_t = Limits::default().max_handshakes)]
+        max_handshakes: usize,
+        /// Most MiB of requests (and of their replies) queued per connection.
+        #[arg(long, value_name = "MIB", default_value_t = Limits::default().conn_buffer >> 20)]
+        conn_buffer_mib: usize,
     },
     /// Make an in-sync replica the new primary of a volume (after the old one failed).
     Promote {
@@ -74,8 +83,8 @@ enum Command {
         /// Node id of the new primary (its `serve --node`).
         #[arg(long, value_name = "ID")]
         node: String,
-        #[arg(long = "replication-key", value_name = "FILE")]
-        key: std::path::PathBuf,
+        #[command(flatten)]
+        link: LinkArgs,
         /// The old primary's health endpoint: refuse to promote while it reports healthy.
         #[arg(long = "primary-health", value_name = "ADDR")]
         primary_health: Option<String>,
@@ -132,8 +141,8 @@ enum Command {
         /// Replicas to compare, HOST:PORT[+HOST:PORT...].
         #[arg(long, value_name = "LIST")]
         replicas: String,
-        #[arg(long = "replication-key", value_name = "FILE")]
-        key: std::path::PathBuf,
+        #[command(flatten)]
+        link: LinkArgs,
         /// Checksum granularity in KiB.
         #[arg(long, default_value_t = 1024)]
         chunk_kib: u32,
@@ -187,9 +196,77 @@ struct ReplArgs {
     /// This host's node id in the authority (default: the hostname).
     #[arg(long, value_name = "ID")]
     node: Option<String>,
-    /// Pre-shared key file for replica connections (needed for replicated disks).
-    #[arg(long = "replication-key", value_name = "FILE")]
+    #[command(flatten)]
+    link: LinkArgs,
+}
+
+/// How replica links are secured: TLS (all three files) or, only when asked for, a
+/// pre-shared key. Plain TCP is never a default.
+#[derive(clap::Args)]
+struct LinkArgs {
+    /// Pre-shared key file (at least 16 bytes): peers are authenticated but the link is
+    /// NOT encrypted. Use TLS unless the network is trusted.
+    #[arg(
+        long = "replication-key",
+        visible_alias = "psk-file",
+        value_name = "FILE"
+    )]
     key: Option<std::path::PathBuf>,
+    /// This host's certificate (PEM, then any intermediates), for TLS.
+    #[arg(
+        long = "replication-tls-cert",
+        visible_alias = "tls-cert",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This host's private key (PEM), for TLS.
+    #[arg(
+        long = "replication-tls-key",
+        visible_alias = "tls-key",
+        value_name = "FILE"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA (PEM) that signs the peers' certificates, for TLS.
+    #[arg(
+        long = "replication-tls-ca",
+        visible_alias = "tls-ca",
+        value_name = "FILE"
+    )]
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+const NO_LINK_SECURITY: &str = "replica links need TLS (--tls-cert FILE --tls-key FILE \
+     --tls-ca FILE) or an explicit pre-shared key (--replication-key FILE: authenticated, \
+     not encrypted)";
+
+/// The link security `a` asks for; `None` if it asks for none.
+fn link_auth(a: &LinkArgs) -> Result<Option<Auth>, String> {
+    let tls = [&a.tls_cert, &a.tls_key, &a.tls_ca];
+    let given = tls.iter().filter(|f| f.is_some()).count();
+    if given > 0 && a.key.is_some() {
+        return Err(
+            "give either --replication-key (pre-shared key) or the TLS files, not both".into(),
+        );
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.tls_ca) {
+        return Ok(Some(Auth::Tls(Arc::new(Tls::from_files(cert, key, ca)?))));
+    }
+    if given > 0 {
+        return Err("TLS needs all three of --tls-cert, --tls-key and --tls-ca".into());
+    }
+    match &a.key {
+        Some(k) => Ok(Some(Auth::Psk(Key::from_file(k)?))),
+        None => Ok(None),
+    }
+}
+
+/// The link security `a` asks for, which must be some.
+fn required_auth(a: &LinkArgs) -> Result<Auth, ExitCode> {
+    match link_auth(a) {
+        Ok(Some(auth)) => Ok(auth),
+        Ok(None) => Err(fail(NO_LINK_SECURITY, 2)),
+        Err(e) => Err(fail(e, 2)),
+    }
 }
 
 fn main() -> ExitCode {
@@ -222,18 +299,26 @@ fn main() -> ExitCode {
         Command::Replica {
             listen,
             data,
-            key,
             sandbox,
+            link,
+            max_connections,
+            max_handshakes,
+            conn_buffer_mib,
         } => {
             ferrodisk::seccomp::set_mode(sandbox.seccomp);
-            replica(&listen, &data, &key)
+            let limits = Limits {
+                max_connections,
+                max_handshakes,
+                conn_buffer: conn_buffer_mib << 20,
+            };
+            replica(&listen, &data, &link, limits)
         }
         Command::Promote {
             authority,
             volume,
             replica,
             node,
-            key,
+            link,
             primary_health,
             force,
         } => promote(
@@ -241,7 +326,7 @@ fn main() -> ExitCode {
             &volume,
             &replica,
             &node,
-            &key,
+            &link,
             primary_health.as_deref(),
             force,
         ),
@@ -249,9 +334,9 @@ fn main() -> ExitCode {
             image,
             volume,
             replicas,
-            key,
+            link,
             chunk_kib,
-        } => verify(&image, &volume, &replicas, &key, chunk_kib),
+        } => verify(&image, &volume, &replicas, &link, chunk_kib),
     }
 }
 
@@ -266,14 +351,14 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
-/// What replication needs, from `--replication-key`, `--authority` and `--node`: `None`
-/// without a key (then no disk may be replicated).
+/// What replication needs, from `--replication-key` or `--replication-tls-*`,
+/// `--authority` and `--node`: `None` without either (then no disk may be replicated).
 fn repl_context(args: &ReplArgs) -> Result<Option<ReplContext>, (String, u8)> {
-    let Some(key_path) = &args.key else {
+    let Some(auth) = link_auth(&args.link).map_err(|e| (e, 2))? else {
         return Ok(None);
     };
     Ok(Some(ReplContext {
-        key: Key::from_file(key_path).map_err(|e| (e, 2))?,
+        key: auth,
         authority: Authority::open(&args.authority).map_err(|e| (chain(&e), 1))?,
         node: args.node.clone().unwrap_or_else(hostname),
     }))
@@ -286,7 +371,7 @@ fn start_replication(disks: &[Arc<Disk>], ctx: Option<&ReplContext>) -> Result<(
             continue;
         };
         let ctx = ctx.ok_or((
-            "a replicated disk (volume=) needs --replication-key FILE".to_string(),
+            format!("a replicated disk (volume=): {NO_LINK_SECURITY}"),
             2,
         ))?;
         let meta = d.config.meta.clone().unwrap_or_else(|| {
@@ -301,16 +386,22 @@ fn start_replication(disks: &[Arc<Disk>], ctx: Option<&ReplContext>) -> Result<(
     Ok(())
 }
 
-fn replica(listen: &str, data: &std::path::Path, key: &std::path::Path) -> ExitCode {
-    let key = match Key::from_file(key) {
-        Ok(k) => k,
-        Err(e) => return fail(e, 2),
+fn replica(listen: &str, data: &std::path::Path, link: &LinkArgs, limits: Limits) -> ExitCode {
+    let auth = match required_auth(link) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
+    if limits.max_connections == 0 || limits.max_handshakes == 0 || limits.conn_buffer == 0 {
+        return fail(
+            "--max-connections, --max-handshakes and --conn-buffer-mib must be at least 1",
+            2,
+        );
+    }
     let listener = match std::net::TcpListener::bind(listen) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {listen}: {e}"), 1),
     };
-    let server = match ReplicaServer::new(data, key) {
+    let server = match ReplicaServer::with(data, auth, limits) {
         Ok(s) => s,
         Err(e) => return fail(format!("{}: {e}", data.display()), 1),
     };
@@ -326,13 +417,13 @@ fn promote(
     volume: &str,
     replica: &str,
     node: &str,
-    key: &std::path::Path,
+    link: &LinkArgs,
     primary_health: Option<&str>,
     force: bool,
 ) -> ExitCode {
-    let key = match Key::from_file(key) {
-        Ok(k) => k,
-        Err(e) => return fail(e, 2),
+    let key = match required_auth(link) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     if let Some(h) = primary_health {
         match tools::query_health(h) {
@@ -377,12 +468,12 @@ fn verify(
     image: &std::path::Path,
     volume: &str,
     replicas: &str,
-    key: &std::path::Path,
+    link: &LinkArgs,
     chunk_kib: u32,
 ) -> ExitCode {
-    let key = match Key::from_file(key) {
-        Ok(k) => k,
-        Err(e) => return fail(e, 2),
+    let key = match required_auth(link) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     if chunk_kib == 0 || chunk_kib > 4096 {
         return fail("--chunk-kib must be 1..4096", 2);

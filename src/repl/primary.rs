@@ -39,7 +39,7 @@ use super::machine::{
     Action, BitmapSnapshot, CheckpointError, Core, CoreConfig, Frame, LinkInit, Micros, Mutation,
     OpDesc, OpId, OpenError, Payload, RecordError, Reply, Verdict,
 };
-use super::wire::{self, Code, Key, Msg};
+use super::wire::{self, Auth, Code, Msg, Throttle};
 use crate::request::Op;
 
 pub use super::machine::{LinkState, LinkStatus, Phase};
@@ -58,6 +58,8 @@ pub struct ReplConfig {
     pub meta_dir: PathBuf,
     /// The volume's UUID when its owner knows it (the API); `None`: the authority's.
     pub uuid: Option<String>,
+    /// The name replicas' TLS certificates must carry (`None`: each replica's host).
+    pub tls_name: Option<String>,
 }
 
 pub const DEFAULT_REGION: u64 = 1 << 20;
@@ -172,12 +174,14 @@ pub enum ReplError {
     Fenced(String),
 }
 
-/// What a daemon needs to serve replicated disks (`serve --authority --node
-/// --replication-key`), shared by its `--disk` disks and its API attachments.
+/// What a daemon needs to serve replicated disks (`serve --authority --node`, and
+/// `--replication-key` or `--replication-tls-*`), shared by its `--disk` disks and its API
+/// attachments.
 #[derive(Clone)]
 pub struct ReplContext {
     pub authority: Authority,
-    pub key: Key,
+    /// How links to replicas authenticate: TLS or a pre-shared key.
+    pub key: Auth,
     pub node: String,
 }
 
@@ -209,6 +213,7 @@ pub fn start_for_disk(
         region_bytes: DEFAULT_REGION,
         meta_dir,
         uuid: uuid.map(str::to_string),
+        tls_name: c.tls_name.clone(),
     };
     Replication::start(
         cfg,
@@ -273,6 +278,8 @@ impl Inbox {
 /// One replica, as the driver sees it.
 struct LinkIo {
     addr: String,
+    /// Failed connection attempts, reported at WARN (rate-limited, see [`Throttle`]).
+    failures: Throttle,
     tx: Mutex<LinkTx>,
     /// Work for the link's thread from other threads.
     inbox: Inbox,
@@ -321,7 +328,7 @@ pub struct Replication {
     pub epoch: u64,
     pub uuid: String,
     authority: Authority,
-    key: Key,
+    key: Auth,
     disk_bytes: u64,
     core: Mutex<Core>,
     origin: Instant,
@@ -370,7 +377,7 @@ impl Replication {
     pub fn start(
         config: ReplConfig,
         authority: Authority,
-        key: Key,
+        key: Auth,
         local: File,
         disk_bytes: u64,
         queues: usize,
@@ -438,6 +445,7 @@ impl Replication {
                 .map(|addr| {
                     Ok(LinkIo {
                         addr: addr.clone(),
+                        failures: Throttle::new(),
                         tx: Mutex::new(LinkTx {
                             conn: 0,
                             sender: None,
@@ -1154,7 +1162,10 @@ impl Replication {
                         *rx = Some((conn, receiver));
                         Ok(identity)
                     }
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        self.report_open_failure(i, &e);
+                        Err(e)
+                    }
                 };
                 let now = self.now();
                 self.core().on_open(now, i, conn, result, &mut out);
@@ -1193,6 +1204,16 @@ impl Replication {
         out
     }
 
+    /// Logs a failed connection attempt at WARN (rate-limited): a replica that refuses
+    /// our key or certificate, or that we refuse, must be visible without `/health`.
+    fn report_open_failure(&self, i: usize, e: &OpenError) {
+        if let Some(n) = self.links[i].failures.ready() {
+            let (volume, replica) = (&self.config.volume, &self.links[i].addr);
+            let (OpenError::Stale(why) | OpenError::Failed(why)) = e;
+            tracing::warn!(%volume, %replica, "cannot connect to the replica ({n} failed attempt(s) since the last report): {why}");
+        }
+    }
+
     /// Connects to link `i`'s replica, authenticates and opens the volume at our epoch.
     fn open_link(&self, i: usize) -> Result<(wire::Sender, wire::Receiver, Tag), OpenError> {
         let addr = &self.links[i].addr;
@@ -1204,7 +1225,10 @@ impl Replication {
             .ok_or_else(|| failed("no address".into()))?;
         let stream = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
             .map_err(|e| failed(format!("connect: {e}")))?;
-        let (mut s, mut r) = wire::client(stream, &self.key).map_err(|e| failed(e.to_string()))?;
+        let (mut s, mut r) = self
+            .key
+            .connect(stream, addr, self.config.tls_name.as_deref())
+            .map_err(|e| failed(e.to_string()))?;
         s.set_timeout(Some(self.config.timeout.max(CONNECT_TIMEOUT)))
             .map_err(|e| failed(e.to_string()))?;
         r.set_timeout(Some(self.config.timeout.max(CONNECT_TIMEOUT)))

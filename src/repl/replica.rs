@@ -17,22 +17,32 @@
 //! Requests from an older epoch get `Nack(Stale)`. A batch holds the volume's state lock for
 //! reading while it writes, and raising the epoch takes it for writing, so once a `Fence`, a
 //! `Drop` or a newer `Open` is acknowledged, no write of an older epoch can land.
+//!
+//! Bounds against hostile peers ([`Limits`]): at most `max_connections` authenticated
+//! connections; at most `max_handshakes` connections still in their handshake, a quarter
+//! of them from any one address (more from it are closed at once), and when they are all
+//! taken a new one evicts the oldest: a flood of idle or trickling peers from elsewhere
+//! cannot keep a primary out;
+//! each handshake must end within [`wire::HANDSHAKE_TIMEOUT`] in total; and each
+//! connection queues at most `conn_buffer` bytes of requests and their replies: beyond that
+//! its reader stops reading the socket (back-pressure through TCP) until the applier has
+//! answered what it holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver as ChanRx};
-use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard};
 
 use io_uring::{opcode, types, IoUring};
 use serde::{Deserialize, Serialize};
 
-use super::wire::{self, Code, Key, Msg, WireError, MAX_READ};
+use super::wire::{self, Auth, Code, Key, Msg, Throttle, WireError, MAX_READ};
 use crate::engine::uring::restricted_ring;
 use crate::repl::authority::check_volume_name;
 
@@ -51,8 +61,91 @@ pub type Refusal = (Code, String);
 
 pub struct ReplicaServer {
     data: PathBuf,
-    key: Key,
+    auth: Auth,
+    limits: Limits,
     volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Connections in their handshake, oldest first, with their peer's address and a
+    /// handle to shut each down.
+    handshaking: Mutex<VecDeque<(u64, std::net::IpAddr, TcpStream)>>,
+    next_id: AtomicU64,
+    /// Authenticated connections open now.
+    open: AtomicUsize,
+    /// Rate limits for what peers can make the server log.
+    evicted_log: Throttle,
+    refused_log: Throttle,
+}
+
+/// The server's bounds (see the module note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most authenticated connections at once; more are refused after their handshake.
+    pub max_connections: usize,
+    /// Most connections in their handshake at once; a new one evicts the oldest.
+    pub max_handshakes: usize,
+    /// Most bytes of requests (and of the replies they ask for) queued per connection.
+    pub conn_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            max_handshakes: 16,
+            conn_buffer: 64 << 20,
+        }
+    }
+}
+
+/// The bytes a connection has queued (requests and the replies they ask for), bounded:
+/// the reader waits while it is full, and the applier gives back what it has answered.
+struct Budget {
+    /// Bytes in use, and whether the applier has stopped.
+    state: Mutex<(usize, bool)>,
+    freed: Condvar,
+    cap: usize,
+}
+
+impl Budget {
+    fn new(cap: usize) -> Budget {
+        Budget {
+            state: Mutex::new((0, false)),
+            freed: Condvar::new(),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes, waiting while they do not fit (one message always fits an empty
+    /// budget). Returns false once the applier has stopped.
+    fn take(&self, n: usize) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !st.1 && st.0 > 0 && st.0 + n > self.cap {
+            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.0 += n;
+        !st.1
+    }
+
+    fn give(&self, n: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.freed.notify_all();
+    }
+}
+
+/// What a request holds in memory until it is answered: its data, or the reply it asks for.
+fn cost(m: &Msg) -> usize {
+    let bytes = match m {
+        Msg::Write { data, .. } => data.len() as u64,
+        Msg::Read { len, .. } => (*len).min(MAX_READ),
+        Msg::Sums { len, chunk, .. } => (len / u64::from((*chunk).max(1)) + 1).min(MAX_SUMS) * 4,
+        _ => 0,
+    };
+    bytes as usize + 128
 }
 
 /// The sidecar `<volume>.meta`.
@@ -431,17 +524,64 @@ fn file_at(path: &Path) -> Option<(crate::sys::FileId, u64)> {
 }
 
 impl ReplicaServer {
+    /// A server authenticating peers with a pre-shared key, with the default limits.
     pub fn new(data: &Path, key: Key) -> io::Result<Arc<ReplicaServer>> {
+        ReplicaServer::with(data, Auth::Psk(key), Limits::default())
+    }
+
+    pub fn with(data: &Path, auth: Auth, limits: Limits) -> io::Result<Arc<ReplicaServer>> {
         std::fs::create_dir_all(data)?;
         Ok(Arc::new(ReplicaServer {
             data: data.to_path_buf(),
-            key,
+            auth,
+            limits,
             volumes: Mutex::new(HashMap::new()),
+            handshaking: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            evicted_log: Throttle::new(),
+            refused_log: Throttle::new(),
         }))
+    }
+
+    /// Registers a connection starting its handshake; evicts the oldest one in its
+    /// handshake if there are too many. `None`: its address has too many already.
+    fn admit_handshake(&self, stream: &TcpStream, ip: std::net::IpAddr) -> io::Result<Option<u64>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = stream.try_clone()?;
+        let mut h = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        let per_address = (self.limits.max_handshakes / 4).max(1);
+        if h.iter().filter(|(_, a, _)| *a == ip).count() >= per_address {
+            if let Some(n) = self.refused_log.ready() {
+                tracing::warn!(%ip, "refused a connection: {per_address} from this address are in their handshake already ({n} refused since the last report)");
+            }
+            return Ok(None);
+        }
+        while h.len() >= self.limits.max_handshakes.max(1) {
+            let Some((_, _, oldest)) = h.pop_front() else {
+                break;
+            };
+            let _ = oldest.shutdown(std::net::Shutdown::Both);
+            if let Some(n) = self.evicted_log.ready() {
+                tracing::warn!(
+                    "{} connection(s) in their handshake evicted by newer ones (more than {} at once)",
+                    n,
+                    self.limits.max_handshakes
+                );
+            }
+        }
+        h.push_back((id, ip, handle));
+        Ok(Some(id))
+    }
+
+    fn end_handshake(&self, id: u64) {
+        let mut h = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        h.retain(|(i, _, _)| *i != id);
     }
 
     /// Accepts connections forever, one thread each.
     pub fn run(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        tracing::info!(mode = self.auth.mode(), limits = ?self.limits, "accepting connections");
         loop {
             let (stream, peer) = match listener.accept() {
                 Ok(s) => s,
@@ -452,14 +592,23 @@ impl ReplicaServer {
                     continue;
                 }
             };
+            let id = match self.admit_handshake(&stream, peer.ip()) {
+                Ok(Some(id)) => id,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%peer, "cannot keep a handle on the connection: {e}");
+                    continue;
+                }
+            };
             let me = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("replica-{peer}"))
                 .spawn(move || {
                     crate::seccomp::enter_or_exit(crate::seccomp::Role::Replica);
-                    me.connection(stream, peer)
+                    me.connection(stream, peer, id)
                 });
             if let Err(e) = spawned {
+                self.end_handshake(id);
                 tracing::error!("cannot start a connection thread: {e}");
             }
         }
@@ -788,24 +937,49 @@ impl ReplicaServer {
         }
     }
 
-    fn connection(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
-        let (mut tx, mut rx) = match wire::server(stream, &self.key) {
+    /// Authenticates a connection (within the handshake deadline) and takes one of the
+    /// authenticated connections' places; `None` if it is refused.
+    fn authenticate(
+        &self,
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
+        id: u64,
+    ) -> Option<(wire::Sender, wire::Receiver, OpenSlot<'_>)> {
+        let r = self.auth.accept(stream);
+        self.end_handshake(id);
+        let (tx, rx) = match r {
             Ok(h) => h,
-            Err(WireError::Unauthenticated) => {
-                tracing::warn!(%peer, "refused an unauthenticated peer");
-                return;
-            }
             Err(e) => {
-                tracing::warn!(%peer, "handshake failed: {e}");
-                return;
+                if let Some(n) = self.refused_log.ready() {
+                    let what = match e {
+                        WireError::Unauthenticated => "refused an unauthenticated peer".into(),
+                        e => format!("handshake failed: {e}"),
+                    };
+                    tracing::warn!(%peer, "{what} ({n} refused since the last report)");
+                }
+                return None;
             }
+        };
+        if self.open.fetch_add(1, Ordering::SeqCst) >= self.limits.max_connections {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "refused: {} connections are open already", self.limits.max_connections);
+            return None;
+        }
+        Some((tx, rx, OpenSlot(&self.open)))
+    }
+
+    fn connection(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr, id: u64) {
+        let Some((mut tx, mut rx, _slot)) = self.authenticate(stream, peer, id) else {
+            return;
         };
         let Some((vol, writable)) = self.bind(&mut tx, &mut rx, peer) else {
             return;
         };
-        let (qtx, qrx) = sync_channel::<Msg>(QUEUE_DEPTH);
+        let (qtx, qrx) = sync_channel::<(Msg, usize)>(QUEUE_DEPTH);
+        let budget = Arc::new(Budget::new(self.limits.conn_buffer));
         let name = vol.name.clone();
         let server = Arc::clone(&self);
+        let held = Arc::clone(&budget);
         let applier = std::thread::Builder::new()
             .name(format!("apply-{name}"))
             .spawn(move || {
@@ -813,10 +987,12 @@ impl ReplicaServer {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::error!("cannot create an io_uring for the applier: {e}");
+                        held.close();
                         return;
                     }
                 };
-                a.run(qrx);
+                a.run(qrx, &held);
+                held.close();
             });
         if applier.is_err() {
             return;
@@ -824,7 +1000,9 @@ impl ReplicaServer {
         loop {
             match rx.recv() {
                 Ok(m) => {
-                    if qtx.send(m).is_err() {
+                    // Back-pressure: while the connection holds its budget, stop reading.
+                    let n = cost(&m);
+                    if !budget.take(n) || qtx.send((m, n)).is_err() {
                         break; // the applier stopped (its peer is gone)
                     }
                 }
@@ -840,6 +1018,15 @@ impl ReplicaServer {
             let _ = a.join();
         }
         tracing::info!(%peer, volume = %name, "connection closed");
+    }
+}
+
+/// One of the authenticated connections' places, given back when dropped.
+struct OpenSlot<'a>(&'a AtomicUsize);
+
+impl Drop for OpenSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -916,12 +1103,16 @@ impl Applier {
         })
     }
 
-    fn run(&mut self, queue: ChanRx<Msg>) {
+    /// Applies what the reader queues, a batch at a time; gives each batch's bytes back
+    /// to `budget` once its replies are sent.
+    fn run(&mut self, queue: ChanRx<(Msg, usize)>, budget: &Budget) {
         while let Ok(first) = queue.recv() {
             let vol = Arc::clone(&self.vol);
             let mut state = Some(vol.state.read().unwrap_or_else(|p| p.into_inner()));
             let mut next = Some(first);
-            while let Some(m) = next.take() {
+            let mut held = 0;
+            while let Some((m, n)) = next.take() {
+                held += n;
                 if matches!(m, Msg::Fence { .. } | Msg::Adopt { .. } | Msg::Drop { .. }) {
                     // Everything before lands first; then the state changes (under the write
                     // lock), and no older write can land after it.
@@ -949,6 +1140,7 @@ impl Applier {
             if self.tx.flush().is_err() {
                 return;
             }
+            budget.give(held);
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::authority::Authority;
 use super::primary::{LinkState, Replication};
-use super::wire::{self, Code, Key, Msg};
+use super::wire::{self, Auth, Code, Msg};
 
 /// The health document of every replicated disk of this daemon.
 pub fn health_json(disks: &[Arc<Replication>]) -> (bool, serde_json::Value) {
@@ -142,7 +142,7 @@ pub type Identity = (u64, String, u64);
 /// (`Opened` or `Nack`).
 fn connect_open(
     addr: &str,
-    key: &Key,
+    key: &Auth,
     volume: &str,
     epoch: u64,
 ) -> Result<(wire::Sender, wire::Receiver, Msg), String> {
@@ -153,7 +153,9 @@ fn connect_open(
         .ok_or_else(|| format!("{addr}: no address"))?;
     let stream = TcpStream::connect_timeout(&sa, Duration::from_secs(3))
         .map_err(|e| format!("{addr}: {e}"))?;
-    let (mut tx, mut rx) = wire::client(stream, key).map_err(|e| format!("{addr}: {e}"))?;
+    let (mut tx, mut rx) = key
+        .connect(stream, addr, None)
+        .map_err(|e| format!("{addr}: {e}"))?;
     rx.set_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     tx.send(&Msg::Open {
@@ -175,7 +177,7 @@ fn connect_open(
 /// identity of the copy.
 fn open_conn(
     addr: &str,
-    key: &Key,
+    key: &Auth,
     volume: &str,
 ) -> Result<(wire::Sender, wire::Receiver, Identity), String> {
     match connect_open(addr, key, volume, 0)? {
@@ -209,13 +211,13 @@ fn ack(
 
 /// The identity of the copy of `volume` on the replica at `addr`: its stored epoch, and
 /// "generation `gen` of volume `uuid`" (gen 0: blank or unknown content).
-pub fn identity(addr: &str, key: &Key, volume: &str) -> Result<Identity, String> {
+pub fn identity(addr: &str, key: &Auth, volume: &str) -> Result<Identity, String> {
     open_conn(addr, key, volume).map(|(_, _, id)| id)
 }
 
 /// Fences `volume` at `epoch` on the replica at `addr`: from then on it refuses every
 /// request of an older epoch.
-pub fn fence(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(), String> {
+pub fn fence(addr: &str, key: &Auth, volume: &str, epoch: u64) -> Result<(), String> {
     let (mut tx, mut rx, _) = open_conn(addr, key, volume)?;
     ack(addr, &mut tx, &mut rx, &Msg::Fence { seq: 1, epoch })
 }
@@ -223,7 +225,7 @@ pub fn fence(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(), Stri
 /// Asks the replica at `addr` to drop its copy of the deleted `volume`: it raises the
 /// volume's epoch to `epoch` (the tombstone's) durably, voids the copy's identity and
 /// deletes its image. A replica that holds no copy has nothing to drop: `Ok`.
-pub fn drop_copy(addr: &str, key: &Key, volume: &str, epoch: u64) -> Result<(), String> {
+pub fn drop_copy(addr: &str, key: &Auth, volume: &str, epoch: u64) -> Result<(), String> {
     match connect_open(addr, key, volume, 0)? {
         (mut tx, mut rx, Msg::Opened { .. }) => {
             ack(addr, &mut tx, &mut rx, &Msg::Drop { seq: 1, epoch })
@@ -255,7 +257,7 @@ pub struct Promoted {
 /// tests/replication_sim.rs). Both on one connection.
 fn fence_to_promote(
     replica: &str,
-    key: &Key,
+    key: &Auth,
     volume: &str,
     uuid: &str,
     epoch: u64,
@@ -273,7 +275,7 @@ fn fence_to_promote(
 /// Health check → promote in the authority → fence every replica it can reach.
 pub fn promote(
     authority: &Authority,
-    key: &Key,
+    key: &Auth,
     volume: &str,
     replica: &str,
     node: &str,
@@ -329,7 +331,7 @@ pub fn verify(
     image: &std::path::Path,
     volume: &str,
     replicas: &[String],
-    key: &Key,
+    key: &Auth,
     chunk: u32,
 ) -> Result<(u64, Vec<Difference>), String> {
     let file = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
@@ -388,15 +390,15 @@ mod tests {
     use super::*;
     use crate::repl::replica::ReplicaServer;
 
-    fn key() -> Key {
-        Key::new(b"tools-unit-test-key!".to_vec()).unwrap()
+    fn key() -> Auth {
+        Auth::Psk(wire::Key::new(b"tools-unit-test-key!".to_vec()).unwrap())
     }
 
     fn replica() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let srv = ReplicaServer::new(dir.path(), key()).unwrap();
+        let srv = ReplicaServer::with(dir.path(), key(), Default::default()).unwrap();
         std::thread::spawn(move || srv.run(listener));
         (dir, addr)
     }
@@ -404,7 +406,7 @@ mod tests {
     /// A primary's connection to `addr`, opened at `epoch` as incarnation `uuid`.
     fn primary(addr: &str, epoch: u64, uuid: &str) -> (wire::Sender, wire::Receiver) {
         let stream = TcpStream::connect(addr).unwrap();
-        let (mut tx, mut rx) = wire::client(stream, &key()).unwrap();
+        let (mut tx, mut rx) = key().connect(stream, addr, None).unwrap();
         rx.set_timeout(Some(Duration::from_secs(10))).unwrap();
         tx.send(&Msg::Open {
             seq: 0,

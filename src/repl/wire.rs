@@ -1,7 +1,17 @@
-//! The replication wire protocol: a mutually authenticated handshake over a pre-shared key,
-//! then frames that each carry an HMAC-SHA256 tag.
+//! The replication wire protocol: a mutually authenticated handshake, then frames.
 //!
-//! Protocol version 2. Handshake (the only unauthenticated bytes):
+//! Two ways to secure a link, chosen by configuration ([`Auth`]), never by the peer:
+//! - **TLS 1.3** (rustls, `ring` provider) with mutual authentication: each side presents a
+//!   certificate signed by a CA the other trusts, and the primary also checks the replica's
+//!   name (its address's host, or `tls-name=`). Frames travel inside TLS records without an
+//!   HMAC tag: TLS already encrypts them and protects their integrity and order.
+//! - **A pre-shared key** (`FDR2`, below): authenticated but NOT encrypted; every frame
+//!   carries an HMAC-SHA256 tag.
+//!
+//! Either handshake must complete within [`HANDSHAKE_TIMEOUT`] in total (not per read): a
+//! peer that trickles bytes is dropped when the deadline passes.
+//!
+//! Protocol version 2 with a pre-shared key. Handshake (the only unauthenticated bytes):
 //! ```text
 //! client → server  "FDR2" | nonce_c[32]
 //! server → client  nonce_s[32] | HMAC(psk, "fdr2 server" | nonce_c | nonce_s)
@@ -13,7 +23,7 @@
 //! version 1 (`"FDR1"`) is refused with [`WireError::Version`]: the messages changed (an
 //! `Open` carries the volume's uuid and is answered by `Opened`), so the versions never mix.
 //!
-//! Frame: `len: u32 | kind: u8 | body[len] | tag[32]`, where `tag = HMAC(session key,
+//! Frame: `len: u32 | kind: u8 | body[len] | tag[32]` (no tag under TLS), where `tag = HMAC(session key,
 //! counter: u64 | len | kind | body)` and `counter` counts the frames sent in that direction.
 //! A replayed, reordered, dropped or altered frame fails the tag check and ends the
 //! connection. Integers are little-endian; a string is `len: u16 | UTF-8 bytes`, so a
@@ -22,7 +32,9 @@
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -441,6 +453,12 @@ pub enum WireError {
     /// The peer speaks another version of this protocol.
     #[error("{0}")]
     Version(String),
+    #[error("the handshake did not complete within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout,
+    /// TLS refused the peer (a certificate from another CA, a wrong name, no certificate)
+    /// or the TLS stream broke.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl WireError {
@@ -455,6 +473,49 @@ impl WireError {
     pub fn is_disconnect(&self) -> bool {
         matches!(self, WireError::Io(e) if matches!(e.kind(),
             io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+    }
+}
+
+/// Rate-limits a log line that peers can trigger: at most [`Throttle::BURST`] reports in
+/// any window of 10 s; the next report counts the events it stood for.
+pub struct Throttle {
+    /// The current window's start and the reports made in it.
+    window: Mutex<(Option<Instant>, u32)>,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+    pub const BURST: u32 = 5;
+
+    pub fn new() -> Throttle {
+        Throttle {
+            window: Mutex::new((None, 0)),
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event; returns how many happened since the last report when this one
+    /// may be reported.
+    pub fn ready(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if w.0.is_none_or(|t| now.duration_since(t) >= Throttle::EVERY) {
+            *w = (Some(now), 0);
+        }
+        if w.1 >= Throttle::BURST {
+            return None;
+        }
+        w.1 += 1;
+        Some(self.count.swap(0, Relaxed))
     }
 }
 
@@ -506,17 +567,23 @@ fn nonce() -> io::Result<[u8; NONCE]> {
 /// The sending half of an authenticated connection.
 pub struct Sender {
     stream: TcpStream,
-    mac: HmacSha256,
+    /// The frames' HMAC key (`None` under TLS, which protects the frames itself).
+    mac: Option<HmacSha256>,
     counter: u64,
+    /// Bytes for the socket: sealed frames, or TLS records under TLS.
     buf: Vec<u8>,
+    /// Under TLS: the connection, shared with the receiving half, and the frame being
+    /// built (encrypted into `buf` once sealed).
+    tls: Option<Shared>,
+    plain: Vec<u8>,
     /// Bytes at the front of `buf` already written (by a partial non-blocking send).
     sent: usize,
 }
 
 /// The receiving half of an authenticated connection.
 pub struct Receiver {
-    stream: BufReader<TcpStream>,
-    mac: HmacSha256,
+    stream: BufReader<Source>,
+    mac: Option<HmacSha256>,
     counter: u64,
     /// The frame being received: header, then body and tag. A timeout can leave it
     /// partly filled; the next `recv` goes on from there.
@@ -526,19 +593,343 @@ pub struct Receiver {
     body_got: usize,
 }
 
-/// How long a handshake may take before the peer is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole handshake may take (in total, however the peer spreads its bytes)
+/// before the peer is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Authenticates to a replica server as a client.
-pub fn client(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), WireError> {
+/// A socket whose every read and write must end by `deadline`: each call may block only for
+/// what is left of it, and fails with `TimedOut` once it has passed.
+struct Deadlined<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(b)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A handshake error: a read or write that ran out of time is the deadline passing.
+fn handshake_error(e: io::Error) -> WireError {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        return WireError::HandshakeTimeout;
+    }
+    if let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return WireError::Tls(t.to_string());
+    }
+    e.into()
+}
+
+/// An error reading a stream: under TLS, a refusal or a broken record is a TLS error.
+fn stream_error(e: io::Error) -> WireError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => WireError::Tls(t.to_string()),
+        None => e.into(),
+    }
+}
+
+fn end_handshake(stream: &TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)
+}
+
+/// How a link authenticates its peer and protects its frames (see the module note).
+#[derive(Clone)]
+pub enum Auth {
+    /// Authenticated with a pre-shared key, not encrypted.
+    Psk(Key),
+    /// TLS 1.3 with certificates on both sides.
+    Tls(Arc<Tls>),
+}
+
+impl Auth {
+    /// Connects to a replica server as a client; `addr` is its `HOST:PORT` (the host names
+    /// the certificate under TLS, unless `tls_name` does).
+    pub fn connect(
+        &self,
+        stream: TcpStream,
+        addr: &str,
+        tls_name: Option<&str>,
+    ) -> Result<(Sender, Receiver), WireError> {
+        match self {
+            Auth::Psk(k) => client(stream, k),
+            Auth::Tls(t) => t.client(stream, tls_name.unwrap_or(host_of(addr))),
+        }
+    }
+
+    /// Authenticates a client as a replica server.
+    pub fn accept(&self, stream: TcpStream) -> Result<(Sender, Receiver), WireError> {
+        match self {
+            Auth::Psk(k) => server(stream, k),
+            Auth::Tls(t) => t.server(stream),
+        }
+    }
+
+    /// A short name of the mode, for logs.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Auth::Psk(_) => "pre-shared key (not encrypted)",
+            Auth::Tls(_) => "TLS 1.3",
+        }
+    }
+}
+
+/// The host part of `HOST:PORT` (`[v6]:PORT` gives `v6`).
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// This host's TLS identity (certificate chain and key) and the CA it trusts for peers,
+/// as a client (primary, tools) and as a server (replica).
+pub struct Tls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+/// A TLS connection shared by the two halves: the lock is held only to encrypt or decrypt,
+/// never across a socket call.
+type Shared = Arc<Mutex<rustls::Connection>>;
+
+fn lock(c: &Shared) -> MutexGuard<'_, rustls::Connection> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tls {
+    /// Loads PEM files: `cert` (this host's certificate, then any intermediates), `key`
+    /// (its private key) and `ca` (the certificates that sign peers').
+    pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> Result<Tls, String> {
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        Tls::from_pem(&read(cert)?, &read(key)?, &read(ca)?).map_err(|e| {
+            format!(
+                "TLS files {}, {}, {}: {e}",
+                cert.display(),
+                key.display(),
+                ca.display()
+            )
+        })
+    }
+
+    pub fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Tls, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |pem: &[u8], what: &str| {
+            let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{what}: {e}"))?;
+            if v.is_empty() {
+                return Err(format!("{what}: no certificate found"));
+            }
+            Ok(v)
+        };
+        let chain = certs(cert, "the certificate")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca, "the CA")? {
+            roots.add(c).map_err(|e| format!("the CA: {e}"))?;
+        }
+        let roots = Arc::new(roots);
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("the private key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let err = |e: rustls::Error| e.to_string();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(tls13)
+            .map_err(err)?
+            .with_root_certificates(Arc::clone(&roots))
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(err)?;
+        client.resumption = rustls::client::Resumption::disabled();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots,
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(tls13)
+            .map_err(err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(err)?;
+        server.send_tls13_tickets = 0;
+        Ok(Tls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+
+    fn client(&self, stream: TcpStream, name: &str) -> Result<(Sender, Receiver), WireError> {
+        let name = rustls_pki_types::ServerName::try_from(name.to_string())
+            .map_err(|_| WireError::Tls(format!("`{name}` is not a valid TLS name")))?;
+        let c = rustls::ClientConnection::new(Arc::clone(&self.client), name)
+            .map_err(|e| WireError::Tls(e.to_string()))?;
+        tls_halves(stream, c.into())
+    }
+
+    fn server(&self, stream: TcpStream) -> Result<(Sender, Receiver), WireError> {
+        let c = rustls::ServerConnection::new(Arc::clone(&self.server))
+            .map_err(|e| WireError::Tls(e.to_string()))?;
+        tls_halves(stream, c.into())
+    }
+}
+
+/// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`] and splits the connection.
+fn tls_halves(
+    stream: TcpStream,
+    mut conn: rustls::Connection,
+) -> Result<(Sender, Receiver), WireError> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut io = Deadlined {
+        stream: &stream,
+        deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+    };
+    while conn.is_handshaking() {
+        conn.complete_io(&mut io).map_err(handshake_error)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut io).map_err(handshake_error)?;
+    }
+    end_handshake(&stream)?;
+    // A frame is encrypted whole: its records are queued however large it is.
+    conn.set_buffer_limit(None);
+    let shared: Shared = Arc::new(Mutex::new(conn));
+    let (mut tx, mut rx) = halves(stream, None, None)?;
+    tx.tls = Some(Arc::clone(&shared));
+    let sock = rx.stream.get_ref().socket().try_clone()?;
+    rx.stream = BufReader::with_capacity(
+        256 << 10,
+        Source::Tls(TlsReader {
+            sock,
+            conn: shared,
+            raw: vec![0; 64 << 10],
+            lo: 0,
+            hi: 0,
+            plain: 0,
+        }),
+    );
+    Ok((tx, rx))
+}
+
+/// What a receiver reads: the socket, or the plaintext of a TLS connection.
+enum Source {
+    Tcp(TcpStream),
+    Tls(TlsReader),
+}
+
+impl Source {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Source::Tcp(s) => s,
+            Source::Tls(t) => &t.sock,
+        }
+    }
+
+    /// Bytes received and not yet returned by `read`, below this layer.
+    fn has_buffered(&self) -> bool {
+        match self {
+            Source::Tcp(_) => false,
+            Source::Tls(t) => t.plain > 0 || t.lo < t.hi,
+        }
+    }
+}
+
+impl Read for Source {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Tcp(s) => s.read(out),
+            Source::Tls(t) => t.read(out),
+        }
+    }
+}
+
+/// The receiving side of a TLS connection: reads records from the socket (blocking, with
+/// the socket's timeout, and without the lock) and decrypts them under the lock.
+struct TlsReader {
+    sock: TcpStream,
+    conn: Shared,
+    /// Records read from the socket, `raw[lo..hi]` not yet given to rustls (it takes them
+    /// as its plaintext buffer empties).
+    raw: Vec<u8>,
+    lo: usize,
+    hi: usize,
+    /// Plaintext decrypted and not yet read.
+    plain: usize,
+}
+
+impl Read for TlsReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut c = lock(&self.conn);
+                match c.reader().read(out) {
+                    Ok(n) => {
+                        self.plain = self.plain.saturating_sub(n);
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if self.lo < self.hi {
+                    let mut rest = &self.raw[self.lo..self.hi];
+                    self.lo += c.read_tls(&mut rest)?;
+                    let state = c
+                        .process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    self.plain = state.plaintext_bytes_to_read();
+                    continue;
+                }
+            }
+            let n = self.sock.read(&mut self.raw)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            (self.lo, self.hi) = (0, n);
+        }
+    }
+}
+
+/// Authenticates to a replica server as a client with a pre-shared key.
+pub fn client(stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), WireError> {
+    stream.set_nodelay(true)?;
+    let mut io = Deadlined {
+        stream: &stream,
+        deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+    };
     let nc = nonce()?;
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&nc);
-    stream.write_all(&hello)?;
+    io.write_all(&hello).map_err(handshake_error)?;
     let mut reply = [0u8; NONCE + TAG];
-    stream.read_exact(&mut reply).map_err(|e| {
+    io.read_exact(&mut reply).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             // A version 1 replica closes the connection on our magic without a word.
             WireError::Version(
@@ -547,7 +938,7 @@ pub fn client(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
                     .into(),
             )
         } else {
-            e.into()
+            handshake_error(e)
         }
     })?;
     let (ns, tag) = reply.split_at(NONCE);
@@ -555,21 +946,24 @@ pub fn client(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
         .verify_slice(tag)
         .map_err(|_| WireError::Unauthenticated)?;
     let mine = key.mac(b"fdr2 client", &nc, ns).finalize().into_bytes();
-    stream.write_all(&mine)?;
-    stream.set_read_timeout(None)?;
+    io.write_all(&mine).map_err(handshake_error)?;
+    end_handshake(&stream)?;
     halves(
         stream,
-        key.derive(b"fdr2 c2s", &nc, ns),
-        key.derive(b"fdr2 s2c", &nc, ns),
+        Some(key.derive(b"fdr2 c2s", &nc, ns)),
+        Some(key.derive(b"fdr2 s2c", &nc, ns)),
     )
 }
 
-/// Authenticates a client as a replica server.
-pub fn server(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), WireError> {
+/// Authenticates a client as a replica server with a pre-shared key.
+pub fn server(stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), WireError> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut io = Deadlined {
+        stream: &stream,
+        deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+    };
     let mut hello = [0u8; 4 + NONCE];
-    stream.read_exact(&mut hello)?;
+    io.read_exact(&mut hello).map_err(handshake_error)?;
     if &hello[..4] == MAGIC_V1 {
         return Err(WireError::Version(
             "the peer speaks replication protocol version 1 (FDR1) and this replica speaks \
@@ -584,24 +978,24 @@ pub fn server(mut stream: TcpStream, key: &Key) -> Result<(Sender, Receiver), Wi
     let ns = nonce()?;
     let mut reply = ns.to_vec();
     reply.extend_from_slice(&key.mac(b"fdr2 server", nc, &ns).finalize().into_bytes());
-    stream.write_all(&reply)?;
+    io.write_all(&reply).map_err(handshake_error)?;
     let mut tag = [0u8; TAG];
-    stream.read_exact(&mut tag)?;
+    io.read_exact(&mut tag).map_err(handshake_error)?;
     key.mac(b"fdr2 client", nc, &ns)
         .verify_slice(&tag)
         .map_err(|_| WireError::Unauthenticated)?;
-    stream.set_read_timeout(None)?;
+    end_handshake(&stream)?;
     halves(
         stream,
-        key.derive(b"fdr2 s2c", nc, &ns),
-        key.derive(b"fdr2 c2s", nc, &ns),
+        Some(key.derive(b"fdr2 s2c", nc, &ns)),
+        Some(key.derive(b"fdr2 c2s", nc, &ns)),
     )
 }
 
 fn halves(
     stream: TcpStream,
-    tx: HmacSha256,
-    rx: HmacSha256,
+    tx: Option<HmacSha256>,
+    rx: Option<HmacSha256>,
 ) -> Result<(Sender, Receiver), WireError> {
     let r = stream.try_clone()?;
     Ok((
@@ -610,10 +1004,12 @@ fn halves(
             mac: tx,
             counter: 0,
             buf: Vec::with_capacity(64 << 10),
+            tls: None,
+            plain: Vec::new(),
             sent: 0,
         },
         Receiver {
-            stream: BufReader::with_capacity(256 << 10, r),
+            stream: BufReader::with_capacity(256 << 10, Source::Tcp(r)),
             mac: rx,
             counter: 0,
             head: [0; 5],
@@ -641,7 +1037,7 @@ impl Sender {
     /// sooner, once the queue is large).
     pub fn queue(&mut self, msg: &Msg) -> io::Result<()> {
         let start = self.begin_frame();
-        msg.encode(&mut self.buf);
+        msg.encode(self.frame_buf());
         self.seal(start, msg.kind());
         self.flush_if_large()
     }
@@ -656,8 +1052,9 @@ impl Sender {
         data: &[u8],
     ) -> io::Result<()> {
         let start = self.begin_frame();
-        encode_write_header(&mut self.buf, seq, epoch, offset, crc);
-        self.buf.extend_from_slice(data);
+        let b = self.frame_buf();
+        encode_write_header(b, seq, epoch, offset, crc);
+        b.extend_from_slice(data);
         self.seal(start, 2);
         self.flush_if_large()
     }
@@ -717,15 +1114,16 @@ impl Sender {
     /// Seals `msg` and queues it without writing anything (see [`try_flush`](Self::try_flush)).
     pub fn push(&mut self, msg: &Msg) {
         let start = self.begin_frame();
-        msg.encode(&mut self.buf);
+        msg.encode(self.frame_buf());
         self.seal(start, msg.kind());
     }
 
     /// Queues a write straight from `data` without writing anything.
     pub fn push_write(&mut self, seq: u64, epoch: u64, offset: u64, crc: u32, data: &[u8]) {
         let start = self.begin_frame();
-        encode_write_header(&mut self.buf, seq, epoch, offset, crc);
-        self.buf.extend_from_slice(data);
+        let b = self.frame_buf();
+        encode_write_header(b, seq, epoch, offset, crc);
+        b.extend_from_slice(data);
         self.seal(start, 2);
     }
 
@@ -752,26 +1150,56 @@ impl Sender {
         }
     }
 
+    /// Where frames are built: `buf` itself, or under TLS the plaintext of the next one.
+    fn frame_buf(&mut self) -> &mut Vec<u8> {
+        if self.tls.is_some() {
+            &mut self.plain
+        } else {
+            &mut self.buf
+        }
+    }
+
     /// Appends the 5 placeholder bytes of a frame header; returns where the frame starts.
     fn begin_frame(&mut self) -> usize {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&[0; 5]);
+        let b = self.frame_buf();
+        let start = b.len();
+        b.extend_from_slice(&[0; 5]);
         start
     }
 
     /// Fills in the header of the frame at `start` (5 placeholder bytes followed by the
-    /// body, up to the end of `buf`) and appends its tag.
+    /// body, up to the end of the frame buffer) and appends its tag, or under TLS encrypts
+    /// it into `buf`.
     fn seal(&mut self, start: usize, kind: u8) {
-        let frame = &mut self.buf[start..];
+        let counter = self.counter;
+        self.counter += 1;
+        let mac = self.mac.clone();
+        let b = self.frame_buf();
+        let frame = &mut b[start..];
         let len = (frame.len() - 5) as u32;
         frame[..4].copy_from_slice(&len.to_le_bytes());
         frame[4] = kind;
-        let mut m = self.mac.clone();
-        m.update(&self.counter.to_le_bytes());
-        m.update(&self.buf[start..]);
-        self.counter += 1;
-        let tag = m.finalize().into_bytes();
-        self.buf.extend_from_slice(&tag);
+        if let Some(mut m) = mac {
+            m.update(&counter.to_le_bytes());
+            m.update(&b[start..]);
+            let tag = m.finalize().into_bytes();
+            b.extend_from_slice(&tag);
+        }
+        if let Some(tls) = &self.tls {
+            let mut c = lock(tls);
+            // With no buffer limit the writer takes every byte; writing records into a
+            // Vec cannot fail.
+            let _ = c.writer().write_all(&self.plain);
+            while c.wants_write() {
+                if c.write_tls(&mut self.buf).is_err() {
+                    break;
+                }
+            }
+            self.plain.clear();
+            if self.plain.capacity() > KEEP_CAPACITY {
+                self.plain.shrink_to(KEEP_CAPACITY);
+            }
+        }
     }
 
     /// Sets how long a send may block (a peer that stops reading counts as failed).
@@ -784,6 +1212,7 @@ impl Sender {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
+    /// The socket (under TLS, bytes written to it bypass the encryption).
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
         self.stream.try_clone()
     }
@@ -797,7 +1226,7 @@ impl Receiver {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
                 Ok(n) => self.head_got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(stream_error(e)),
             }
             if self.head_got == 5 {
                 let h = self.head;
@@ -806,7 +1235,7 @@ impl Receiver {
                     return Err(WireError::TooLarge(len));
                 }
                 self.buf.clear();
-                self.buf.resize(len + TAG, 0);
+                self.buf.resize(len + self.tag_len(), 0);
                 self.body_got = 0;
             }
         }
@@ -815,35 +1244,46 @@ impl Receiver {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
                 Ok(n) => self.body_got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(stream_error(e)),
             }
         }
         self.head_got = 0;
         let head = self.head;
-        let len = self.buf.len() - TAG;
-        let mut m = self.mac.clone();
-        m.update(&self.counter.to_le_bytes());
-        m.update(&head);
-        m.update(&self.buf[..len]);
-        m.verify_slice(&self.buf[len..])
-            .map_err(|_| WireError::BadTag)?;
+        let len = self.buf.len() - self.tag_len();
+        if let Some(mac) = &self.mac {
+            let mut m = mac.clone();
+            m.update(&self.counter.to_le_bytes());
+            m.update(&head);
+            m.update(&self.buf[..len]);
+            m.verify_slice(&self.buf[len..])
+                .map_err(|_| WireError::BadTag)?;
+        }
         self.counter += 1;
         Msg::decode(head[4], &self.buf[..len])
     }
 
-    /// The socket, for `poll`.
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.stream.get_ref().as_raw_fd()
+    fn tag_len(&self) -> usize {
+        if self.mac.is_some() {
+            TAG
+        } else {
+            0
+        }
     }
 
-    /// Whether a whole frame header is already buffered (more messages are waiting).
+    /// The socket, for `poll`.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.get_ref().socket().as_raw_fd()
+    }
+
+    /// Whether more of a message may already be buffered (a whole frame header in our
+    /// buffer, or under TLS any bytes rustls holds): the caller reads before it polls.
     pub fn has_buffered(&self) -> bool {
-        self.stream.buffer().len() >= 5
+        self.stream.buffer().len() >= 5 || self.stream.get_ref().has_buffered()
     }
 
     /// Sets how long `recv` may block before it fails with `WouldBlock`/`TimedOut`.
     pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.stream.get_ref().set_read_timeout(t)
+        self.stream.get_ref().socket().set_read_timeout(t)
     }
 }
 
@@ -1153,7 +1593,7 @@ mod tests {
         tx.send(&Msg::Fence { seq: 1, epoch: 1 }).unwrap();
         let mut raw = tx.try_clone_stream().unwrap();
         // A copy of a valid frame sent again (a replay) has the wrong counter.
-        let mut m = tx.mac.clone();
+        let mut m = tx.mac.clone().unwrap();
         m.update(&0u64.to_le_bytes());
         let mut frame = vec![16, 0, 0, 0, 4];
         frame.extend_from_slice(&1u64.to_le_bytes());
@@ -1205,5 +1645,70 @@ mod tests {
     #[test]
     fn short_keys_are_refused() {
         assert!(Key::new(vec![1; 8]).is_err());
+    }
+
+    /// A CA and a certificate for 127.0.0.1 signed by it, as a [`Tls`].
+    fn tls() -> Arc<Tls> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let t = Tls::from_pem(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            ca.pem().as_bytes(),
+        );
+        Arc::new(t.unwrap())
+    }
+
+    fn tls_pair(client: &Auth, server: &Auth, name: Option<&str>) -> (Halves, Halves) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = server.clone();
+        let t = std::thread::spawn(move || server.accept(l.accept().unwrap().0));
+        let c = client.connect(TcpStream::connect(addr).unwrap(), &addr.to_string(), name);
+        (c, t.join().unwrap())
+    }
+
+    #[test]
+    fn messages_round_trip_over_tls_in_both_directions() {
+        let auth = Auth::Tls(tls());
+        let (c, s) = tls_pair(&auth, &auth, None);
+        let ((mut ctx, mut crx), (mut stx, mut srx)) = (c.unwrap(), s.unwrap());
+        let data: Vec<u8> = (0..MAX_READ as usize).map(|i| (i % 253) as u8).collect();
+        let t = std::thread::spawn(move || {
+            let got: Vec<Msg> = (0..3).map(|_| srx.recv().unwrap()).collect();
+            stx.send(&Msg::Ack { seq: 9, value: 1 }).unwrap();
+            got
+        });
+        ctx.send(&Msg::Fence { seq: 1, epoch: 2 }).unwrap();
+        ctx.send_write(2, 2, 4096, 7, &data).unwrap();
+        ctx.send(&Msg::Sums {
+            seq: 3,
+            offset: 0,
+            len: 1,
+            chunk: 1,
+        })
+        .unwrap();
+        let got = t.join().unwrap();
+        assert_eq!(got[0], Msg::Fence { seq: 1, epoch: 2 });
+        assert!(matches!(&got[1], Msg::Write { data: d, offset: 4096, .. } if *d == data));
+        assert_eq!(crx.recv().unwrap(), Msg::Ack { seq: 9, value: 1 });
+    }
+
+    #[test]
+    fn tls_checks_the_name_and_the_ca() {
+        let auth = Auth::Tls(tls());
+        let (c, _) = tls_pair(&auth, &auth, Some("replica.example"));
+        assert!(matches!(c, Err(WireError::Tls(_))), "{:?}", c.err());
+        let other = Auth::Tls(tls());
+        let (c, _) = tls_pair(&auth, &other, None);
+        assert!(matches!(c, Err(WireError::Tls(_))), "{:?}", c.err());
     }
 }

@@ -134,6 +134,9 @@ impl Drop for Proc {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub key: PathBuf,
+    /// How every process of the cluster secures its replica links: `--replication-key
+    /// KEY` by default, the TLS files after [`Env::use_tls`].
+    pub link: Vec<std::ffi::OsString>,
     pub authority: String,
     pub etcd: Option<Etcd>,
 }
@@ -157,10 +160,60 @@ impl Env {
         };
         Env {
             dir,
+            link: vec!["--replication-key".into(), key.clone().into()],
             key,
             authority,
             etcd,
         }
+    }
+
+    /// Secures the cluster's links with TLS: every process gets `--tls-cert`, `--tls-key`
+    /// and `--tls-ca` from [`Env::tls_files`] for host `host`, signed by CA `ca`.
+    pub fn use_tls(&mut self, ca: &str, host: &str) {
+        let (cert, key, ca) = self.tls_files(ca, host);
+        self.link = vec![
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+            "--tls-ca".into(),
+            ca.into(),
+        ];
+    }
+
+    /// Writes (once) a CA `ca` and a certificate for `host` (names `host`, `localhost`
+    /// and 127.0.0.1, for servers and clients) signed by it; returns the cert, key and CA
+    /// files.
+    pub fn tls_files(&self, ca: &str, host: &str) -> (PathBuf, PathBuf, PathBuf) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let dir = self.path(&format!("tls-{ca}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("ferrodisk test CA {ca}"));
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let names = vec![host.to_string(), "localhost".into(), "127.0.0.1".into()];
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let files = (
+            dir.join(format!("{host}.crt")),
+            dir.join(format!("{host}.key")),
+            dir.join("ca.crt"),
+        );
+        std::fs::write(&files.0, cert.pem()).unwrap();
+        std::fs::write(&files.1, key.serialize_pem()).unwrap();
+        std::fs::write(&files.2, ca_cert.pem()).unwrap();
+        files
     }
 
     /// The volume's record in the authority (file or etcd).
@@ -178,17 +231,28 @@ impl Env {
     }
 
     pub fn replica(&self, name: &str, port: u16) -> Proc {
-        let p = Proc::spawn(
-            Command::new(BIN)
-                .arg("replica")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data")
-                .arg(self.path(name))
-                .arg("--replication-key")
-                .arg(&self.key),
-            &self.path(&format!("{name}.log")),
-        );
+        self.replica_with(name, port, &[], &[])
+    }
+
+    /// A replica server run under `wrapper` (a program and its arguments, e.g. `prlimit
+    /// --nofile=N --`), with `extra` arguments.
+    pub fn replica_with(&self, name: &str, port: u16, wrapper: &[&str], extra: &[&str]) -> Proc {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.arg("replica")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data")
+            .arg(self.path(name))
+            .args(&self.link)
+            .args(extra);
+        let p = Proc::spawn(&mut cmd, &self.path(&format!("{name}.log")));
         wait_until(Duration::from_secs(10), "replica listening", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
@@ -232,8 +296,7 @@ impl Env {
             .arg(&self.authority)
             .arg("--node")
             .arg(node)
-            .arg("--replication-key")
-            .arg(&self.key)
+            .args(&self.link)
             .arg("--health")
             .arg(format!("127.0.0.1:{health}"))
             .arg("--disk")
@@ -266,8 +329,7 @@ impl Env {
     pub fn ferrodisk(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(BIN)
             .args(args)
-            .arg("--replication-key")
-            .arg(&self.key)
+            .args(&self.link)
             .output()
             .unwrap();
         (
