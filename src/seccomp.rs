@@ -379,14 +379,19 @@ const FS_IOC_GETVERSION: u64 = 0x8008_7601;
 pub fn replica_syscalls() -> Built<Vec<Entry>> {
     let mut v = common_syscalls()?;
     v.extend([
-        // The connection: frames in (with a read timeout), replies out.
+        // The connection: frames in, replies out, with the handshake's deadline as read
+        // and write timeouts.
         any(libc::SYS_recvfrom),
         any(libc::SYS_sendto),
         arg_in(libc::SYS_shutdown, 1, &[libc::SHUT_RDWR as u64])?,
         arg_in(
             libc::SYS_setsockopt,
             2,
-            &[libc::SO_RCVTIMEO as u64, libc::TCP_NODELAY as u64],
+            &[
+                libc::SO_RCVTIMEO as u64,
+                libc::SO_SNDTIMEO as u64,
+                libc::TCP_NODELAY as u64,
+            ],
         )?,
         // The sender's second handle on the stream (try_clone).
         arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64])?,
