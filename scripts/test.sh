@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests, libblkio frontend tests against the daemon,
-# and the VM tests with real QEMU guests. Installs what it needs first.
+# the VM tests with real QEMU guests, and a short run of each fuzz target (docs/fuzzing.md).
+# Installs what it needs first.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --no-vm    everything but the QEMU guests
@@ -32,4 +33,8 @@ cargo test "${scope[@]}" --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\nall test binaries: %d passed, %d failed\n", p, f }' "$log"
+
+# Replays every committed fuzz input, then fuzzes each target briefly; a crash fails the run.
+echo "test: fuzz (${FUZZ_SECS:-20} s per target)"
+scripts/fuzz.sh --time "${FUZZ_SECS:-20}" || rc=1
 exit "$rc"

@@ -197,12 +197,14 @@ pub fn parse_head(
         next: head,
         ttl: queue_size,
         indirect: false,
+        bytes: 0,
     };
     parse_descriptors(head, walker, mem, geo, scratch, iov)
 }
 
 /// Follows a descriptor chain through the table, with the same bounds as virtio-queue's
-/// iterator: at most `size` descriptors, one level of indirection, indices in range.
+/// iterator: at most `size` descriptors, one level of indirection, indices in range, and the
+/// chain ends before the descriptor that takes it past 2^32 bytes.
 struct Walker<'a> {
     mem: &'a GuestMem,
     table: GuestAddress,
@@ -210,6 +212,8 @@ struct Walker<'a> {
     next: u16,
     ttl: u16,
     indirect: bool,
+    /// Bytes of the descriptors yielded so far.
+    bytes: u32,
 }
 
 impl Iterator for Walker<'_> {
@@ -233,6 +237,7 @@ impl Iterator for Walker<'_> {
             self.next = 0;
             return self.next();
         }
+        self.bytes = self.bytes.checked_add(d.len())?;
         self.ttl -= 1;
         if d.has_next() {
             self.next = d.next();
