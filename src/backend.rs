@@ -41,6 +41,22 @@ pub struct BlkBackend {
     stop: Arc<AtomicBool>,
     /// The guest may toggle the write cache as often as it likes: its log line is limited.
     config_log: Mutex<RateLimit>,
+    /// The exit eventfds' consumer ends handed to vhost-user-backend, which turns each into
+    /// a raw fd for its epoll and never closes it: closed when this connection's backend
+    /// goes (after the daemon and its handlers, which hold it).
+    exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for fd in fds {
+            // SAFETY: `fd` is the consumer end `exit_event` handed out; the library gave up
+            // ownership of it (`into_raw_fd`) and its epoll handlers, which registered it,
+            // hold this backend, so they are gone now; nothing uses or closes it but us.
+            unsafe { crate::sys::close_abandoned_fd(fd) };
+        }
+    }
 }
 
 impl BlkBackend {
@@ -71,6 +87,7 @@ impl BlkBackend {
             in_flight,
             stop,
             config_log: Mutex::new(RateLimit::new(5, Duration::from_secs(60))),
+            exit_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -228,7 +245,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::os::fd::AsRawFd::as_raw_fd(&consumer));
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

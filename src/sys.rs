@@ -511,3 +511,14 @@ pub fn create_at(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<Fi
     // (and closes) it from here on.
     Ok(unsafe { File::from_raw_fd(fd) })
 }
+
+/// Closes `fd`, a descriptor that its owner gave up with `into_raw_fd` and nobody closes:
+/// vhost-user-backend registers each worker's exit eventfd that way and never closes it.
+///
+/// # Safety
+/// `fd` must be open, owned by no live object, and used by nobody after this call.
+pub unsafe fn close_abandoned_fd(fd: std::os::fd::RawFd) {
+    // SAFETY: per the caller's contract, `fd` is an open descriptor nobody else owns, so
+    // taking ownership of it here and dropping it closes it exactly once.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+}

@@ -351,3 +351,39 @@ fn a_request_into_a_region_added_just_before_it_is_served() {
         "{refused} of {ROUNDS} reads into a fresh region were refused"
     );
 }
+
+/// Every frontend connection gets fresh workers; nothing of the old ones may stay open.
+/// (vhost-user-backend never closed the exit eventfd it takes from each worker: a daemon
+/// leaked one descriptor per queue per connection until it ran out.)
+#[test]
+fn reconnections_leak_no_descriptors() {
+    let dir = TempDir::new().unwrap();
+    let (_img, sock, spec) = file_disk(&dir, 4 * MIB, ",queues=2");
+    let d = Daemon::start(&[spec], &sock);
+    let pid = d.child.as_ref().unwrap().id();
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let connect_once = || {
+        let mut c = Client::connect(&sock, 2, false).unwrap();
+        assert_eq!(c.write(1, 0, &[3u8; 4096], ReqFlags::empty()), 0);
+    };
+    connect_once();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = open_fds();
+    for _ in 0..20 {
+        connect_once();
+    }
+    // The accept loop finishes tearing the last connection down after the client left.
+    let mut after = open_fds();
+    for _ in 0..50 {
+        if after <= before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        after = open_fds();
+    }
+    assert!(
+        after <= before,
+        "{} descriptors more after 20 connections ({before} -> {after})",
+        after - before
+    );
+}
