@@ -349,8 +349,10 @@ pub fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
     let n: u64 = digits
         .parse()
         .map_err(|_| bad(key, value, "not a number"))?;
+    // A file's size is an off_t: beyond i64::MAX no file system (nor set_len) takes it.
     let bytes = n
         .checked_mul(mult)
+        .filter(|&b| b <= i64::MAX as u64)
         .ok_or_else(|| bad(key, value, "too large"))?;
     if bytes == 0 || bytes % 512 != 0 {
         return Err(bad(key, value, "must be a non-zero multiple of 512"));
@@ -470,5 +472,12 @@ mod tests {
         assert_eq!(parse_size("size", "2T").unwrap(), 2 << 40);
         assert!(parse_size("size", "0").is_err());
         assert!(parse_size("size", "1X").is_err());
+        // Beyond an off_t: no file can be that large (the API used to answer 500 for it).
+        assert!(parse_size("size", "9223372036854775808").is_err());
+        assert!(parse_size("size", "8388608T").is_err());
+        assert_eq!(
+            parse_size("size", "9223372036854775296").unwrap(),
+            i64::MAX as u64 - 511
+        );
     }
 }

@@ -361,7 +361,11 @@ fn reconnections_leak_no_descriptors() {
     let (_img, sock, spec) = file_disk(&dir, 4 * MIB, ",queues=2");
     let d = Daemon::start(&[spec], &sock);
     let pid = d.child.as_ref().unwrap().id();
-    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let connect_once = || {
         let mut c = Client::connect(&sock, 2, false).unwrap();
         assert_eq!(c.write(1, 0, &[3u8; 4096], ReqFlags::empty()), 0);

@@ -431,7 +431,7 @@ impl Manager {
                 let sized = f.set_len(size).and_then(|()| f.sync_all());
                 if let Err(e) = sized {
                     let _ = self.roots.remove(&path);
-                    return Err(ApiError::internal(format!("{}: {e}", path.display())));
+                    return Err(size_error(&path, size, e));
                 }
                 (path, size, true)
             }
@@ -530,7 +530,7 @@ impl Manager {
             }
             f.set_len(bytes)
                 .and_then(|()| f.sync_all())
-                .map_err(|e| ApiError::internal(format!("{}: {e}", vol.path.display())))?;
+                .map_err(|e| size_error(&vol.path, bytes, e))?;
         }
         for s in &live {
             s.disk.resize(bytes).map_err(ApiError::bad)?;
@@ -1210,4 +1210,14 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+/// A file that cannot take `size` bytes: the file system's limit (EFBIG, EINVAL) is the
+/// client's to fix (400); anything else is ours (500).
+fn size_error(path: &std::path::Path, size: u64, e: std::io::Error) -> ApiError {
+    let msg = format!("{}: cannot make it {size} bytes: {e}", path.display());
+    match e.raw_os_error() {
+        Some(libc::EFBIG) | Some(libc::EINVAL) => ApiError::bad(msg),
+        _ => ApiError::internal(msg),
+    }
 }
