@@ -286,6 +286,21 @@ fn arg_in(nr: i64, arg: u8, values: &[u64]) -> Built<Entry> {
     Ok((nr, rules))
 }
 
+/// `setsockopt` for exactly these (level, option name) pairs: an option name alone would
+/// also allow the option of that number at every other level.
+fn socket_options(pairs: &[(libc::c_int, libc::c_int)]) -> Built<Entry> {
+    let rules = pairs
+        .iter()
+        .map(|&(level, name)| {
+            let eq = |arg, v: libc::c_int| {
+                SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
+            };
+            SeccompRule::new(vec![eq(1, level)?, eq(2, name)?])
+        })
+        .collect::<Built<Vec<_>>>()?;
+    Ok((libc::SYS_setsockopt, rules))
+}
+
 /// `nr` (`mmap` or `mprotect`) when its protection (argument 2) lacks `PROT_EXEC`: no
 /// filtered thread loads code (driver images are loaded by the API thread, before their
 /// queues start).
@@ -384,15 +399,11 @@ pub fn replica_syscalls() -> Built<Vec<Entry>> {
         any(libc::SYS_recvfrom),
         any(libc::SYS_sendto),
         arg_in(libc::SYS_shutdown, 1, &[libc::SHUT_RDWR as u64])?,
-        arg_in(
-            libc::SYS_setsockopt,
-            2,
-            &[
-                libc::SO_RCVTIMEO as u64,
-                libc::SO_SNDTIMEO as u64,
-                libc::TCP_NODELAY as u64,
-            ],
-        )?,
+        socket_options(&[
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+            (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        ])?,
         // The sender's second handle on the stream (try_clone).
         arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64])?,
         // The applier's ring (created in the applier thread, restricted), its synchronous

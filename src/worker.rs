@@ -163,8 +163,10 @@ impl Drop for QueueWorker {
                 }
             }
         }
+        // Parked requests, and released ones that waited in `overflow` for an engine slot
+        // (their local write never started), will never run.
         for h in self.held.iter_mut().filter_map(Option::take) {
-            if h.parked.is_some() {
+            if h.parked.is_some() || h.completion.is_none() {
                 repl.abandon(h.op);
             }
         }
@@ -256,11 +258,28 @@ impl QueueWorker {
             self.recover(&mut state, &mem);
         }
         self.drain_overflow();
-        self.backpressured = false;
+        loop {
+            self.backpressured = false;
+            self.take_batches(&mut state, &mut mem);
+            self.publish(&mut state, &mem);
+            // Publishing gave copies back (requests that failed, or finished inside this
+            // call): if that is what held the queue back, nothing else would wake it.
+            if !(self.backpressured && self.has_room()) {
+                return;
+            }
+        }
+    }
+
+    /// Takes batches from the ring until it is empty, or something holds the queue back.
+    fn take_batches(
+        &mut self,
+        state: &mut vhost_user_backend::VringState<GM>,
+        mem: &mut Arc<GuestMem>,
+    ) {
         loop {
             let queue = state.get_queue_mut();
-            let _ = queue.disable_notification(&*mem);
-            self.pop_batch(queue, &mut mem);
+            let _ = queue.disable_notification(&**mem);
+            self.pop_batch(queue, mem);
             // The replicas get the batch's writes first: their round trip is the long pole.
             self.flush_replication();
             let (submit_error, ready) = match &mut self.engine {
@@ -280,7 +299,7 @@ impl QueueWorker {
             if self.backpressured || self.polling || self.stopping() || self.held_back() {
                 break;
             }
-            match state.get_queue_mut().enable_notification(&*mem) {
+            match state.get_queue_mut().enable_notification(&**mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -289,7 +308,6 @@ impl QueueWorker {
                 }
             }
         }
-        self.publish(&mut state, &mem);
     }
 
     /// Moves finished engine requests into `done`.
@@ -811,9 +829,6 @@ impl QueueWorker {
         };
         let mut bounce = (op == abi::OP_WRITE && drv.wants_write_data())
             .then(|| AlignedBuf::zeroed(len as usize));
-        if bounce.is_some() {
-            self.charge(req.head, len as usize);
-        }
         let r = abi::Request {
             op,
             queue: self.queue as u32,
@@ -827,6 +842,9 @@ impl QueueWorker {
                 .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr()),
         };
         match drv.submit(&r) {
+            // Charged once the request goes on with its bounce buffer (a delayed one drops
+            // it and is charged when it is dispatched again).
+            Verdict::Pass if bounce.is_some() => self.charge(req.head, len as usize),
             Verdict::Pass => {}
             Verdict::Fail | Verdict::Broken => {
                 self.fail_now(req);

@@ -7,6 +7,8 @@
 //! VM tests.
 
 mod common;
+#[path = "common/raw_guest.rs"]
+mod raw_guest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +33,8 @@ struct CModule<'a> {
     on_write: i32,
     /// A constructor creates this file when the module is loaded: proof that its code ran.
     marker: Option<&'a Path>,
+    /// Ask for write data (a bounce buffer per write) and store it unchanged.
+    bounce: bool,
 }
 
 /// The C source of the test images (parameters as `-D` macros).
@@ -50,6 +54,9 @@ fn compile(dir: &Path, m: CModule<'_>) -> PathBuf {
         .arg(format!("-DON_WRITE={}", m.on_write));
     if m.no_fini {
         cmd.arg("-DNO_FINI");
+    }
+    if m.bounce {
+        cmd.arg("-DBOUNCE");
     }
     if let Some(marker) = m.marker {
         cmd.arg(format!("-DMARKER=\"{}\"", marker.display()));
@@ -817,4 +824,57 @@ fn unsigned_images_are_refused_by_default() {
         !marker.exists(),
         "the unsigned module was loaded at the restart"
     );
+}
+
+/// A bouncing image (a 4 MiB copy per write, charged to the queue's copy budget) that
+/// fails every write, without polling: the writes complete inside the call that took them,
+/// so the budget fills and frees within one kick. The queue must go on taking the rest of
+/// the ring (it used to stop at 16 writes with nothing left to wake it: the guest hung).
+#[test]
+fn a_full_copy_budget_freed_within_one_kick_does_not_stall_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let d = ApiDaemon::start(p, UNSIGNED);
+    let so = compile(
+        p,
+        CModule {
+            bounce: true,
+            on_write: 1,
+            ..module("copy", "1.0.0")
+        },
+    );
+    let (s, v) = add(&d, &pack(p, &so, "copy", "1.0.0", &["--default"]));
+    assert_eq!(s, 201, "{v}");
+    volume(&d, "v");
+    let sock = p.join("v-a.sock");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/attachments",
+        Some(
+            json!({"volume": "v", "instance": "a", "context": {}, "socket": sock,
+                    "options": {"direct": false, "poll_us": 0, "queue_size": 128}}),
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    let mut g = raw_guest::RawGuest::connect(&sock, 128, 8 << 20);
+    let buf = 4u64 << 20;
+    g.write(buf, &vec![0x6bu8; 4 << 20]);
+    let mut heads = Vec::new();
+    for h in 0..40u16 {
+        let at = raw_guest::DATA + 0x40 * u64::from(h);
+        g.header(at, raw_guest::T_OUT, 0);
+        g.desc(3 * h, at, 16, raw_guest::F_NEXT, 3 * h + 1);
+        g.desc(3 * h + 1, buf, 4 << 20, raw_guest::F_NEXT, 3 * h + 2);
+        g.desc(3 * h + 2, at + 0x20, 1, raw_guest::F_WRITE, 0);
+        heads.push(3 * h);
+    }
+    g.offer(&heads);
+    g.wait_used(40, std::time::Duration::from_secs(30));
+    for h in 0..40u64 {
+        assert_eq!(
+            g.read(raw_guest::DATA + 0x40 * h + 0x20, 1)[0],
+            1,
+            "write {h}: the image fails it (IOERR)"
+        );
+    }
 }
