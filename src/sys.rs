@@ -522,3 +522,40 @@ pub unsafe fn close_abandoned_fd(fd: std::os::fd::RawFd) {
     // taking ownership of it here and dropping it closes it exactly once.
     drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
 }
+
+/// Makes the kernel notice a peer that vanished (a crashed or partitioned host sends no
+/// FIN): keepalive probes after `idle_s` seconds of silence, every `interval_s`, `count`
+/// of them; and sent data unacknowledged for `user_timeout_ms` ends the connection.
+pub fn tcp_dead_peer_detection(
+    stream: &std::net::TcpStream,
+    idle_s: i32,
+    interval_s: i32,
+    count: i32,
+    user_timeout_ms: i32,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: `value` lives on the stack for the call, its size is passed, and the
+        // kernel only reads it; `fd` is the caller's open socket.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval_s)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms)
+}

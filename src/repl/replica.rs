@@ -592,6 +592,12 @@ impl ReplicaServer {
                     continue;
                 }
             };
+            // A primary whose host crashed or was cut off sends no FIN: without this its
+            // connection (and slot) would stay open for ever. Set here, before the
+            // connection thread's seccomp filter.
+            if let Err(e) = crate::sys::tcp_dead_peer_detection(&stream, 10, 5, 3, 30_000) {
+                tracing::debug!(%peer, "cannot set keepalive on the connection: {e}");
+            }
             let id = match self.admit_handshake(&stream, peer.ip()) {
                 Ok(Some(id)) => id,
                 Ok(None) => continue,
