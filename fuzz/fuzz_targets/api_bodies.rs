@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use ferrodisk::api::{ApiError, Attach, AttachOptions, CreateVolume, Manager};
+use ferrodisk::api::{ApiError, Attach, AttachOptions, CreateVolume, Manager, ManagerOptions};
 use libfuzzer_sys::fuzz_target;
 
 struct World {
@@ -54,7 +54,12 @@ fn world() -> &'static World {
         let dir = base.join(format!("ferrodisk-fuzz-api-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("new")).unwrap();
-        let manager = Manager::open(&dir.join("state"), None, None).expect("manager");
+        // Bodies may name files under `new/`, a volume root; any other path is refused.
+        let opts = ManagerOptions {
+            volume_roots: vec![dir.join("new")],
+            ..ManagerOptions::default()
+        };
+        let manager = Manager::open(&dir.join("state"), opts, None).expect("manager");
         manager
             .create_volume(CreateVolume {
                 name: "v".into(),
