@@ -783,18 +783,9 @@ impl QueueWorker {
         let _ = state.signal_used_queue();
     }
 
-    /// A request the engine could not take fails like one the engine failed: its
-    /// completion goes where the engine's would (a replicated request's to its `Held`).
-    fn complete_failed(&mut self, req: &Request) {
-        add(&self.stats().errors_ioerr, 1);
-        self.done.push(Completion {
-            head: req.head,
-            status_addr: Some(req.status),
-            status: S_IOERR,
-            used_len: 1,
-        });
-    }
-
+    /// Completes `req` with IOERR. Its completion goes where the engine's would: a
+    /// replicated request's to its `Held` (a request the engine could not take fails like
+    /// one the engine failed).
     fn fail_now(&mut self, req: &Request) {
         add(&self.stats().errors_ioerr, 1);
         self.done.push(Completion {
@@ -1108,7 +1099,7 @@ impl QueueWorker {
                             "io_uring did not take request {}: {}",
                             req.head, refused.why
                         ));
-                        self.complete_failed(req);
+                        self.fail_now(req);
                     }
                 }
             }
